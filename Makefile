@@ -1,0 +1,44 @@
+# An index of commands; logic lives in the package and scripts.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch keeps CI light; override on GPU machines (e.g. TORCH_SPEC=torch).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-gpu bench bench-gpu lint samples clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,consumers]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python samples/demo.py
+
+test: install
+	$(BIN)/python -m pytest -q -m "not gpu" tests
+
+# On a GPU machine with torch and triton already there (the device machine): no venv.
+test-gpu:
+	python3 -m pytest -q -p no:cacheprovider -m gpu tests
+
+bench: install
+	$(BIN)/python bench/bench_convert.py
+
+bench-gpu:
+	python3 bench/bench_kernels.py && python3 bench/bench_convert.py --device cuda
+
+lint: install
+	$(BIN)/ruff check fp8conv tests bench samples
+	$(BIN)/ruff format --check fp8conv tests bench samples
+
+samples: install
+	$(BIN)/python samples/make_samples.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out

@@ -1,0 +1,193 @@
+"""A checkpoint folder: its shards, index, config and other files, validated before any output exists."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fp8conv.checkpoint.safetensors_io import ShardHeader, TensorInfo, read_header
+from fp8conv.errors import InvalidCheckpoint, ResourceError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+STATE_DIR = ".fp8conv"  # resume state inside an output folder; never copied from a source
+
+
+@dataclass
+class Checkpoint:
+    """The validated shape of a checkpoint folder. Tensor data is read later, piece by piece."""
+
+    root: Path
+    shards: dict[str, ShardHeader]  # shard file name -> header, in name order
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    has_index: bool
+    index_metadata: dict = field(default_factory=dict)
+    config: dict | None = None
+    other_files: list[str] = field(default_factory=list)  # relative paths, copied as they are
+
+    def info(self, name: str) -> TensorInfo:
+        return self.shards[self.weight_map[name]].tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    @property
+    def quantization_config(self) -> dict | None:
+        return find_quantization_config(self.config)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(h.file_size for h in self.shards.values())
+
+
+def find_quantization_config(config: dict | None) -> dict | None:
+    if not config:
+        return None
+    if isinstance(config.get("quantization_config"), dict):
+        return config["quantization_config"]
+    text = config.get("text_config")
+    if isinstance(text, dict) and isinstance(text.get("quantization_config"), dict):
+        return text["quantization_config"]
+    return None
+
+
+def _load_json(path: Path, what: str) -> object:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise ResourceError(f"cannot read {what}: {e.strerror or e}", file=path) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidCheckpoint(f"{what} is not valid JSON ({e})", file=path) from None
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_shard_name(root: Path, index_path: Path, name: object, tensor: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise InvalidCheckpoint("weight_map value must be a shard file name", file=index_path,
+                                tensor=tensor)
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
+        raise InvalidCheckpoint(
+            f"shard {name!r} is not a plain file name inside the checkpoint folder "
+            "(absolute paths, '..' and sub-folders are refused)",
+            file=index_path, tensor=tensor,
+        )
+    if not name.endswith(".safetensors"):
+        raise InvalidCheckpoint(f"shard {name!r} is not a .safetensors file", file=index_path,
+                                tensor=tensor)
+    full = root / name
+    if full.is_symlink() and not _inside(root, full):
+        raise InvalidCheckpoint(
+            f"shard {name!r} is a symlink that leads outside the checkpoint folder",
+            file=index_path, tensor=tensor,
+        )
+
+
+def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
+    """Read every header and the index, check that they agree; raise InvalidCheckpoint if not."""
+    root = Path(src)
+    if not root.exists():
+        raise InvalidCheckpoint("checkpoint folder does not exist", file=root)
+    if root.is_file():
+        raise InvalidCheckpoint(
+            "expected a folder holding model.safetensors or model.safetensors.index.json", file=root
+        )
+    index_path = root / INDEX_NAME
+    if index_path.exists():
+        index = _load_json(index_path, "index")
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise InvalidCheckpoint("index has no weight_map object", file=index_path)
+        weight_map: dict[str, str] = index["weight_map"]
+        metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        for tensor, shard in weight_map.items():
+            _check_shard_name(root, index_path, shard, tensor)
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing:
+            raise InvalidCheckpoint(
+                f"{len(missing)} shard(s) named by the index are missing: {', '.join(missing)}",
+                file=index_path,
+            )
+        shards = {n: read_header(root / n) for n in names}
+        for tensor, shard in weight_map.items():
+            if tensor not in shards[shard].tensors:
+                raise InvalidCheckpoint(
+                    f"the index places this tensor in {shard}, but that shard does not hold it",
+                    file=index_path, tensor=tensor,
+                )
+        for shard, header in shards.items():
+            for tensor in header.tensors:
+                placed = weight_map.get(tensor)
+                if placed != shard:
+                    rule = (
+                        "tensor is in this shard but missing from the index"
+                        if placed is None
+                        else f"tensor is present in two shards (the index says {placed})"
+                    )
+                    raise InvalidCheckpoint(rule, file=root / shard, tensor=tensor)
+        has_index = True
+    elif (root / SINGLE_NAME).is_file():
+        header = read_header(root / SINGLE_NAME)
+        shards = {SINGLE_NAME: header}
+        weight_map = {t: SINGLE_NAME for t in header.tensors}
+        metadata = {}
+        has_index = False
+    else:
+        raise InvalidCheckpoint(
+            f"no {INDEX_NAME} or {SINGLE_NAME} in the folder", file=root,
+        )
+    config = None
+    if (root / CONFIG_NAME).is_file():
+        config = _load_json(root / CONFIG_NAME, "config")
+        if not isinstance(config, dict):
+            raise InvalidCheckpoint("config.json is not a JSON object", file=root / CONFIG_NAME)
+    return Checkpoint(
+        root=root,
+        shards=shards,
+        weight_map=weight_map,
+        has_index=has_index,
+        index_metadata=metadata,
+        config=config,
+        other_files=list_other_files(root, set(shards)),
+    )
+
+
+def list_other_files(root: Path, shard_names: set[str]) -> list[str]:
+    """Every file to copy as it is: all but shards, the index, config.json and fp8conv's state."""
+    out: list[str] = []
+    skip_top = shard_names | {INDEX_NAME, CONFIG_NAME, STATE_DIR}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        rel_dir = Path(dirpath).relative_to(root)
+        if rel_dir == Path("."):
+            dirnames[:] = sorted(d for d in dirnames if d not in skip_top)
+        else:
+            dirnames.sort()
+        for d in list(dirnames):
+            if (Path(dirpath) / d).is_symlink() and not _inside(root, Path(dirpath) / d):
+                raise InvalidCheckpoint("symlinked folder leads outside the checkpoint folder",
+                                        file=Path(dirpath) / d)
+        for fn in sorted(filenames):
+            rel = rel_dir / fn
+            if rel_dir == Path(".") and fn in skip_top:
+                continue
+            if rel_dir == Path(".") and fn.endswith(".safetensors"):
+                raise InvalidCheckpoint(
+                    "safetensors file is not named by the index (stray or leftover shard)",
+                    file=root / fn,
+                )
+            full = root / rel
+            if full.is_symlink() and not _inside(root, full):
+                raise InvalidCheckpoint("symlink leads outside the checkpoint folder", file=full)
+            out.append(str(rel))
+    return out

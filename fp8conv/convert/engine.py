@@ -1,0 +1,492 @@
+"""Runs a conversion plan: shard by shard, tensor piece by tensor piece, read / convert / write overlapped.
+
+Memory is bounded by pieces, not tensors or shards: each tensor is cut into row bands of whole tiles
+(at most PIECE_ELEMS elements, or one tile row if that is larger), and at most POOL pieces are in
+flight on each side. One thread reads the next pieces with positional reads, the calling thread
+converts (torch on the CPU with its intra-op threads, or Triton on the GPU through pinned buffers), one
+thread writes with positional writes; tensors copied as they are go file-to-file in the kernel
+(copy_file_range). Each output shard is written into DST/.fp8conv/tmp/ and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fp8conv.checkpoint.layout import CONFIG_NAME, INDEX_NAME, Checkpoint
+from fp8conv.checkpoint.output import OutputDir, check_paths, copy_range, io_error
+from fp8conv.checkpoint.safetensors_io import ITEMSIZE, ShardReader, build_header
+from fp8conv.convert.plan import Plan, ShardPlan, TensorJob, torch_dtype_of
+from fp8conv.errors import Interrupted, NonFiniteError, ResourceError
+from fp8conv.kernels import resolve_device, scale_to_float32, weight_dequant, weight_quant
+from fp8conv.kernels.reference import weight_dequant_torch, weight_quant_torch
+
+PIECE_ELEMS = 8 << 20  # 8 Mi elements: 8 MiB of FP8, 16 MiB of bf16 per piece
+POOL = 3  # pieces in flight on each side of the converter
+
+
+class Progress:
+    """Callbacks the CLI implements; the library never prints."""
+
+    def start(self, total_bytes: int, total_shards: int, device: str) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def shard_done(self, name: str, skipped: bool = False) -> None: ...
+    def note(self, message: str) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Summary:
+    command: str
+    src: str
+    dst: str
+    device: str
+    tensors_converted: int = 0
+    tensors_copied: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    files_copied: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    already_complete: bool = False
+    complete: bool = False
+    part: list[int] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Piece:
+    job: TensorJob
+    kind: str  # "copy" | "convert" | "emit"
+    src_off: int = 0
+    length: int = 0  # input bytes
+    dst_off: int = 0
+    rows: tuple[int, int, int] = (0, 0, 0)  # expert, r0, r1
+    last: bool = False
+
+
+def source_fingerprint(ckpt: Checkpoint) -> dict:
+    """Sizes and header hashes of the shards, hashes of the other files: equal on every machine that
+    holds the same checkpoint, so parts on different machines agree."""
+    files: dict[str, list] = {}
+    for name, h in ckpt.shards.items():
+        with open(h.path, "rb") as f:
+            head = f.read(h.data_start)
+        files[name] = [h.file_size, hashlib.sha256(head).hexdigest()[:16]]
+    for rel in [INDEX_NAME, CONFIG_NAME, *ckpt.other_files]:
+        p = ckpt.root / rel
+        if p.is_file():
+            files[rel] = [p.stat().st_size, _quick_hash(p)]
+    return files
+
+
+def _quick_hash(p: Path) -> str:
+    h = hashlib.sha256()
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        if size <= 64 << 20:
+            h.update(f.read())
+        else:
+            h.update(f.read(1 << 20))
+            f.seek(size - (1 << 20))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+class _Signals:
+    """SIGTERM (and SIGINT) raise Interrupted in the main thread so cleanup runs."""
+
+    def __enter__(self) -> _Signals:
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.old[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise Interrupted(signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+
+def run(ckpt: Checkpoint, plan: Plan, dst: Path, command: str, job_key: dict, device_spec: str,
+        overwrite: bool, part: tuple[int, int] | None, progress: Progress | None = None,
+        scale_fmt: str = "float") -> Summary:
+    progress = progress or Progress()
+    t0 = time.perf_counter()
+    check_paths(ckpt.root, dst)
+    device, note = resolve_device(device_spec)
+    summary = Summary(command, str(ckpt.root), str(dst), str(device),
+                      part=list(part) if part else None)
+    if note:
+        summary.notes.append(note)
+        progress.note(note)
+    job = {**job_key, "source": source_fingerprint(ckpt)}
+    out = OutputDir(dst)
+    if out.read_job() == job and out.is_complete(job):
+        summary.already_complete = summary.complete = True
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    mine = [s for i, s in enumerate(plan.shards) if part is None or i % part[1] == part[0] - 1]
+    with _Signals():
+        out.prepare(job, overwrite)
+        todo = [s for s in mine if not out.is_done(s.name)]
+        _check_free_space(ckpt, out, todo)
+        total_in = sum(ckpt.shards[s.name].file_size for s in mine)
+        progress.start(total_in, len(mine), str(device))
+        for sp in mine:
+            if sp in todo:
+                _write_shard(ckpt, sp, out, device, scale_fmt, summary, progress)
+                summary.shards_written += 1
+            else:
+                summary.shards_skipped += 1
+                progress.advance(ckpt.shards[sp.name].file_size)
+                progress.shard_done(sp.name, skipped=True)
+        _write_side_files(ckpt, plan, out, summary)
+        if all(out.is_done(s.name) for s in plan.shards):
+            out.mark_complete(job)
+            summary.complete = True
+    summary.seconds = time.perf_counter() - t0
+    progress.close()
+    return summary
+
+
+def _check_free_space(ckpt: Checkpoint, out: OutputDir, todo: list[ShardPlan]) -> None:
+    need = sum(s.out_bytes for s in todo) + sum(
+        (ckpt.root / r).stat().st_size for r in ckpt.other_files
+    )
+    free = shutil.disk_usage(out.root).free
+    if need > free:
+        raise ResourceError(
+            f"the output needs about {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free",
+            file=out.root, hint="free space or choose another DST",
+        )
+
+
+def _write_side_files(ckpt: Checkpoint, plan: Plan, out: OutputDir, summary: Summary) -> None:
+    """Every part writes these, byte-identical: other files, the index, config.json."""
+    import json
+
+    for rel in ckpt.other_files:
+        if not out.is_done(rel):
+            out.copy_file(ckpt.root / rel, rel)
+            out.mark_done(rel)
+            summary.files_copied += 1
+    if ckpt.has_index:
+        meta = dict(ckpt.index_metadata)
+        meta["total_size"] = plan.tensor_bytes
+        index = {"metadata": meta, "weight_map": dict(sorted(plan.weight_map.items()))}
+        out.write_bytes_atomic(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+    if plan.config is not None:
+        out.write_bytes_atomic(CONFIG_NAME, (json.dumps(plan.config, indent=2) + "\n").encode())
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def _align(job: TensorJob) -> int:
+    bm = job.block[0]
+    return bm if bm < job.src.shape[-2] else 1
+
+
+def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
+    for job in sp.jobs:
+        dst0 = offsets[job.name][0]
+        if job.action == "copy":
+            yield _Piece(job, "copy", job.src.start, job.src.nbytes, dst0, last=True)
+            continue
+        if job.action == "scale":
+            yield _Piece(job, "emit", 0, 0, dst0, last=True)
+            continue
+        src = job.src
+        *lead, m, n = src.shape
+        experts = math.prod(lead)
+        align = _align(job)
+        step = max(align, (PIECE_ELEMS // max(n, 1)) // align * align)
+        in_item, out_item = ITEMSIZE[src.dtype], ITEMSIZE[job.out_dtype]
+        for e in range(experts):
+            for r0 in range(0, m, step):
+                r1 = min(m, r0 + step)
+                row = e * m + r0
+                yield _Piece(job, "convert", src.start + row * n * in_item, (r1 - r0) * n * in_item,
+                             dst0 + row * n * out_item, (e, r0, r1),
+                             last=(e == experts - 1 and r1 == m))
+
+
+def _max_piece_bytes(sp: ShardPlan) -> tuple[int, int]:
+    mi = mo = 0
+    for job in sp.jobs:
+        if job.action in ("dequant", "quant"):
+            n = job.src.shape[-1]
+            align = _align(job)
+            rows = min(job.src.shape[-2], max(align, (PIECE_ELEMS // max(n, 1)) // align * align))
+            mi = max(mi, rows * n * ITEMSIZE[job.src.dtype])
+            mo = max(mo, rows * n * ITEMSIZE[job.out_dtype])
+    return mi, mo
+
+
+# ------------------------------------------------------------------------------------------ convert
+class _Converter:
+    """Turns one piece's input bytes into output bytes on the chosen device."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, scale_fmt: str = "float"):
+        self.ckpt = ckpt
+        self.device = device
+        self.scale_fmt = scale_fmt
+        self.readers: dict[str, ShardReader] = {}
+        self.scales: dict[str, torch.Tensor] = {}  # dequant: source scale; quant: scales being made
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+
+    def _reader(self, shard: str) -> ShardReader:
+        if shard not in self.readers:
+            self.readers[shard] = ShardReader(self.ckpt.shards[shard])
+        return self.readers[shard]
+
+    def source_scale(self, job: TensorJob) -> torch.Tensor:
+        s = self.scales.get(job.name)
+        if s is None:
+            info = job.scale
+            shard = self.ckpt.weight_map[info.name]
+            raw = self._reader(shard).read_tensor(info)
+            s = scale_to_float32(raw).reshape(*job.src.shape[:-2], *_grid(job))
+            bad = ~(torch.isfinite(s) & (s > 0))
+            if bool(bad.any()):
+                idx = tuple(int(i) for i in bad.nonzero()[0])
+                raise NonFiniteError(
+                    f"scale element {list(idx)} is {float(s[idx])!r}; scales must be finite and > 0",
+                    file=self.ckpt.root / shard, tensor=info.name,
+                )
+            self.scales = {job.name: s}
+        return s
+
+    def convert(self, piece: _Piece, buf: torch.Tensor, out: torch.Tensor) -> int:
+        job = piece.job
+        e, r0, r1 = piece.rows
+        n = job.src.shape[-1]
+        src = buf[: piece.length].view(job.src.torch_dtype).view(r1 - r0, n)
+        nbytes_out = (r1 - r0) * n * ITEMSIZE[job.out_dtype]
+        dst = out[:nbytes_out].view(torch_dtype_of(job.out_dtype)).view(r1 - r0, n)
+        bm = job.block[0]
+        i0, i1 = r0 // bm, math.ceil(r1 / bm)
+        if job.action == "dequant":
+            s = self.source_scale(job)
+            s2 = s.reshape(-1, *s.shape[-2:])[e, i0:i1]
+            _check_codes(src, job, e, r0, self.ckpt)
+            if self.device.type == "cpu":
+                weight_dequant_torch(src, s2, job.block, dst.dtype, out=dst)
+            else:
+                y = weight_dequant(src.to(self.device, non_blocking=True),
+                                   s2.to(self.device), job.block, dst.dtype)
+                dst.copy_(y, non_blocking=True)
+                torch.cuda.current_stream(self.device).synchronize()
+        else:  # quant
+            if r0 == 0 and e == 0:
+                self.scales = {job.name: torch.empty(*job.src.shape[:-2], *_grid(job))}
+            s = self.scales[job.name]
+            if self.device.type == "cpu":
+                _check_finite(src, job, e, r0, self.ckpt)
+                _, s_rows = weight_quant_torch(src, job.block, self.scale_fmt, q_out=dst)
+            else:
+                xg = src.to(self.device, non_blocking=True)
+                _check_finite(xg, job, e, r0, self.ckpt)
+                qg, sg = weight_quant(xg, job.block, self.scale_fmt)
+                dst.view(torch.uint8).copy_(qg.view(torch.uint8), non_blocking=True)
+                s_rows = sg.cpu()
+            s.reshape(-1, *s.shape[-2:])[e, i0:i1] = s_rows
+        return nbytes_out
+
+    def emit(self, weight_job: TensorJob) -> bytes:
+        s = self.scales.pop(weight_job.name)
+        return s.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _grid(job: TensorJob) -> tuple[int, int]:
+    m, n = job.src.shape[-2:]
+    return math.ceil(m / job.block[0]), math.ceil(n / job.block[1])
+
+
+def _first_bad(mask: torch.Tensor, job: TensorJob, e: int, r0: int) -> list[int]:
+    r, c = (int(i) for i in mask.nonzero()[0])
+    idx = [r0 + r, c]
+    return ([e] if len(job.src.shape) == 3 else []) + idx
+
+
+def _check_codes(q: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkpoint) -> None:
+    b = q.view(torch.uint8)
+    if q.dtype == torch.float8_e4m3fn:
+        bad = (b & 0x7F) == 0x7F
+    else:  # e5m2: exponent all ones is Inf or NaN
+        bad = (b & 0x7C) == 0x7C
+    if bool(bad.any()):
+        raise NonFiniteError(
+            f"FP8 NaN/Inf code at element {_first_bad(bad, job, e, r0)}",
+            file=ckpt.root / ckpt.weight_map[job.name], tensor=job.name,
+        )
+
+
+def _check_finite(x: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkpoint) -> None:
+    ok = torch.isfinite(x)
+    if not bool(ok.all()):
+        bad = ~ok
+        idx = _first_bad(bad.cpu(), job, e, r0)
+        val = float(x[tuple(idx[-2:])[0] - r0, idx[-1]])
+        raise NonFiniteError(
+            f"weight holds {val} at element {idx}; NaN and Inf cannot be quantized",
+            file=ckpt.root / ckpt.weight_map[job.name], tensor=job.name,
+        )
+
+
+# ------------------------------------------------------------------------------------------ a shard
+class _ShardWriter:
+    """One output shard through the read -> convert -> write pipeline, into a temporary file."""
+
+    def __init__(self, ckpt: Checkpoint, sp: ShardPlan, out: OutputDir, conv: _Converter,
+                 progress: Progress) -> None:
+        self.ckpt, self.sp, self.out, self.conv, self.progress = ckpt, sp, out, conv, progress
+        self.reader = conv._reader(sp.name)
+        pin = conv.device.type == "cuda"
+        in_size, out_size = _max_piece_bytes(sp)
+        self.in_pool = [torch.empty(in_size, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL)]
+        self.out_pool = [torch.empty(out_size, dtype=torch.uint8, pin_memory=pin)
+                         for _ in range(POOL)]
+        self.reads: deque[tuple[_Piece, torch.Tensor | None, Future | None]] = deque()
+        self.writes: deque[tuple[Future, torch.Tensor | None]] = deque()
+        self.fd = -1
+
+    # -- the two I/O threads' work
+    def _pwrite(self, data, dst_off: int, job: TensorJob | None, advance: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        pos = 0
+        try:
+            while pos < len(view):
+                pos += os.pwrite(self.fd, view[pos:], dst_off + pos)
+        except OSError as e:
+            raise io_error(e, self.out.root / self.sp.name, "writing",
+                           job.name if job else None) from e
+        if advance:
+            self.progress.advance(advance)
+
+    def _copy(self, piece: _Piece) -> None:
+        try:
+            copy_range(self.reader._fd, self.fd, piece.src_off, piece.length, piece.dst_off)
+        except OSError as e:
+            raise io_error(e, self.out.root / self.sp.name, "copying tensor data",
+                           piece.job.name) from e
+        self.progress.advance(piece.length)
+
+    # -- bookkeeping on the calling thread
+    def _reclaim(self) -> None:
+        f, b = self.writes.popleft()
+        f.result()
+        if b is not None:
+            self.out_pool.append(b)
+
+    def _submit_write(self, fn, *args, buf=None) -> None:
+        while len(self.writes) >= POOL:
+            self._reclaim()
+        self.writes.append((self.wr.submit(fn, *args), buf))
+
+    def _submit_read(self, piece: _Piece) -> None:
+        if piece.kind == "convert":
+            buf = self.in_pool.pop()
+            f = self.rd.submit(self.reader.read_into, buf[: piece.length], piece.src_off,
+                               piece.job.name)
+            self.reads.append((piece, buf, f))
+        else:
+            self.reads.append((piece, None, None))
+
+    def _step(self, summary: Summary) -> None:
+        piece, buf, f = self.reads.popleft()
+        job = piece.job
+        if piece.kind == "copy":
+            self._submit_write(self._copy, piece)
+            summary.tensors_copied += 1
+            return
+        if piece.kind == "emit":
+            self._submit_write(self._pwrite, self.conv.emit(self.weight_job), piece.dst_off, job)
+            return
+        f.result()
+        while not self.out_pool:
+            self._reclaim()
+        obuf = self.out_pool.pop()
+        n = self.conv.convert(piece, buf, obuf)
+        self.in_pool.append(buf)
+        self._submit_write(self._pwrite, obuf[:n].numpy(), piece.dst_off, job, piece.length,
+                           buf=obuf)
+        self.weight_job = job
+        if piece.last:
+            summary.tensors_converted += 1
+
+    def run(self, summary: Summary) -> None:
+        entries = [(j.name, j.out_dtype, j.out_shape) for j in self.sp.jobs]
+        prefix, offsets = build_header(entries, self.sp.metadata)
+        self.fd, tmp = self.out.open_tmp(self.sp.name)
+        self.rd = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-read")
+        self.wr = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-write")
+        ok = False
+        try:
+            self._pwrite(prefix, 0, None)
+            for piece in _pieces(self.sp, offsets):
+                self._submit_read(piece)
+                if len(self.reads) >= POOL:
+                    self._step(summary)
+            while self.reads:
+                self._step(summary)
+            while self.writes:
+                self._reclaim()
+            os.close(self.fd)
+            self.fd = -1
+            self.out.commit(tmp, self.sp.name)
+            self.out.mark_done(self.sp.name)
+            ok = True
+        except KeyboardInterrupt:
+            raise Interrupted(2) from None
+        finally:
+            for f, _ in self.writes:
+                f.cancel()
+            for _, _, f in self.reads:
+                if f is not None:
+                    f.cancel()
+            self.rd.shutdown(wait=True)
+            self.wr.shutdown(wait=True)
+            if self.fd >= 0:
+                os.close(self.fd)
+            if not ok:
+                try:
+                    tmp.unlink()
+                except FileNotFoundError:
+                    pass
+        header = self.ckpt.shards[self.sp.name]
+        moved = sum(j.src.nbytes for j in self.sp.jobs if j.src is not None)
+        self.progress.advance(header.file_size - moved)
+        summary.bytes_in += header.file_size
+        summary.bytes_out += (self.out.root / self.sp.name).stat().st_size
+        self.progress.shard_done(self.sp.name)
+
+
+def _write_shard(ckpt: Checkpoint, sp: ShardPlan, out: OutputDir, device: torch.device,
+                 scale_fmt: str, summary: Summary, progress: Progress) -> None:
+    conv = _Converter(ckpt, device, scale_fmt)
+    try:
+        _ShardWriter(ckpt, sp, out, conv, progress).run(summary)
+    finally:
+        conv.close()

@@ -1,0 +1,295 @@
+"""What happens to each tensor: the plan for a dequantize or quantize job, built from headers alone."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from fp8conv.checkpoint.layout import Checkpoint
+from fp8conv.checkpoint.safetensors_io import (
+    DTYPE_NAMES,
+    FLOAT_DTYPES,
+    FP8_WEIGHT_DTYPES,
+    ITEMSIZE,
+    TensorInfo,
+)
+from fp8conv.convert.options import DequantizeOptions, QuantizeOptions
+from fp8conv.errors import InvalidCheckpoint
+from fp8conv.kernels.reference import scale_grid
+
+SCALE_SUFFIXES = ("_scale_inv", "_scale")
+SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0", "U8")
+
+# Left unquantized by default (FORMATS.md): embeddings, lm_head, norms, MoE router gates.
+DEFAULT_SKIP = (
+    "*embed_tokens*", "*embeddings*", "*word_embeddings*", "*wte*", "*wpe*", "*embed*",
+    "lm_head*", "*.lm_head*", "*norm*", "*LayerNorm*", "*layernorm*", "*ln_*",
+    "*.mlp.gate.weight", "*.gate.weight", "*router*", "*shared_expert_gate*",
+)
+
+
+@dataclass
+class TensorJob:
+    """One output tensor (or pair, for quantize) and how to make it from the source."""
+
+    name: str  # output name
+    action: str  # "copy" | "dequant" | "quant" | "scale" (the scale written by a "quant")
+    src: TensorInfo | None
+    out_dtype: str
+    out_shape: tuple[int, ...]
+    scale: TensorInfo | None = None  # dequant: the source scale
+    block: tuple[int, int] = (128, 128)
+    scale_name: str | None = None  # quant: name of the scale output that follows
+    reason: str = ""  # why copied (for --dry-run and inspect)
+
+    @property
+    def out_bytes(self) -> int:
+        return math.prod(self.out_shape) * ITEMSIZE[self.out_dtype]
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    metadata: dict[str, str] | None
+    jobs: list[TensorJob] = field(default_factory=list)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(j.out_bytes for j in self.jobs)
+
+
+@dataclass
+class Plan:
+    shards: list[ShardPlan]
+    config: dict | None
+    modules_to_not_convert: list[str] = field(default_factory=list)
+
+    def jobs(self):
+        for s in self.shards:
+            yield from s.jobs
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {j.name: s.name for s in self.shards for j in s.jobs}
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(s.out_bytes for s in self.shards)
+
+
+def find_scale(ckpt: Checkpoint, weight: str) -> TensorInfo | None:
+    for suffix in SCALE_SUFFIXES:
+        name = weight + suffix
+        if name in ckpt:
+            return ckpt.info(name)
+    return None
+
+
+def block_from_config(ckpt: Checkpoint) -> tuple[int, int] | None:
+    qc = ckpt.quantization_config or {}
+    wbs = qc.get("weight_block_size")
+    if wbs is None:
+        try:
+            wbs = qc["config_groups"]["group_0"]["weights"]["block_structure"]
+        except (KeyError, TypeError):
+            wbs = None
+    if isinstance(wbs, list) and len(wbs) == 2 and all(isinstance(v, int) and v > 0 for v in wbs):
+        return int(wbs[0]), int(wbs[1])
+    return None
+
+
+def scale_block(ckpt: Checkpoint, w: TensorInfo, s: TensorInfo) -> tuple[int, int]:
+    """The tile a scale covers: the config's block, or per-tensor / per-row if the shape says so."""
+    if s.dtype not in SCALE_DTYPES:
+        raise InvalidCheckpoint(f"scale dtype {s.dtype} is not one of {', '.join(SCALE_DTYPES)}",
+                                file=ckpt.root / ckpt.weight_map[s.name], tensor=s.name)
+    *lead, m, n = w.shape
+    candidates = [block_from_config(ckpt) or (128, 128), (m, n), (1, n)]
+    for blk in candidates:
+        want = scale_grid(w.shape, blk)
+        if tuple(s.shape) == want:
+            return blk
+        if blk == (m, n) and math.prod(s.shape) == math.prod(lead) and len(s.shape) <= 1 + len(lead):
+            return blk
+    raise InvalidCheckpoint(
+        f"scale shape {list(s.shape)} does not fit weight {list(w.shape)}: expected "
+        f"{list(scale_grid(w.shape, candidates[0]))} for {candidates[0][0]}x{candidates[0][1]} tiles",
+        file=ckpt.root / ckpt.weight_map[s.name], tensor=s.name,
+    )
+
+
+def plan_dequantize(ckpt: Checkpoint, opts: DequantizeOptions) -> Plan:
+    out_dtype = DTYPE_NAMES[opts.torch_dtype]
+    scale_names: set[str] = set()
+    weights: dict[str, TensorInfo] = {}
+    for name, shard in ckpt.weight_map.items():
+        info = ckpt.shards[shard].tensors[name]
+        if info.dtype in FP8_WEIGHT_DTYPES:
+            path = ckpt.root / shard
+            if len(info.shape) < 2:
+                raise InvalidCheckpoint("FP8 tensor has fewer than 2 dimensions; cannot tile it",
+                                        file=path, tensor=name)
+            scale = find_scale(ckpt, name)
+            if scale is None:
+                raise InvalidCheckpoint(
+                    f"FP8 weight has no scale ({name}_scale_inv or {name}_scale) anywhere in the "
+                    "checkpoint", file=path, tensor=name,
+                    hint="an FP8 tensor is never left in the output",
+                )
+            scale_block(ckpt, info, scale)
+            weights[name] = scale
+            scale_names.add(scale.name)
+    shards = []
+    for shard_name, header in ckpt.shards.items():
+        sp = ShardPlan(shard_name, header.metadata)
+        for name, info in header.tensors.items():
+            if name in scale_names:
+                continue
+            if name in weights:
+                s = weights[name]
+                blk = scale_block(ckpt, info, s)
+                sp.jobs.append(TensorJob(name, "dequant", info, out_dtype, info.shape, scale=s,
+                                         block=blk))
+            else:
+                sp.jobs.append(TensorJob(name, "copy", info, info.dtype, info.shape,
+                                         reason=_copy_reason(info)))
+        shards.append(sp)
+    return Plan(shards, dequantized_config(ckpt.config, opts.dtype_name))
+
+
+def _copy_reason(info: TensorInfo) -> str:
+    if info.dtype not in FLOAT_DTYPES:
+        return "not floating point"
+    return "not FP8"
+
+
+def dequantized_config(config: dict | None, dtype_name: str) -> dict | None:
+    if config is None:
+        return None
+    out = dict(config)
+    out.pop("quantization_config", None)
+    if isinstance(out.get("text_config"), dict):
+        tc = dict(out["text_config"])
+        tc.pop("quantization_config", None)
+        if "torch_dtype" in tc or "dtype" in tc:
+            tc["torch_dtype" if "torch_dtype" in tc else "dtype"] = dtype_name
+        out["text_config"] = tc
+    key = "torch_dtype" if "torch_dtype" in out and "dtype" not in out else "dtype"
+    out[key] = dtype_name
+    return out
+
+
+# ---------------------------------------------------------------------------------------- quantize
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.search(p[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, p):
+            return True
+    return False
+
+
+def skip_reason(info: TensorInfo, opts: QuantizeOptions) -> str | None:
+    """Why a tensor is left as it is, or None if it is quantized."""
+    name = info.name
+    if info.dtype not in FLOAT_DTYPES:
+        return "not floating point"
+    if len(info.shape) not in (2, 3):
+        return f"{len(info.shape)}-D"
+    if not name.endswith(".weight"):
+        return "not a .weight"
+    bm, bn = opts.block_size
+    if info.shape[-2] < bm or info.shape[-1] < bn:
+        return f"smaller than one {bm}x{bn} tile"
+    if opts.skip and _matches(name, opts.skip):
+        return "--skip"
+    if opts.only and not _matches(name, opts.only):
+        return "not matched by --only"
+    if not opts.only and _matches(name, DEFAULT_SKIP):
+        return "embedding, lm_head, norm or router (default skip)"
+    return None
+
+
+def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
+    for name, shard in ckpt.weight_map.items():
+        info = ckpt.shards[shard].tensors[name]
+        if info.dtype in FP8_WEIGHT_DTYPES:
+            raise InvalidCheckpoint(
+                f"input is already FP8 ({info.dtype})", file=ckpt.root / shard, tensor=name,
+                hint="run `fp8conv dequantize` first to get a BF16 checkpoint",
+            )
+    scale_suffix = "_scale" if opts.format == "compressed-tensors" else "_scale_inv"
+    shards = []
+    not_converted: list[str] = []
+    for shard_name, header in ckpt.shards.items():
+        sp = ShardPlan(shard_name, header.metadata)
+        for name, info in header.tensors.items():
+            why = skip_reason(info, opts)
+            if why is None:
+                sname = name + scale_suffix
+                if sname in ckpt:
+                    raise InvalidCheckpoint(f"output scale name {sname!r} is already taken",
+                                            file=ckpt.root / shard, tensor=name)
+                sp.jobs.append(TensorJob(name, "quant", info, "F8_E4M3", info.shape,
+                                         block=opts.block_size, scale_name=sname))
+                sp.jobs.append(TensorJob(sname, "scale", None, "F32",
+                                         scale_grid(info.shape, opts.block_size), block=opts.block_size))
+            else:
+                sp.jobs.append(TensorJob(name, "copy", info, info.dtype, info.shape, reason=why))
+                if (name.endswith(".weight") and info.dtype in FLOAT_DTYPES
+                        and len(info.shape) in (2, 3)):
+                    not_converted.append(name[: -len(".weight")])
+        shards.append(sp)
+    module_list = sorted(set(not_converted) | {"lm_head"})
+    return Plan(shards, quantized_config(ckpt.config, opts, module_list), module_list)
+
+
+def quantized_config(config: dict | None, opts: QuantizeOptions, skipped: list[str]) -> dict:
+    out = dict(config or {})
+    bm, bn = opts.block_size
+    if opts.format == "fp8":
+        qc: dict = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [bm, bn],
+            "modules_to_not_convert": skipped,
+        }
+        if opts.scale_fmt == "ue8m0":
+            qc["scale_fmt"] = "ue8m0"
+    else:
+        qc = {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {
+                        "num_bits": 8, "type": "float", "symmetric": True, "strategy": "block",
+                        "block_structure": [bm, bn], "dynamic": False, "observer": "minmax",
+                    },
+                    "input_activations": {
+                        "num_bits": 8, "type": "float", "symmetric": True, "strategy": "group",
+                        "group_size": 128, "dynamic": True, "observer": None,
+                    },
+                    "output_activations": None,
+                    "format": "float-quantized",
+                }
+            },
+            "ignore": skipped,
+            "kv_cache_scheme": None,
+        }
+    out["quantization_config"] = qc
+    return out
+
+
+def torch_dtype_of(name: str) -> torch.dtype:
+    from fp8conv.checkpoint.safetensors_io import DTYPES
+
+    return DTYPES[name]
