@@ -25,6 +25,8 @@ def sample(tmp_path):
 
     def make(name: str) -> Path:
         dst = tmp_path / f"src-{name}"
+        if dst.exists():
+            return dst
         shutil.copytree(SAMPLES / name, dst)
         return dst
 
