@@ -1,0 +1,167 @@
+"""End-to-end conversion benchmark: every figure a ratio measured in this run, on this disk.
+
+Builds a synthetic DeepSeek-V3-shaped FP8 checkpoint (real layer shapes, random finite codes, ragged
+576-row tiles, scales in float32) of --gb gigabytes, then times, each in a fresh process:
+  floor-deq   read the FP8 input and write a bf16-sized file with `cat` (+ fsync), the I/O floor
+  dequantize  fp8conv dequantize (--device)
+  floor-q     read the bf16 output and write an FP8-sized file with `cat` (+ fsync)
+  quantize    fp8conv quantize of that bf16 output
+  reference   DeepSeek's fp8_cast_bf16.py, when --reference-script PATH is given (GPU only)
+and prints one table: seconds, ratio to the I/O floor, peak RSS over the largest tensor.
+Usage: python bench/bench_convert.py [--gb 1.0] [--device cpu|cuda] [--dir bench-out] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fp8conv.checkpoint.safetensors_io import save_file  # noqa: E402
+
+# (name, rows, cols) of one DeepSeek-V3 MoE layer's FP8 weights, trimmed to 8 routed experts.
+LAYER = [
+    ("self_attn.q_a_proj", 1536, 7168), ("self_attn.q_b_proj", 24576, 1536),
+    ("self_attn.kv_a_proj_with_mqa", 576, 7168), ("self_attn.kv_b_proj", 32768, 512),
+    ("self_attn.o_proj", 7168, 16384),
+    *[(f"mlp.experts.{e}.{p}", r, c) for e in range(8)
+      for p, r, c in (("gate_proj", 2048, 7168), ("up_proj", 2048, 7168), ("down_proj", 7168, 2048))],
+]
+
+
+def build(root: Path, gb: float, shard_gb: float) -> int:
+    """Write the synthetic checkpoint; return the largest tensor's bf16 size in bytes."""
+    root.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    target = int(gb * 1e9)
+    shard_cap = int(shard_gb * 1e9)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = cur = 0
+    largest = 0
+    layer = 0
+    while size < target:
+        for name, r, c in LAYER:
+            if size >= target:
+                break
+            b = torch.randint(0, 256, (r, c), generator=gen, dtype=torch.int32).to(torch.uint8)
+            b[(b & 0x7F) == 0x7F] = 0x3C
+            w = f"model.layers.{layer}.{name}.weight"
+            s = torch.rand(math.ceil(r / 128), math.ceil(c / 128), generator=gen) * 1e-3 + 1e-4
+            if cur + b.numel() > shard_cap and shards[-1]:
+                shards.append({})
+                cur = 0
+            shards[-1][w] = b.view(torch.float8_e4m3fn)
+            shards[-1][w + "_scale_inv"] = s
+            shards[-1][f"model.layers.{layer}.{name}.norm.weight"] = torch.ones(c, dtype=torch.bfloat16)
+            cur += b.numel()
+            size += b.numel() + s.numel() * 4
+            largest = max(largest, r * c * 2)
+        layer += 1
+    n = len(shards)
+    weight_map = {}
+    for i, t in enumerate(shards, 1):
+        fn = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(t, root / fn, {"format": "pt"})
+        weight_map.update({k: fn for k in t})
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}))
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "deepseek_v3", "torch_dtype": "bfloat16",
+        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                "weight_block_size": [128, 128]}}))
+    return largest
+
+
+def shard_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.glob("*.safetensors"))
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Seconds and peak RSS (GB) of a command run in a fresh process."""
+    wrapper = (
+        "import resource,subprocess,sys,time,json;t=time.perf_counter();"
+        "rc=subprocess.call(sys.argv[1:]);dt=time.perf_counter()-t;"
+        "r=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss*1024;"
+        "print(json.dumps([rc,dt,r]))"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    rc, dt, rss = json.loads(out.stdout.strip().splitlines()[-1])
+    if rc != 0:
+        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}\n{out.stderr[-2000:]}")
+    return dt, rss / 1e9
+
+
+def floor_cmd(src: Path, out_bytes: int, dst_file: Path) -> list[str]:
+    """cat the input shards (twice if the output is larger), keep out_bytes, fsync the file."""
+    shards = " ".join(str(p) for p in sorted(src.glob("*.safetensors")))
+    reps = max(1, math.ceil(out_bytes / shard_bytes(src)))
+    return ["bash", "-c", f"cat {' '.join([shards] * reps)} | head -c {out_bytes} > {dst_file} "
+            f"&& sync {dst_file} && rm {dst_file}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gb", type=float, default=1.0)
+    ap.add_argument("--shard-gb", type=float, default=0.5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dir", default=str(ROOT / "bench-out"))
+    ap.add_argument("--reference-script", default=None, help="DeepSeek's fp8_cast_bf16.py")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.dir)
+    if work.exists():
+        shutil.rmtree(work)
+    t = time.perf_counter()
+    largest = build(work / "fp8", args.gb, args.shard_gb)
+    print(f"built {shard_bytes(work / 'fp8') / 1e9:.2f} GB FP8 checkpoint in "
+          f"{time.perf_counter() - t:.0f}s; largest tensor {largest / 1e6:.0f} MB in bf16", flush=True)
+    fp8 = [sys.executable, "-m", "fp8conv.cli"]
+    in_fp8 = shard_bytes(work / "fp8")
+    rows = []
+    out_bf16 = int(in_fp8 * 2)  # close enough for the floor; measured size replaces it below
+    # warm the page cache equally for the floor and the tool
+    subprocess.run(["bash", "-c", f"cat {work}/fp8/*.safetensors > /dev/null"])
+    fl, _ = timed(floor_cmd(work / "fp8", out_bf16, work / "floor.bin"))
+    dq, dq_rss = timed([*fp8, "dequantize", str(work / "fp8"), str(work / "bf16"), "--quiet",
+                        "--device", args.device])
+    out_bf16 = shard_bytes(work / "bf16")
+    rows.append(("I/O floor: FP8 in, bf16-sized out (cat)", fl, None, None))
+    rows.append((f"fp8conv dequantize ({args.device})", dq, dq / fl, dq_rss))
+    if args.reference_script:
+        ref, ref_rss = timed([sys.executable, args.reference_script, "--input-fp8-hf-path",
+                              str(work / "fp8"), "--output-bf16-hf-path", str(work / "ref")])
+        rows.append(("DeepSeek fp8_cast_bf16.py (GPU)", ref, ref / fl, ref_rss))
+        rows.append(("  speed-up of fp8conv over it", ref / dq, None, None))
+        shutil.rmtree(work / "ref", ignore_errors=True)
+    out_q = in_fp8
+    flq, _ = timed(floor_cmd(work / "bf16", out_q, work / "floor.bin"))
+    q, q_rss = timed([*fp8, "quantize", str(work / "bf16"), str(work / "q"), "--quiet",
+                      "--device", args.device])
+    rows.append(("I/O floor: bf16 in, FP8-sized out (cat)", flq, None, None))
+    rows.append((f"fp8conv quantize ({args.device})", q, q / flq, q_rss))
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core CPU"
+    print(f"\n{in_fp8 / 1e9:.2f} GB FP8 <-> {out_bf16 / 1e9:.2f} GB bf16 on {dev}, "
+          f"{time.strftime('%Y-%m-%d')}; largest tensor {largest / 1e6:.0f} MB (bf16)")
+    print(f"{'what':<44}{'seconds':>9}{'x floor':>9}{'peak RSS GB':>13}{'RSS/largest':>13}")
+    for what, sec, ratio, rss in rows:
+        r = f"{ratio:.2f}" if ratio is not None else ""
+        m = f"{rss:.2f}" if rss is not None else ""
+        rl = f"{rss * 1e9 / largest:.2f}" if rss is not None else ""
+        print(f"{what:<44}{sec:>9.2f}{r:>9}{m:>13}{rl:>13}")
+    if not args.keep:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
