@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -37,6 +38,14 @@ JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write a JSON sum
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace DST's existing content")]
 PartOpt = Annotated[Optional[str], typer.Option("--part", help="convert share I of N of the shards (I/N)")]
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
 
 
 class ConsoleProgress(engine.Progress):
@@ -67,7 +76,7 @@ class ConsoleProgress(engine.Progress):
             self.bar.start()
             self.task = self.bar.add_task(f"0/{total_shards} shards on {device}", total=total_bytes)
         else:
-            err.print(f"{self.label}: {total_shards} shard(s), {total_bytes / 1e9:.2f} GB on {device}",
+            err.print(f"{self.label}: {total_shards} shard(s), {human(total_bytes)} on {device}",
                       highlight=False)
 
     def advance(self, nbytes: int) -> None:
@@ -83,8 +92,8 @@ class ConsoleProgress(engine.Progress):
         rate = self.done / dt
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100 * self.done / self.total if self.total else 100.0
-        err.print(f"{self.label}: {pct:5.1f}%  {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB  "
-                  f"{self.shards}/{self.total_shards} shards  {rate / 1e6:.0f} MB/s  ETA {eta:.0f}s",
+        err.print(f"{self.label}: {pct:5.1f}%  {human(self.done)} of {human(self.total)}  "
+                  f"{self.shards}/{self.total_shards} shards  {human(rate)}/s  ETA {eta:.0f}s",
                   highlight=False)
 
     def shard_done(self, name: str, skipped: bool = False) -> None:
@@ -113,14 +122,25 @@ def emit_json(target: str | None, payload: dict) -> None:
     text = json.dumps(payload, indent=2)
     if target == "-":
         print(text)
-    else:
+        return
+    try:
         Path(target).write_text(text + "\n")
+    except OSError as e:
+        err.print(f"[bold red]error[/] (exit 5): {escape(target)}: cannot write the JSON summary: "
+                  f"{escape(e.strerror or str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(5) from None
 
 
 def fail(e: Fp8convError, json_target: str | None) -> None:
-    err.print(f"[bold red]error[/] (exit {e.exit_code}): {e.message}", highlight=False)
+    # The message holds file and tensor names: escaped so brackets in them are not taken for markup,
+    # and on one line (soft_wrap) so logs and greps see it whole.
+    err.print(f"[bold red]error[/] (exit {e.exit_code}): {escape(e.message)}", highlight=False,
+              soft_wrap=True)
     if json_target:
-        emit_json(json_target, {"ok": False, **e.to_dict()})
+        try:
+            emit_json(json_target, {"ok": False, **e.to_dict()})
+        except typer.Exit:
+            pass  # reported; the first error decides the exit code
     raise typer.Exit(e.exit_code)
 
 
@@ -140,8 +160,8 @@ def report_summary(summary: engine.Summary, quiet: bool, json_target: str | None
         rate = summary.bytes_in / summary.seconds / 1e6 if summary.seconds else 0.0
         msg = (f"{summary.command}: {summary.tensors_converted} tensors converted, "
                f"{summary.tensors_copied} copied, {summary.shards_written} shard(s) written, "
-               f"{summary.shards_skipped} kept from an earlier run; {summary.bytes_in / 1e9:.3f} GB "
-               f"-> {summary.bytes_out / 1e9:.3f} GB in {summary.seconds:.1f}s ({rate:.0f} MB/s) "
+               f"{summary.shards_skipped} kept from an earlier run; {human(summary.bytes_in)} "
+               f"-> {human(summary.bytes_out)} in {summary.seconds:.1f}s ({human(rate * 1e6)}/s) "
                f"on {summary.device}")
         if not summary.complete:
             msg += "; other parts still missing"
@@ -240,6 +260,91 @@ def print_plan(plan, json_target: str | None) -> None:
     table.add_row(f"total: {len(rows)} tensors", "", "", f"{n_q} quantized",
                   f"{total_b:,} -> {total_a:,}")
     out.print(table)
+
+
+@app.command()
+def verify(
+    ckpt: Annotated[Path, typer.Argument(help="checkpoint folder to check (FP8 or dequantized)")],
+    reference: Annotated[Optional[Path], typer.Option(
+        "--reference",
+        help="the source: original bf16/fp16/fp32 for an FP8 CKPT, FP8 for a dequantized one")] = None,
+    tensors: Annotated[Optional[list[str]], typer.Option(
+        "--tensors", help="data checks only for these tensors (glob or re:REGEX; repeatable)")] = None,
+    sample: Annotated[Optional[int], typer.Option(
+        "--sample", help="data checks for N tensors picked at random")] = None,
+    rows: Annotated[int, typer.Option(
+        "--rows", help="rows M of the random activations in the GEMM check")] = 16,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="seed for --sample, activations and expert sampling")] = 0,
+    min_sqnr: Annotated[float, typer.Option(
+        "--min-sqnr", help="with --reference: fail below this SQNR in dB")] = 20.0,
+    experts: Annotated[int, typer.Option(
+        "--experts", help="stacked experts: GEMM-check this many per tensor (0 = all)")] = 8,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check an FP8 or dequantized checkpoint: structure, scales, NaN codes, GEMM numerics, --reference."""
+    from fp8conv.errors import VerificationFailed
+    from fp8conv.verify import VerifyOptions, verify_checkpoint
+    from fp8conv.verify.verify import render_table, summary_line
+
+    class Bar(engine.Progress):
+        """A transient bar on a terminal; nothing in logs or with --quiet (the table says it all)."""
+
+        bar = None
+
+        def start(self, total_bytes: int, total_shards: int, device: str) -> None:
+            if not quiet and err.is_terminal:
+                self.bar = RichProgress(TextColumn(f"verify on {device}"), BarColumn(), DownloadColumn(),
+                                        TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                                        transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task("", total=total_bytes)
+
+        def advance(self, nbytes: int) -> None:
+            if self.bar is not None:
+                self.bar.update(self.task, advance=nbytes)
+
+        def note(self, message: str) -> None:
+            if not quiet:
+                err.print(f"note: {message}", highlight=False)
+
+        def close(self) -> None:
+            if self.bar is not None:
+                self.bar.stop()
+                self.bar = None
+
+    def go():
+        opts = VerifyOptions(reference=reference, tensors=tuple(tensors or ()), sample=sample, rows=rows,
+                             seed=seed, min_sqnr=min_sqnr, device=device, experts=experts)
+        return verify_checkpoint(ckpt, opts, Bar())
+
+    report = run_guarded(go, json_out)
+    emit_json(json_out, report.to_dict())
+    console = err if json_out == "-" else out
+    if not quiet:
+        console.print(render_table(report))
+    if not report.ok:
+        for line in report.failures[:20]:
+            err.print(f"FAIL {line}", style="red", highlight=False, markup=False, soft_wrap=True)
+    if not quiet or not report.ok:
+        err.print(summary_line(report), highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(VerificationFailed.exit_code)
+
+
+@app.command()
+def inspect(
+    ckpt: Annotated[Path, typer.Argument(help="checkpoint folder")],
+    json_out: JsonOpt = None,
+) -> None:
+    """Describe a checkpoint: format, quantization config, shards, tensors by dtype and role, oddities."""
+    from fp8conv.verify.inspect import inspect_checkpoint, inspect_table
+
+    info = run_guarded(lambda: inspect_checkpoint(ckpt), json_out)
+    emit_json(json_out, info)
+    (err if json_out == "-" else out).print(inspect_table(info))
 
 
 def main() -> None:

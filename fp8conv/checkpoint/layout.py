@@ -60,7 +60,7 @@ def _load_json(path: Path, what: str) -> object:
             return json.loads(f.read().decode("utf-8"))
     except OSError as e:
         raise ResourceError(f"cannot read {what}: {e.strerror or e}", file=path) from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, too deep, too-long integers
         raise InvalidCheckpoint(f"{what} is not valid JSON ({e})", file=path) from None
 
 
@@ -189,5 +189,10 @@ def list_other_files(root: Path, shard_names: set[str]) -> list[str]:
             full = root / rel
             if full.is_symlink() and not _inside(root, full):
                 raise InvalidCheckpoint("symlink leads outside the checkpoint folder", file=full)
+            if not full.is_file():  # a FIFO would block the copy; a dangling link fail it at the end
+                raise InvalidCheckpoint(
+                    "not a regular file (FIFO, socket, device or dangling symlink); only regular "
+                    "files are copied to the output", file=full,
+                )
             out.append(str(rel))
     return out

@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from fp8conv.checkpoint.layout import STATE_DIR
@@ -67,23 +68,41 @@ class OutputDir:
 
     # ---- job identity -------------------------------------------------------------------------
     def read_job(self) -> dict | None:
+        """The job DST was started for; None if there is none, {} if it cannot be read."""
+        if not self.root.is_dir():
+            return None
         try:
-            return json.loads((self.state / JOB_FILE).read_text())
+            job = json.loads((self.state / JOB_FILE).read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return {}
+        return job if isinstance(job, dict) else {}
 
-    def is_complete(self, job: dict) -> bool:
+    def is_complete(self, job: dict, files: list[str] = ()) -> bool:
+        """Marked complete for `job`, and each of `files` still as it was recorded (stat only)."""
         try:
-            return json.loads((self.state / COMPLETE_FILE).read_text()) == job
+            if json.loads((self.state / COMPLETE_FILE).read_text()) != job:
+                return False
         except (OSError, ValueError):
             return False
+        return all(self.is_done(rel) for rel in files)
 
     def prepare(self, job: dict, overwrite: bool) -> None:
         """Create or adopt DST for `job`; refuse foreign content unless overwrite; clear tmp/."""
         existing = self.read_job()
-        has_content = self.root.exists() and any(self.root.iterdir())
+        has_content = self._has_content()
+        linked = [d for d in (self.state, self.tmp, self.done_dir) if d.is_symlink()]
+        if linked and not overwrite:
+            raise UnsafePathError(
+                "state folder is a symlink; nothing is written through links", file=linked[0],
+                hint="remove it, or pass --overwrite to start over",
+            )
+        if existing == {} and not overwrite:
+            raise UnsafePathError(
+                f"DST holds fp8conv state that cannot be read ({STATE_DIR}/{JOB_FILE})", file=self.root,
+                hint="pass --overwrite to start over",
+            )
         if existing is not None and existing != job and not overwrite:
             raise UnsafePathError(
                 "DST holds an unfinished or finished conversion started with different settings: "
@@ -96,8 +115,18 @@ class OutputDir:
                 "DST exists and holds other content", file=self.root,
                 hint="choose an empty or new folder, or pass --overwrite to replace its content",
             )
-        if overwrite and (existing != job) and has_content:
+        links = [] if overwrite else self._links()
+        if links:
+            raise UnsafePathError(
+                f"DST holds {len(links)} symlink(s) ({', '.join(map(str, links[:3]))}); fp8conv "
+                "makes none and writes nothing through links", file=self.root,
+                hint="remove them, or pass --overwrite to replace them with real files",
+            )
+        if overwrite and ((existing != job and has_content) or linked):
             self.clear()
+            existing = None
+        elif overwrite:
+            self._drop_links()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             for d in (self.state, self.tmp, self.done_dir):
@@ -105,15 +134,47 @@ class OutputDir:
                     raise UnsafePathError("state folder is a symlink", file=d)
                 d.mkdir(exist_ok=True)
             for leftover in self.tmp.iterdir():
-                _remove(leftover)
+                if _stale(leftover.name):
+                    _remove(leftover)
             if existing != job:
                 self.write_json_atomic(self.state / JOB_FILE, job)
         except OSError as e:
             raise io_error(e, self.root, "preparing the output folder") from e
 
+    def _links(self) -> list[Path]:
+        """Symlinks anywhere in DST (not followed), relative to it."""
+        found: list[Path] = []
+        if not self.root.is_dir():
+            return found
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                if p.is_symlink():
+                    found.append(p.relative_to(self.root))
+        return found
+
+    def _drop_links(self) -> None:
+        """--overwrite on a resumable DST: remove its symlinks (fp8conv never makes any), so that
+        files and folders are made anew there."""
+        try:
+            for rel in self._links():
+                (self.root / rel).unlink()
+        except OSError as e:
+            raise io_error(e, self.root, "removing links from the output folder (--overwrite)") from e
+
+    def _has_content(self) -> bool:
+        """Anything besides a state folder without job.json (what a kill during prepare leaves)."""
+        try:
+            return self.root.is_dir() and any(c.name != STATE_DIR for c in self.root.iterdir())
+        except OSError as e:
+            raise io_error(e, self.root, "listing the output folder") from e
+
     def clear(self) -> None:
-        for child in self.root.iterdir():
-            _remove(child)
+        try:
+            for child in self.root.iterdir():
+                _remove(child)
+        except OSError as e:
+            raise io_error(e, self.root, "clearing the output folder (--overwrite)") from e
 
     # ---- per-file records ---------------------------------------------------------------------
     def _record(self, rel: str) -> Path:
@@ -137,7 +198,7 @@ class OutputDir:
 
     # ---- atomic files -------------------------------------------------------------------------
     def tmp_path(self, rel: str) -> Path:
-        return self.tmp / rel.replace("/", "%2F")
+        return self.tmp / f"{rel.replace('/', '%2F')}.{_TOKEN}"
 
     def commit(self, tmp: Path, rel: str) -> None:
         """fsync tmp, rename it to DST/rel (replacing a link there, never following one)."""
@@ -195,12 +256,23 @@ class OutputDir:
             raise
 
     def write_json_atomic(self, path: Path, obj: object) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(obj, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """State record via a fresh temporary file (never through a link planted there), renamed."""
+        tmp = path.with_name(f"{path.name}.{_TOKEN}.tmp")
+        data = json.dumps(obj, sort_keys=True).encode()
+        try:
+            _remove(tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as e:
+            _remove(tmp)
+            raise io_error(e, path, "recording progress") from e
 
     def copy_file(self, src: Path, rel: str) -> None:
         """Copy SRC file content (through source links) to DST/rel atomically."""
@@ -219,6 +291,31 @@ class OutputDir:
         except BaseException:
             _remove(tmp)
             raise
+
+
+# Temporary names carry host and process, so parts running at once into one shared DST (--part)
+# never write or remove each other's files; a rerun removes only leftovers of dead processes here.
+_HOST = socket.gethostname().replace(".", "_") or "host"
+_TOKEN = f"{_HOST}.{os.getpid()}"
+
+
+def _stale(name: str) -> bool:
+    """A temporary file left by a process of this host that no longer runs (or of unknown origin)."""
+    parts = name.rsplit(".", 2)
+    if len(parts) < 3 or not parts[2].isdigit():
+        return True
+    host, pid = parts[1], int(parts[2])
+    if host != _HOST:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def copy_range(fd_in: int, fd_out: int, off_in: int, length: int, off_out: int) -> None:

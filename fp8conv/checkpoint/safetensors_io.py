@@ -141,7 +141,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> ShardHeader:
         raise InvalidCheckpoint(
             "duplicate tensor name in header", file=path, tensor=e.key
         ) from None
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: also integers past int_max_str_digits
         raise InvalidCheckpoint(f"header is not valid JSON ({e})", file=path) from None
     if not isinstance(obj, dict):
         raise InvalidCheckpoint("header is not a JSON object", file=path)
@@ -196,7 +196,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
             "header entry must have exactly dtype, shape and data_offsets", file=path, tensor=name
         )
     dtype = entry["dtype"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidCheckpoint(f"unsupported dtype {dtype!r}", file=path, tensor=name)
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(

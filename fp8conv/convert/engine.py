@@ -42,8 +42,9 @@ _FAULT = os.environ.get("FP8CONV_FAULT", "")
 def _fault_point(name: str, shard: int | None = None) -> None:
     """TEST HOOK, inert unless FP8CONV_FAULT is set: kill this process at a named point so the fault
     suite can check crash safety. Points: after_shard:N (shard N of SRC, 1-based, renamed and
-    recorded), mid_shard:N (shard N partly written into DST/.fp8conv/tmp), before_index. SIGKILL,
-    or the signal named after '=' (e.g. mid_shard:2=TERM)."""
+    recorded), mid_shard:N (shard N partly written into DST/.fp8conv/tmp), before_index,
+    before_complete (index and config written, `complete` not yet). SIGKILL, or the signal named
+    after '=' (e.g. mid_shard:2=TERM)."""
     if not _FAULT:
         return
     point, _, sig = _FAULT.partition("=")
@@ -200,6 +201,7 @@ def run(ckpt: Checkpoint, plan: Plan, dst: Path, command: str, job_key: dict, de
                 progress.advance(ckpt.shards[sp.name].file_size)
                 progress.shard_done(sp.name, skipped=True)
         _write_side_files(ckpt, plan, out, summary)
+        _fault_point("before_complete")
         if all(out.is_done(s.name) for s in plan.shards):
             out.mark_complete(job)
             summary.complete = True
@@ -403,9 +405,8 @@ def _check_codes(q: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkpo
 def _check_finite(x: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkpoint) -> None:
     ok = torch.isfinite(x)
     if not bool(ok.all()):
-        bad = ~ok
-        idx = _first_bad(bad.cpu(), job, e, r0)
-        val = float(x[tuple(idx[-2:])[0] - r0, idx[-1]])
+        idx = _first_bad((~ok).cpu(), job, e, r0)
+        val = float(x[idx[-2] - r0, idx[-1]])
         raise NonFiniteError(
             f"weight holds {val} at element {idx}; NaN and Inf cannot be quantized",
             file=ckpt.root / ckpt.weight_map[job.name], tensor=job.name,

@@ -184,14 +184,15 @@ def dequantized_config(config: dict | None, dtype_name: str) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------- quantize
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+def _match(name: str, patterns: tuple[str, ...]) -> str | None:
+    """The first pattern (glob, or `re:` regular expression) that matches the name."""
     for p in patterns:
         if p.startswith("re:"):
             if re.search(p[3:], name):
-                return True
+                return p
         elif fnmatch.fnmatchcase(name, p):
-            return True
-    return False
+            return p
+    return None
 
 
 def skip_reason(info: TensorInfo, opts: QuantizeOptions) -> str | None:
@@ -206,12 +207,14 @@ def skip_reason(info: TensorInfo, opts: QuantizeOptions) -> str | None:
     bm, bn = opts.block_size
     if info.shape[-2] < bm or info.shape[-1] < bn:
         return f"smaller than one {bm}x{bn} tile"
-    if opts.skip and _matches(name, opts.skip):
-        return "--skip"
-    if opts.only and not _matches(name, opts.only):
-        return "not matched by --only"
-    if not opts.only and _matches(name, DEFAULT_SKIP):
-        return "embedding, lm_head, norm or router (default skip)"
+    hit = _match(name, opts.skip)
+    if hit:
+        return f"--skip {hit}"
+    if opts.only:
+        return None if _match(name, opts.only) else "not matched by --only"
+    hit = _match(name, DEFAULT_SKIP)
+    if hit:
+        return f"default skip {hit} (embeddings, lm_head, norms, routers)"
     return None
 
 

@@ -1,0 +1,637 @@
+"""Triton kernels of fp8conv: the GPU twins of the torch paths in `reference.py`.
+
+Same signatures as the torch functions, and for `weight_dequant`, `weight_quant` and `act_quant` the same
+output bytes (codes and scales). The numerics contract (see reference.py):
+
+  dequantize:  y = cast_out(fp32(q) * s)              one fp32 multiply, one RNE cast
+  quantize:    amax = max|x| over the tile's real elements
+               s = max(amax / 448, 2**-126)            IEEE division (tl.math.div_rn -> div.rn.f32)
+               ue8m0: s = 2 ** ceil(log2(s))           by exponent bits
+               q = e4m3(clamp(x / s, -448, 448))       IEEE division, RNE cast (cvt.rn.satfinite)
+
+Triton's plain `/` on fp32 lowers to an approximate divide (div.full.f32, ~2 ulp), so every division
+here is `tl.math.div_rn` (checked in the PTX of Triton 3.6 and 3.9: `div.rn.f32`, no `.ftz`, so
+subnormal inputs and scales are kept as the CPU keeps them). For ue8m0 scales (powers of two) x / s is
+computed as x * 2**-k, which is the same correctly rounded value and much cheaper.
+
+Launch notes:
+- Row strides are passed as `N_div * ALIGN` where ALIGN (constexpr) is the largest power of two <= 16
+  dividing the row length: Triton only learns "divisible by 16" on its own, so without this a ragged
+  row length (7000 x 1000) would make every access a single byte; with it accesses stay 8-16 bytes.
+- Offsets of rows and matrices are int64, so tensors past 2**31 elements index correctly.
+- fp8_gemm uses shipped per-M-bucket tile configurations (no autotuning pass on the first call);
+  FP8CONV_GEMM_AUTOTUNE=1 autotunes the pointer kernel instead, keyed on (M bucket, N, K) (never
+  under the CPU interpreter, where autotune fails). On Hopper, when K % 16 == 0, A and B tiles come
+  through TMA tensor descriptors (_fp8_gemm_tma_kernel; FP8CONV_GEMM_TMA=0 turns that off), whose
+  out-of-bounds zero fill handles ragged M, N and K without masks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8conv.kernels.reference import BLOCK, FP8_MAX, scale_grid
+
+__all__ = [
+    "act_quant_triton",
+    "fp8_gemm_triton",
+    "weight_dequant_triton",
+    "weight_quant_triton",
+]
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Largest tile (elements) a quantization program keeps in registers in one pass.
+_SINGLE_PASS_MAX = 16384
+
+# Tile shapes of the memory-bound kernels (module-level so bench/bench_kernels.py can try variants).
+DEQUANT_TILE = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 4}
+ACT_QUANT_TILE = {"ELEMS": 8192, "num_warps": 8}
+WEIGHT_QUANT_WARPS = 16  # for tiles of >= 8192 elements (a 128 x 128 tile)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _max_nan(a, b):
+    # max that propagates NaN (torch.amax does; tl.max would skip it).
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _scale_from_amax(amax, FMAX: tl.constexpr, UE8M0: tl.constexpr):
+    """(s, inv): s = max(amax / FMAX, 2**-126) correctly rounded; for ue8m0 s = 2**ceil(log2 s) and
+    inv = 1/s exactly (a power of two), else inv is unused."""
+    s = tl.maximum(tl.math.div_rn(amax, FMAX), 1.1754943508222875e-38,
+                   propagate_nan=tl.PropagateNan.ALL)
+    inv = s
+    if UE8M0:
+        bits = s.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        s = (e << 23).to(tl.float32, bitcast=True)
+        # s = 2**(e-127) with 1 <= e <= 248 here, so 1/s = 2**(127-e) is a normal float32.
+        inv = ((254 - e) << 23).to(tl.float32, bitcast=True)
+    return s, inv
+
+
+@triton.jit
+def _encode(x, s, inv, FMAX: tl.constexpr, UE8M0: tl.constexpr, OUT_TY: tl.constexpr):
+    if UE8M0:
+        y = x * inv  # exact: inv is a power of two, same value as the correctly rounded x / s
+    else:
+        y = tl.math.div_rn(x, s)
+    y = tl.clamp(y, -FMAX, FMAX, propagate_nan=tl.PropagateNan.ALL)
+    return y.to(OUT_TY, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _weight_dequant_kernel(
+    q_ptr, s_ptr, y_ptr,
+    M, N_div, bm, bn, sm, sn, n_tiles_n,
+    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROW_UNIFORM: tl.constexpr, COL_UNIFORM: tl.constexpr,
+):
+    """y[e, i, j] = cast(fp32(q[e, i, j]) * s[e, i // bm, j // bn]) over one BLOCK_M x BLOCK_N tile.
+
+    ROW_UNIFORM / COL_UNIFORM: the tile lies within one scale row / column (then one scale per tile
+    row or column, or a single scalar), else the scale is gathered per row / column."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1).to(tl.int64)
+    N = N_div * ALIGN
+    pid_m = pid // n_tiles_n
+    pid_n = pid - pid_m * n_tiles_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = e * M * N + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    x = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s_mat = s_ptr + e * sm * sn
+    if ROW_UNIFORM:
+        s_row = s_mat + ((pid_m * BLOCK_M) // bm) * sn
+        if COL_UNIFORM:
+            y = x * tl.load(s_row + (pid_n * BLOCK_N) // bn)
+        else:
+            s_c = tl.load(s_row + cols // bn, mask=col_ok, other=1.0)
+            y = x * s_c[None, :]
+    else:
+        if COL_UNIFORM:
+            s_r = tl.load(s_mat + (rows // bm) * sn + (pid_n * BLOCK_N) // bn, mask=row_ok, other=1.0)
+            y = x * s_r[:, None]
+        else:
+            s_2 = tl.load(s_mat + (rows // bm)[:, None] * sn + (cols // bn)[None, :], mask=mask,
+                          other=1.0)
+            y = x * s_2
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weight_quant_kernel(
+    x_ptr, q_ptr, s_ptr,
+    M, N_div, bm, sm, sn,
+    BN: tl.constexpr, ALIGN: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
+    SINGLE: tl.constexpr,
+    FMAX: tl.constexpr, UE8M0: tl.constexpr,
+):
+    """One program per scale tile (bm x BN) of matrix e. SINGLE: the tile (padded to BM_P x BN_P) is
+    held in registers, one pass; else two passes over BM_P x BN_P chunks (amax, then encode).
+    BN is constexpr so that column offsets are known multiples of it (vector accesses)."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1).to(tl.int64)
+    N = N_div * ALIGN
+    ti = pid // sn
+    tj = pid - ti * sn
+    r0 = ti * bm
+    c0 = tj * BN
+    ar = tl.arange(0, BM_P)
+    ac = tl.arange(0, BN_P)
+    base = e * M * N
+    OUT_TY: tl.constexpr = q_ptr.dtype.element_ty
+    if SINGLE:
+        rows = r0 + ar
+        cols = c0 + ac
+        mask = ((ar < bm) & (rows < M))[:, None] & ((ac < BN) & (cols < N))[None, :]
+        offs = base + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.reduce(tl.abs(x), None, _max_nan)
+        s, inv = _scale_from_amax(amax, FMAX, UE8M0)
+        tl.store(q_ptr + offs, _encode(x, s, inv, FMAX, UE8M0, OUT_TY), mask=mask)
+    else:
+        amax = tl.zeros((BM_P, BN_P), dtype=tl.float32)
+        for i in range(0, bm, BM_P):
+            rows = r0 + i + ar
+            rmask = ((i + ar) < bm) & (rows < M)
+            roffs = base + rows.to(tl.int64) * N
+            for j in range(0, BN, BN_P):
+                cols = c0 + j + ac
+                mask = rmask[:, None] & (((j + ac) < BN) & (cols < N))[None, :]
+                x = tl.load(x_ptr + roffs[:, None] + cols[None, :], mask=mask, other=0.0)
+                amax = _max_nan(amax, tl.abs(x.to(tl.float32)))
+        s, inv = _scale_from_amax(tl.reduce(amax, None, _max_nan), FMAX, UE8M0)
+        for i in range(0, bm, BM_P):
+            rows = r0 + i + ar
+            rmask = ((i + ar) < bm) & (rows < M)
+            roffs = base + rows.to(tl.int64) * N
+            for j in range(0, BN, BN_P):
+                cols = c0 + j + ac
+                mask = rmask[:, None] & (((j + ac) < BN) & (cols < N))[None, :]
+                offs = roffs[:, None] + cols[None, :]
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(q_ptr + offs, _encode(x, s, inv, FMAX, UE8M0, OUT_TY), mask=mask)
+    tl.store(s_ptr + e * sm * sn + pid, s)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr,
+    R, K_div, n_groups,
+    G: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, G_P: tl.constexpr,
+    FMAX: tl.constexpr, UE8M0: tl.constexpr,
+):
+    """x [R, K] -> codes [R, K], scales [R, n_groups]: one program quantizes BLOCK_R rows of one
+    group column (each row of the tile is its own 1 x g group)."""
+    pid = tl.program_id(0)
+    K = K_div * ALIGN
+    pid_r = pid // n_groups
+    gi = pid - pid_r * n_groups
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    ac = tl.arange(0, G_P)
+    cols = gi * G + ac
+    row_ok = rows < R
+    mask = row_ok[:, None] & ((ac < G) & (cols < K))[None, :]
+    offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.reduce(tl.abs(x), 1, _max_nan)
+    s, inv = _scale_from_amax(amax, FMAX, UE8M0)
+    q = _encode(x, s[:, None], inv[:, None], FMAX, UE8M0, q_ptr.dtype.element_ty)
+    tl.store(q_ptr + offs, q, mask=mask)
+    tl.store(s_ptr + rows.to(tl.int64) * n_groups + gi, s, mask=row_ok)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
+    M, N, K, KB, M_BUCKET,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """C[M, N] = A[M, K] @ B[N, K]^T with A scales [M, KB] (1 x 128) and B scales [ceil(N/128), KB]
+    (128 x 128). Per 128-wide K block: fp32 dot of the fp8 tiles, then acc += dot * a_s * b_s.
+    M, N, K are runtime values (no recompiles per shape); M_BUCKET only keys the autotuner."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped tile order: GROUP_M row tiles sweep the N tiles together, so B tiles stay in L2.
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_in = pid - group_id * num_in_group
+    pid_m = first_m + pid_in % group_size
+    pid_n = pid_in // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    as_ptrs = as_ptr + offs_m.to(tl.int64) * KB
+    if BLOCK_N <= BLOCK_K:
+        # The tile lies inside one 128-row block of B: one B scale per K step.
+        bs_ptrs = bs_ptr + ((pid_n * BLOCK_N) // BLOCK_K) * KB
+    else:
+        bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * KB
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, KB):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            k_ok = offs_k < K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
+        if BLOCK_N <= BLOCK_K:
+            b_s = tl.load(bs_ptrs + kb)
+            acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
+        else:
+            b_s = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
+            acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _fp8_gemm_tma_kernel(
+    a_desc, b_desc, c_ptr, as_ptr, bs_ptr,
+    M, N, K, KB, M_BUCKET,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """_fp8_gemm_kernel with A and B tiles fetched by the TMA engine (Hopper) through tensor
+    descriptors; out-of-bounds rows and K columns arrive as zeros, so no masks on A and B."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_in = pid - group_id * num_in_group
+    pid_m = first_m + pid_in % group_size
+    pid_n = pid_in // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    as_ptrs = as_ptr + offs_m.to(tl.int64) * KB
+    if BLOCK_N <= BLOCK_K:
+        bs_ptrs = bs_ptr + ((pid_n * BLOCK_N) // BLOCK_K) * KB
+    else:
+        bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * KB
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, KB):
+        a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
+        b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
+        a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
+        if BLOCK_N <= BLOCK_K:
+            b_s = tl.load(bs_ptrs + kb)
+            acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
+        else:
+            b_s = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
+            acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _align(n: int) -> int:
+    """Largest power of two <= 16 that divides n (the row length, in elements)."""
+    a = 16
+    while n % a:
+        a //= 2
+    return a
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _check_block(block_size) -> tuple[int, int]:
+    try:
+        bm, bn = (int(v) for v in block_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"block_size must be two positive integers, not {block_size!r}") from None
+    if bm <= 0 or bn <= 0:
+        raise ValueError(f"block_size must be two positive integers, not {block_size!r}")
+    return bm, bn
+
+
+def _check_tensor(name: str, t, dtypes, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, not {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other operand is on {device}")
+
+
+def _check_scale_fmt(scale_fmt: str) -> bool:
+    if scale_fmt not in ("float", "ue8m0"):
+        raise ValueError(f"scale_fmt must be 'float' or 'ue8m0', not {scale_fmt!r}")
+    return scale_fmt == "ue8m0"
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def weight_dequant_triton(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    block_size: tuple[int, int] = (BLOCK, BLOCK),
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Dequantize block-FP8 weights q [..., M, N] with float32 scales [..., ceil(M/bm), ceil(N/bn)]."""
+    bm, bn = _check_block(block_size)
+    _check_tensor("q", q, _FP8_DTYPES)
+    _check_tensor("s", s, (torch.float32,), q.device)
+    if q.dim() < 2:
+        raise ValueError("weight must have at least 2 dimensions")
+    if tuple(s.shape) != scale_grid(tuple(q.shape), (bm, bn)):
+        raise ValueError(f"scale shape {tuple(s.shape)} does not match weight {tuple(q.shape)} "
+                         f"with block {(bm, bn)}")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, not {out_dtype}")
+    y = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    if q.numel() == 0:
+        return y
+    m, n = q.shape[-2:]
+    e = q.numel() // (m * n)
+    sm, sn = s.shape[-2:]
+    block_m = min(DEQUANT_TILE["BLOCK_M"], _pow2(m))
+    row_uniform = sm == 1 or bm % block_m == 0
+    # Wide tiles (two 128-column scale blocks, scales gathered per column) measured best for
+    # 128 x 128 blocks; where rows need their own scales, keep a tile inside one scale column.
+    block_n = DEQUANT_TILE["BLOCK_N"] if row_uniform else min(DEQUANT_TILE["BLOCK_N"], 128)
+    block_n = min(block_n, max(16, _pow2(n)))
+    col_uniform = sn == 1 or bn % block_n == 0
+    align = _align(n)
+    n_tiles_n = triton.cdiv(n, block_n)
+    grid = (triton.cdiv(m, block_m) * n_tiles_n, e)
+    _weight_dequant_kernel[grid](
+        q, s, y, m, n // align, bm, bn, sm, sn, n_tiles_n,
+        ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n,
+        ROW_UNIFORM=row_uniform, COL_UNIFORM=col_uniform,
+        num_warps=DEQUANT_TILE["num_warps"],
+    )
+    return y
+
+
+def _act_quant_2d(x2: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, g: int, ue8m0: bool,
+                  fmax: float) -> None:
+    r, k = x2.shape
+    n_groups = s2.shape[-1]
+    if n_groups == 1:
+        g = _pow2(k)  # one group per row: any width >= k is the same (g is constexpr)
+    g_p = _pow2(min(g, k))
+    block_r = max(1, min(_pow2(r), ACT_QUANT_TILE["ELEMS"] // g_p))
+    elems = block_r * g_p
+    num_warps = ACT_QUANT_TILE["num_warps"] if elems >= 4096 else 4
+    align = _align(k)
+    grid = (triton.cdiv(r, block_r) * n_groups,)
+    _act_quant_kernel[grid](
+        x2, q2, s2, r, k // align, n_groups,
+        G=g, ALIGN=align, BLOCK_R=block_r, G_P=g_p, FMAX=fmax, UE8M0=ue8m0, num_warps=num_warps,
+    )
+
+
+def weight_quant_triton(
+    x: torch.Tensor,
+    block_size: tuple[int, int] = (BLOCK, BLOCK),
+    scale_fmt: str = "float",
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize float weights x [..., M, N] to FP8 codes and float32 scales, one per block tile."""
+    bm, bn = _check_block(block_size)
+    ue8m0 = _check_scale_fmt(scale_fmt)
+    _check_tensor("x", x, _FLOAT_DTYPES)
+    if fp8_dtype not in _FP8_DTYPES:
+        raise ValueError(f"fp8_dtype must be float8_e4m3fn or float8_e5m2, not {fp8_dtype}")
+    if x.dim() < 2:
+        raise ValueError("weight must have at least 2 dimensions")
+    fmax = FP8_MAX[fp8_dtype]
+    q = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
+    s = torch.empty(scale_grid(tuple(x.shape), (bm, bn)), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return q, s
+    m, n = x.shape[-2:]
+    e = x.numel() // (m * n)
+    sm, sn = s.shape[-2:]
+    # One scale column: any block width >= n is the same; round it to a power of two so per-tensor
+    # blocks of different widths share a compiled kernel (the width is constexpr).
+    bn_k = _pow2(n) if sn == 1 else bn
+    if bm == 1 and _pow2(bn_k) <= _SINGLE_PASS_MAX:
+        # 1 x bn tiles are act_quant's groups over the E*M rows.
+        _act_quant_2d(x.view(e * m, n), q.view(e * m, n), s.view(e * m, sn), bn_k, ue8m0, fmax)
+        return q, s
+    bm_p, bn_p = _pow2(min(bm, m)), _pow2(bn_k)
+    single = bm_p * bn_p <= _SINGLE_PASS_MAX
+    if not single:
+        bn_p = min(bn_p, 256)
+        bm_p = min(bm_p, max(1, 8192 // bn_p))
+    elems = bm_p * bn_p
+    num_warps = WEIGHT_QUANT_WARPS if elems >= 8192 else 4
+    align = _align(n)
+    _weight_quant_kernel[(sm * sn, e)](
+        x, q, s, m, n // align, bm, sm, sn,
+        BN=bn_k, ALIGN=align, BM_P=bm_p, BN_P=bn_p, SINGLE=single, FMAX=fmax, UE8M0=ue8m0,
+        num_warps=num_warps,
+    )
+    return q, s
+
+
+def act_quant_triton(
+    x: torch.Tensor, group_size: int = BLOCK, scale_fmt: str = "float",
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations [..., K] per 1 x group_size group: codes [..., K], scales [..., ceil(K/g)]."""
+    ue8m0 = _check_scale_fmt(scale_fmt)
+    _check_tensor("x", x, _FLOAT_DTYPES)
+    if fp8_dtype not in _FP8_DTYPES:
+        raise ValueError(f"fp8_dtype must be float8_e4m3fn or float8_e5m2, not {fp8_dtype}")
+    g = int(group_size)
+    if g <= 0:
+        raise ValueError(f"group_size must be a positive integer, not {group_size!r}")
+    if x.dim() < 1:
+        raise ValueError("activations must have at least 1 dimension")
+    k = x.shape[-1]
+    if k == 0 or _pow2(min(g, k)) > _SINGLE_PASS_MAX:
+        q, s = weight_quant_triton(x.reshape(-1, k), (1, g), scale_fmt, fp8_dtype)
+        return q.reshape(x.shape), s.reshape(*x.shape[:-1], s.shape[-1])
+    q = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
+    s = torch.empty((*x.shape[:-1], triton.cdiv(k, g)), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return q, s
+    r = x.numel() // k
+    _act_quant_2d(x.view(r, k), q.view(r, k), s.view(r, -1), g, ue8m0, FP8_MAX[fp8_dtype])
+    return q, s
+
+
+# ---- FP8 GEMM ----------------------------------------------------------------------------------
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune / config key for M: next power of two, at least 16, capped at 4096."""
+    return min(4096, max(16, _pow2(m)))
+
+
+# Shipped configurations per M bucket: (BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages).
+# Pointer kernel, from a sweep on an H100 (bench/bench_kernels.py --sweep, 2026-11-25).
+GEMM_CONFIGS = {
+    16: (16, 64, 1, 4, 5),
+    32: (32, 64, 1, 4, 5),
+    64: (64, 64, 8, 4, 5),
+    128: (64, 64, 8, 4, 5),
+    256: (128, 128, 8, 8, 4),
+}
+# TMA kernel (A and B through tensor descriptors; used when K % 16 == 0 and M bucket >= 64), from
+# the same sweep: 128 x 128 tiles, GROUP_M 16, 4 stages at M = 4096; 64 x 64, 6 stages at M = 128.
+GEMM_TMA_CONFIGS = {
+    64: (64, 64, 8, 4, 6),
+    128: (64, 64, 8, 4, 6),
+    256: (128, 128, 16, 8, 4),
+}
+
+
+def _use_tma(a2: torch.Tensor, b: torch.Tensor, m_bucket: int, k: int) -> bool:
+    if _interpreting() or os.environ.get("FP8CONV_GEMM_TMA", "1") == "0" or not a2.is_cuda:
+        return False
+    if m_bucket < min(GEMM_TMA_CONFIGS) or k % 16 or a2.data_ptr() % 16 or b.data_ptr() % 16:
+        return False
+    return torch.cuda.get_device_capability(a2.device)[0] >= 9
+
+
+def _gemm_config(m_bucket: int, n: int, k: int, tma: bool = False) -> dict:
+    if k % 16:
+        # Rows of A and B not 16-byte aligned: byte-wise loads, no async copies; a large tile
+        # would spill registers (seen in the sm_90 compile), so take a small one.
+        bm, bn, gm, nw, ns = (min(64, m_bucket), 64, 8, 4, 3)
+    else:
+        table = GEMM_TMA_CONFIGS if tma else GEMM_CONFIGS
+        bm, bn, gm, nw, ns = table[max(b for b in table if b <= m_bucket)]
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": gm, "num_warps": nw, "num_stages": ns}
+
+
+def _gemm_autotune_configs():
+    cfgs = []
+    for bm, bn, nw in ((16, 64, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4),
+                       (128, 128, 8), (128, 256, 8), (64, 256, 8)):
+        for ns in (3, 4, 5):
+            cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8},
+                                      num_warps=nw, num_stages=ns))
+    return cfgs
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    mb = named_args["M_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, mb)]
+    if mb >= 512:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64]
+    return kept or configs[:1]
+
+
+_fp8_gemm_autotuned = None
+
+
+def _gemm_tuned_kernel():
+    global _fp8_gemm_autotuned
+    if _fp8_gemm_autotuned is None:
+        _fp8_gemm_autotuned = triton.autotune(
+            configs=_gemm_autotune_configs(), key=["M_BUCKET", "N", "K"],
+            prune_configs_by={"early_config_prune": _prune_gemm_configs},
+        )(_fp8_gemm_kernel)
+    return _fp8_gemm_autotuned
+
+
+def fp8_gemm_triton(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """C = A @ B^T: a [..., K] e4m3 with a_scale [..., ceil(K/128)], b [N, K] e4m3 with
+    b_scale [ceil(N/128), ceil(K/128)] (float32). Returns [..., N] in out_dtype."""
+    _check_tensor("a", a, (torch.float8_e4m3fn,))
+    _check_tensor("b", b, (torch.float8_e4m3fn,), a.device)
+    _check_tensor("a_scale", a_scale, (torch.float32,), a.device)
+    _check_tensor("b_scale", b_scale, (torch.float32,), a.device)
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, not {out_dtype}")
+    if a.dim() < 1 or b.dim() != 2:
+        raise ValueError(f"a must be [..., K] and b [N, K]; got {tuple(a.shape)} and {tuple(b.shape)}")
+    k = a.shape[-1]
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"inner dimensions differ: a [..., {k}] and b {tuple(b.shape)}")
+    kb = triton.cdiv(k, BLOCK)
+    if tuple(a_scale.shape) != (*a.shape[:-1], kb):
+        raise ValueError(f"a_scale shape {tuple(a_scale.shape)} != {(*a.shape[:-1], kb)}")
+    if tuple(b_scale.shape) != (triton.cdiv(n, BLOCK), kb):
+        raise ValueError(f"b_scale shape {tuple(b_scale.shape)} != {(triton.cdiv(n, BLOCK), kb)}")
+    c = torch.empty((*a.shape[:-1], n), dtype=out_dtype, device=a.device)
+    m = a.numel() // k if k else math.prod(a.shape[:-1])
+    if m == 0 or n == 0:
+        return c
+    mb = _m_bucket(m)
+    even_k = k % BLOCK == 0
+    args = (a, b, c, a_scale, b_scale, m, n, k, kb, mb)
+    if os.environ.get("FP8CONV_GEMM_AUTOTUNE") == "1" and not _interpreting():
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _gemm_tuned_kernel()[grid](*args, BLOCK_K=BLOCK, EVEN_K=even_k)
+        return c
+    if k == 0:
+        return c.zero_()
+    a2 = a.view(m, k)
+    tma = _use_tma(a2, b, mb, k)
+    cfg = _gemm_config(mb, n, k, tma)
+    if tma and (m < cfg["BLOCK_M"] or n < cfg["BLOCK_N"] or k < BLOCK):
+        # keep every TMA box inside its tensor; small problems take the pointer kernel
+        tma = False
+        cfg = _gemm_config(mb, n, k, False)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor.from_tensor(a2, [cfg["BLOCK_M"], BLOCK])
+        b_desc = TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"], BLOCK])
+        _fp8_gemm_tma_kernel[grid](a_desc, b_desc, *args[2:], BLOCK_K=BLOCK, **cfg)
+    else:
+        _fp8_gemm_kernel[grid](*args, BLOCK_K=BLOCK, EVEN_K=even_k, **cfg)
+    return c

@@ -1,0 +1,113 @@
+"""Whole checkpoints converted on the GPU and on the CPU are byte-identical (run by `make test-gpu`)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fp8conv.checkpoint.safetensors_io import save_file
+from fp8conv.cli import app
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+runner = CliRunner()
+
+
+def convert(*args) -> None:
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+
+
+def shard_bytes(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.glob("*.safetensors"))}
+
+
+def assert_same(a: Path, b: Path) -> None:
+    sa, sb = shard_bytes(a), shard_bytes(b)
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        if sa[name] != sb[name]:
+            x, y = sa[name], sb[name]
+            first = next(i for i in range(min(len(x), len(y))) if x[i] != y[i])
+            pytest.fail(f"{name}: CPU and GPU outputs differ first at byte {first}")
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (a / name).exists():
+            assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def synthetic_fp8(root: Path) -> Path:
+    """Ragged tiles, stacked experts, e5m2, ue8m0 exponent scales, large magnitudes."""
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+
+    def codes(shape, dtype):
+        b = torch.randint(0, 256, shape, generator=g, dtype=torch.int32).to(torch.uint8)
+        mask = 0x7F if dtype == torch.float8_e4m3fn else 0x7C
+        b[(b & mask) == mask] = 0x11
+        return b.view(dtype)
+
+    def grid(shape):
+        return (*shape[:-2], math.ceil(shape[-2] / 128), math.ceil(shape[-1] / 128))
+
+    t = {}
+    for i, shape in enumerate([(576, 7168), (7000, 1000), (1, 130), (129, 257), (4, 300, 260)]):
+        t[f"w{i}.weight"] = codes(shape, torch.float8_e4m3fn)
+        t[f"w{i}.weight_scale_inv"] = torch.rand(grid(shape), generator=g) * 10 ** (i - 2)
+    t["e5.weight"] = codes((300, 520), torch.float8_e5m2)
+    t["e5.weight_scale_inv"] = torch.rand(grid((300, 520)), generator=g)
+    t["u.weight"] = codes((256, 384), torch.float8_e4m3fn)
+    t["u.weight_scale_inv"] = torch.randint(100, 140, grid((256, 384)), generator=g).to(torch.uint8)
+    t["keep"] = torch.arange(10)
+    save_file(t, root / "model.safetensors", {"format": "pt"})
+    return root
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_dequantize_cpu_and_gpu_byte_identical(tmp_path, dtype):
+    for src in (SAMPLES / "deepseek-tiny-fp8", SAMPLES / "llama-tiny-fp8", synthetic_fp8(tmp_path / "syn")):
+        convert("dequantize", src, tmp_path / "cpu", "--device", "cpu", "--dtype", dtype, "-q")
+        convert("dequantize", src, tmp_path / "gpu", "--device", "cuda", "--dtype", dtype, "-q")
+        assert_same(tmp_path / "cpu", tmp_path / "gpu")
+        shutil.rmtree(tmp_path / "cpu")
+        shutil.rmtree(tmp_path / "gpu")
+        if (tmp_path / "syn").exists() and src == tmp_path / "syn":
+            shutil.rmtree(src)
+
+
+@pytest.mark.parametrize("extra", [[], ["--scale-fmt", "ue8m0"], ["--format", "compressed-tensors"],
+                                   ["--block-size", "64x128"]])
+def test_quantize_cpu_and_gpu_byte_identical(tmp_path, extra):
+    convert("dequantize", SAMPLES / "deepseek-tiny-fp8", tmp_path / "bf16", "--device", "cpu", "-q")
+    for src in (SAMPLES / "llama-tiny-bf16", tmp_path / "bf16"):
+        convert("quantize", src, tmp_path / "cpu", "--device", "cpu", "-q", *extra)
+        convert("quantize", src, tmp_path / "gpu", "--device", "cuda", "-q", *extra)
+        assert_same(tmp_path / "cpu", tmp_path / "gpu")
+        shutil.rmtree(tmp_path / "cpu")
+        shutil.rmtree(tmp_path / "gpu")
+
+
+def test_gpu_quantize_refuses_nan(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    w = torch.randn(256, 256)
+    w[131, 5] = float("nan")
+    save_file({"a.weight": w}, src / "model.safetensors")
+    r = runner.invoke(app, ["quantize", str(src), str(tmp_path / "o"), "--device", "cuda"])
+    assert r.exit_code == 4 and "[131, 5]" in r.output
+
+
+def test_gpu_pieces_of_a_large_tensor(tmp_path, monkeypatch):
+    from fp8conv.convert import engine
+
+    monkeypatch.setattr(engine, "PIECE_ELEMS", 128 * 1000)
+    src = synthetic_fp8(tmp_path / "syn")
+    convert("dequantize", src, tmp_path / "gpu", "--device", "cuda", "-q")
+    monkeypatch.setattr(engine, "PIECE_ELEMS", 8 << 20)
+    convert("dequantize", src, tmp_path / "cpu", "--device", "cpu", "-q")
+    assert_same(tmp_path / "cpu", tmp_path / "gpu")

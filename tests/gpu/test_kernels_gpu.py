@@ -1,0 +1,399 @@
+"""The Triton kernels against the torch paths, on a CUDA GPU (run: `make test-gpu`).
+
+weight_dequant, weight_quant and act_quant must give the same BYTES as reference.py run on the CPU
+(codes and scales, atol=0); fp8_gemm must match a float64 product of the dequantized operands within
+a stated error bound. Every test draws fresh random data (never zeros only), and the CUDA caching
+allocator is filled with NaN before each kernel call, so an output element a kernel forgets to write
+shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from fp8conv.kernels import reference as ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# One shape list for every kernel: ragged (not multiples of 128), a single row, a prime, 3-D experts.
+SHAPES = [
+    (576, 7168),
+    (7000, 1000),
+    (1, 128),
+    (1, 5),
+    (129, 257),
+    (127, 300),
+    (7168, 2048),
+    (211, 389),
+    (4, 300, 260),
+]
+SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _shape_dtype_params(shapes):
+    """Every shape with bf16 input; fp16 and fp32 input on the shapes under 2M elements (the torch
+    reference on the CPU is the slow part of these tests)."""
+    out = []
+    for shape in shapes:
+        for dt in FLOAT_DTYPES:
+            if dt == torch.bfloat16 or math.prod(shape) < 2_000_000:
+                out.append(pytest.param(shape, dt, id=f"{'x'.join(map(str, shape))}-{_DT[dt]}"))
+    return out
+FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+@pytest.fixture(scope="module")
+def tk():
+    from fp8conv.kernels import triton_kernels
+
+    return triton_kernels
+
+
+def _gen() -> torch.Generator:
+    """A CPU generator with a fresh seed (printed, so a failure can be replayed)."""
+    seed = int.from_bytes(os.urandom(8), "little") >> 2
+    print(f"seed {seed}")
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    return g
+
+
+def poison(nbytes: int) -> None:
+    """Leave NaN-filled blocks in the CUDA caching allocator, so torch.empty in a kernel launcher
+    likely hands back NaN bytes rather than zeros or a previous correct result."""
+    n = max(1, (int(nbytes) * 2 + 3) // 4)
+    t = torch.full((n,), float("nan"), dtype=torch.float32, device="cuda")
+    u = torch.full((n // 2 + 1,), float("nan"), dtype=torch.float32, device="cuda")
+    del t, u
+
+
+def assert_same_bytes(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Bitwise equality; on failure name the first differing element with both values and bits."""
+    got = got.detach().cpu()
+    want = want.detach().cpu()
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    iv = _INT_VIEW[got.element_size()]
+    gb, wb = got.contiguous().view(iv), want.contiguous().view(iv)
+    if torch.equal(gb, wb):
+        return
+    diff = (gb != wb).nonzero()
+    first = tuple(diff[0].tolist())
+    mask = (1 << (8 * got.element_size())) - 1
+    raise AssertionError(
+        f"{what}: {diff.shape[0]} of {got.numel()} elements differ; first at {first}: "
+        f"got {got[first].float().item()!r} (0x{int(gb[first]) & mask:x}), "
+        f"want {want[first].float().item()!r} (0x{int(wb[first]) & mask:x})"
+    )
+
+
+def random_codes(shape, fp8_dtype, g) -> torch.Tensor:
+    """Uniformly random FP8 bit patterns without NaN (e5m2 keeps its infinities)."""
+    c = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    if fp8_dtype == torch.float8_e4m3fn:
+        c[(c & 0x7F) == 0x7F] = 0x7E
+    else:
+        c[(c & 0x7F) > 0x7C] = 0x7B
+    return c.view(fp8_dtype)
+
+
+def random_scales(shape, kind: str, g) -> torch.Tensor:
+    """Positive float32 scales. 'float': log-uniform over 2**-60..2**60 with extremes planted
+    (1e-30, 1e30, a float32 subnormal 1e-39, 2**-126); 'ue8m0': powers of two 2**-127..2**100."""
+    n = math.prod(shape)
+    if kind == "float":
+        e = torch.randint(-60, 61, (n,), generator=g).to(torch.float64)
+        s = (torch.rand(n, generator=g, dtype=torch.float64) + 1.0) * torch.exp2(e)
+        extremes = [1e-30, 1e30, 1e-39, 2.0**-126]
+    else:
+        s = torch.exp2(torch.randint(-127, 101, (n,), generator=g).to(torch.float64))
+        extremes = [2.0**-127, 2.0**100, 2.0**-126, 1.0]
+    s = s.to(torch.float32)
+    k = min(n, len(extremes))
+    s[:k] = torch.tensor(extremes[:k], dtype=torch.float32)
+    return s[torch.randperm(n, generator=g)].reshape(shape)
+
+
+def random_weights(shape, dtype, g) -> torch.Tensor:
+    """randn with a magnitude per row drawn log-uniformly from 1e-6..1e4, an all-zero tile / group,
+    a tile of tiny values (1e-40, float32/bf16 subnormals) and a few signed zeros."""
+    x = torch.randn(shape, generator=g)
+    mag = torch.pow(10.0, torch.rand(x.shape[-2], generator=g) * 10 - 6)
+    x.mul_(mag[:, None])
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > 128 or x2.shape[1] > 128:            # more than one tile (never all zero)
+        x2[:128, :128] = 0.0                              # first tile: all zero
+        r0 = 128 if x2.shape[0] > 128 else 0
+        c0 = 128 if r0 == 0 else 0
+        tile = x2[r0:r0 + 128, c0:c0 + 128]
+        tile.copy_(torch.randn(tile.shape, generator=g) * 1e-40)
+    x2.view(-1)[-3:] = -0.0
+    if dtype == torch.float16:
+        x = x.clamp(-60000, 60000)
+    return x.to(dtype)
+
+
+# ---- weight_dequant --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("fp8_dtype", FP8_DTYPES, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("scale_kind", ["float", "ue8m0"])
+def test_weight_dequant_bit_exact(tk, shape, fp8_dtype, out_dtype, scale_kind):
+    g = _gen()
+    q = random_codes(shape, fp8_dtype, g)
+    s = random_scales(ref.scale_grid(shape, (128, 128)), scale_kind, g)
+    poison(q.numel() * 4)
+    y = tk.weight_dequant_triton(q.cuda(), s.cuda(), (128, 128), out_dtype)
+    assert y.dtype == out_dtype and y.device.type == "cuda"
+    want = ref.weight_dequant_torch(q, s, (128, 128), out_dtype)
+    assert_same_bytes(y, want, f"dequant {shape} {fp8_dtype} -> {out_dtype} ({scale_kind} scales)")
+
+
+@pytest.mark.parametrize("block", [(1, 128), (64, 32), (128, 256), (3, 100), "tensor"])
+@pytest.mark.parametrize("shape", [(7000, 1000), (129, 257), (4, 300, 260)], ids=str)
+def test_weight_dequant_block_sizes(tk, shape, block):
+    g = _gen()
+    if block == "tensor":
+        block = (shape[-2], shape[-1])
+    q = random_codes(shape, torch.float8_e4m3fn, g)
+    s = random_scales(ref.scale_grid(shape, block), "float", g)
+    poison(q.numel() * 4)
+    y = tk.weight_dequant_triton(q.cuda(), s.cuda(), block, torch.bfloat16)
+    assert_same_bytes(y, ref.weight_dequant_torch(q, s, block, torch.bfloat16),
+                      f"dequant {shape} block {block}")
+
+
+def test_weight_dequant_nan_codes(tk):
+    g = _gen()
+    q = random_codes((300, 260), torch.float8_e4m3fn, g).view(torch.uint8)
+    q[::7, ::5] = 0x7F
+    q[1::11, ::3] = 0xFF
+    q = q.view(torch.float8_e4m3fn)
+    s = random_scales(ref.scale_grid(q.shape, (128, 128)), "float", g)
+    y = tk.weight_dequant_triton(q.cuda(), s.cuda()).cpu()
+    want = ref.weight_dequant_torch(q, s)
+    assert torch.equal(y.isnan(), want.isnan())
+    keep = ~want.isnan()
+    assert_same_bytes(y[keep], want[keep], "dequant around NaN codes")
+
+
+def test_weight_dequant_validates(tk):
+    q = torch.zeros(256, 256, dtype=torch.float8_e4m3fn, device="cuda")
+    s = torch.ones(2, 2, device="cuda")
+    with pytest.raises(ValueError, match="scale shape"):
+        tk.weight_dequant_triton(q, torch.ones(2, 3, device="cuda"))
+    with pytest.raises(ValueError, match="dtype"):
+        tk.weight_dequant_triton(q.view(torch.uint8), s)
+    with pytest.raises(ValueError, match="contiguous"):
+        tk.weight_dequant_triton(q.t(), s)
+    with pytest.raises(ValueError, match="out_dtype"):
+        tk.weight_dequant_triton(q, s, (128, 128), torch.int8)
+    with pytest.raises(ValueError, match="dtype"):
+        tk.weight_dequant_triton(q, s.double())
+
+
+# ---- weight_quant ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, in_dtype", _shape_dtype_params(SHAPES))
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+def test_weight_quant_bit_exact(tk, shape, in_dtype, scale_fmt):
+    g = _gen()
+    x = random_weights(shape, in_dtype, g)
+    poison(x.numel() * 2)
+    q, s = tk.weight_quant_triton(x.cuda(), (128, 128), scale_fmt)
+    qr, sr = ref.weight_quant_torch(x, (128, 128), scale_fmt)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    assert_same_bytes(s, sr, f"quant scales {shape} {in_dtype} {scale_fmt}")
+    assert_same_bytes(q, qr, f"quant codes {shape} {in_dtype} {scale_fmt}")
+    assert not s.isnan().any() and not q.float().isnan().any()
+
+
+@pytest.mark.parametrize("block", [(1, 128), (64, 64), (32, 128), (3, 100), (256, 512), "tensor"])
+@pytest.mark.parametrize("shape", [(7000, 1000), (129, 257), (4, 300, 260)], ids=str)
+def test_weight_quant_block_sizes(tk, shape, block):
+    g = _gen()
+    if block == "tensor":
+        block = (shape[-2], shape[-1])
+    x = random_weights(shape, torch.bfloat16, g)
+    poison(x.numel() * 2)
+    q, s = tk.weight_quant_triton(x.cuda(), block, "float")
+    qr, sr = ref.weight_quant_torch(x, block, "float")
+    assert_same_bytes(s, sr, f"quant scales {shape} block {block}")
+    assert_same_bytes(q, qr, f"quant codes {shape} block {block}")
+
+
+def test_weight_quant_e5m2_and_saturation(tk):
+    g = _gen()
+    x = random_weights((300, 260), torch.float32, g)
+    x[5, 7] = 3e38  # a huge value: its tile's scale is huge, the rest of the tile becomes ~0
+    for fp8 in FP8_DTYPES:
+        q, s = tk.weight_quant_triton(x.cuda(), (128, 128), "float", fp8)
+        qr, sr = ref.weight_quant_torch(x, (128, 128), "float", fp8)
+        assert_same_bytes(s, sr, f"scales {fp8}")
+        assert_same_bytes(q, qr, f"codes {fp8}")
+
+
+def test_weight_quant_nan_input_gives_nan_scale(tk):
+    """A NaN in the input shows up as a NaN scale of its tile (as torch.amax propagates it)."""
+    x = torch.randn(300, 260)
+    x[130, 140] = float("nan")
+    _, s = tk.weight_quant_triton(x.cuda())
+    _, sr = ref.weight_quant_torch(x)
+    assert torch.equal(s.cpu().isnan(), sr.isnan())
+
+
+def test_weight_quant_validates(tk):
+    x = torch.randn(256, 256, device="cuda")
+    with pytest.raises(ValueError, match="scale_fmt"):
+        tk.weight_quant_triton(x, (128, 128), "e8m0")
+    with pytest.raises(ValueError, match="block_size"):
+        tk.weight_quant_triton(x, (0, 128))
+    with pytest.raises(ValueError, match="contiguous"):
+        tk.weight_quant_triton(x.t())
+    with pytest.raises(ValueError, match="dtype"):
+        tk.weight_quant_triton(x.to(torch.int32))
+
+
+# ---- act_quant -------------------------------------------------------------------------------
+
+
+def random_activations(shape, dtype, g) -> torch.Tensor:
+    x = torch.randn(shape, generator=g)
+    x2 = x.reshape(-1, x.shape[-1])
+    mag = torch.pow(10.0, torch.rand(x2.shape[0], 1, generator=g) * 10 - 6)
+    x2.mul_(mag)
+    x2[1::3, :128] = 0.0                     # zero groups (row 0 stays non-zero)
+    x2[1::5, -100:] = 0.0                    # a zero (partial, at ragged K) last group
+    x2[2::7, :64] *= 1e-35                   # tiny groups: subnormal fp32 values
+    x2.view(-1)[:2] = -0.0
+    if dtype == torch.float16:
+        x = x.clamp(-60000, 60000)
+    return x.to(dtype)
+
+
+ACT_SHAPES = SHAPES + [(2, 3, 7168), (4096, 300)]
+
+
+@pytest.mark.parametrize("shape, in_dtype", _shape_dtype_params(ACT_SHAPES))
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+def test_act_quant_bit_exact(tk, shape, in_dtype, scale_fmt):
+    g = _gen()
+    x = random_activations(shape, in_dtype, g)
+    poison(x.numel() * 2)
+    q, s = tk.act_quant_triton(x.cuda(), 128, scale_fmt)
+    qr, sr = ref.act_quant_torch(x, 128, scale_fmt)
+    assert q.shape == x.shape and s.shape == (*shape[:-1], math.ceil(shape[-1] / 128))
+    assert_same_bytes(s, sr, f"act scales {shape} {in_dtype} {scale_fmt}")
+    assert_same_bytes(q, qr, f"act codes {shape} {in_dtype} {scale_fmt}")
+    assert not s.isnan().any() and not q.float().isnan().any()
+    assert (s.cpu() >= 2.0**-126).all()  # zero groups: the finite floor, never 0
+
+
+@pytest.mark.parametrize("group", [32, 64, 100, 256, 7168])
+def test_act_quant_group_sizes(tk, group):
+    g = _gen()
+    x = random_activations((37, 7168), torch.bfloat16, g)
+    q, s = tk.act_quant_triton(x.cuda(), group)
+    qr, sr = ref.act_quant_torch(x, group)
+    assert_same_bytes(s, sr, f"act scales group {group}")
+    assert_same_bytes(q, qr, f"act codes group {group}")
+
+
+def test_act_quant_all_zero_is_finite(tk):
+    """The seed kernel's defect: an all-zero group gave scale 0 and NaN codes."""
+    x = torch.zeros(4, 384, dtype=torch.bfloat16, device="cuda")
+    x[1, 200] = 1.0
+    q, s = tk.act_quant_triton(x)
+    assert not q.float().isnan().any()
+    assert (s[0] == 2.0**-126).all() and (q[0].view(torch.uint8) == 0).all()
+
+
+# ---- fp8_gemm --------------------------------------------------------------------------------
+#
+# Error bound. Dequantized operands are A = qa * sa, B = qb * sb with e4m3 codes; the reference is
+# their product in float64 (fp8_gemm_torch with acc_dtype=float64, on the CPU). The kernel:
+#  * multiplies e4m3 codes on the tensor cores: a product of two 4-bit significands is exact (8 bits);
+#  * sums each 128-long K block in the tensor-core accumulator, which on Hopper keeps fewer than
+#    fp32's 24 bits for FP8 inputs (about 13-14 bits are reported for H800): per block a relative
+#    error up to ~2^-13 of the block's magnitude, random in sign;
+#  * scales each block sum by sa * sb (one fp32 rounding, 2^-24) and accumulates in fp32 over
+#    K/128 blocks (2^-24 per addition).
+# So the float32 output lands near 1e-4 relative (Frobenius) for random data; we allow 1e-3.
+# bf16 output adds one rounding to an 8-bit significand: at most 2^-8 relative per element, RMS
+# about 1.6e-3 over random values; we allow 8e-3 (the worst case 2^-8 = 3.9e-3, plus the above,
+# with a factor two of margin).
+GEMM_TOL = {torch.float32: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _gemm_operands(m, n, k, g):
+    a = torch.randn(m, k, generator=g) * torch.pow(10.0, torch.rand(m, 1, generator=g) * 4 - 2)
+    b = torch.randn(n, k, generator=g) * 0.05
+    aq, as_ = ref.act_quant_torch(a, 128)
+    bq, bs = ref.weight_quant_torch(b, (128, 128))
+    return aq, as_, bq, bs
+
+
+def _check_gemm(tk, aq, as_, bq, bs, out_dtype, what):
+    poison(aq.shape[0] * bq.shape[0] * 4)
+    c = tk.fp8_gemm_triton(aq.cuda(), as_.cuda(), bq.cuda(), bs.cuda(), out_dtype)
+    assert c.dtype == out_dtype and c.shape == (*aq.shape[:-1], bq.shape[0])
+    c = c.cpu()
+    assert not c.isnan().any(), f"{what}: NaN in the output"
+    want = ref.fp8_gemm_torch(aq, as_, bq, bs, torch.float64, acc_dtype=torch.float64)
+    err = ((c.double() - want).norm() / want.norm()).item()
+    assert err <= GEMM_TOL[out_dtype], f"{what}: relative error {err:.2e} > {GEMM_TOL[out_dtype]}"
+
+
+@pytest.mark.parametrize("m", [1, 7, 128, 300, 4096])
+# K = 300 and 200 take the pointer kernel (rows not 16-byte aligned); 1040 and 4096 the TMA kernel
+# on Hopper (1040: a ragged last K block zero-filled by TMA).
+@pytest.mark.parametrize("nk", [(1000, 300), (384, 1040), (130, 200), (256, 4096)], ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fp8_gemm_ragged(tk, m, nk, out_dtype):
+    n, k = nk
+    aq, as_, bq, bs = _gemm_operands(m, n, k, _gen())
+    _check_gemm(tk, aq, as_, bq, bs, out_dtype, f"gemm {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("nk", [(7168, 18432), (24576, 1536), (4096, 7168), (7168, 2048)], ids=str)
+def test_fp8_gemm_model_shapes(tk, nk):
+    n, k = nk
+    aq, as_, bq, bs = _gemm_operands(128, n, k, _gen())
+    _check_gemm(tk, aq, as_, bq, bs, torch.bfloat16, f"gemm 128x{n}x{k}")
+
+
+@pytest.mark.parametrize("tma", ["1", "0"])
+def test_fp8_gemm_both_kernels(tk, monkeypatch, tma):
+    """The pointer kernel and the TMA kernel on the same ragged problem (M, N ragged, K % 128 != 0)."""
+    monkeypatch.setenv("FP8CONV_GEMM_TMA", tma)
+    aq, as_, bq, bs = _gemm_operands(300, 1000, 1040, _gen())
+    _check_gemm(tk, aq, as_, bq, bs, torch.float32, f"gemm 300x1000x1040 tma={tma}")
+
+
+def test_fp8_gemm_batched_leading_dims(tk):
+    aq, as_, bq, bs = _gemm_operands(2 * 3 * 5, 260, 384, _gen())
+    aq, as_ = aq.reshape(2, 15, 384), as_.reshape(2, 15, 3)
+    _check_gemm(tk, aq, as_, bq, bs, torch.float32, "gemm [2, 15, 384]")
+
+
+def test_fp8_gemm_validates(tk):
+    aq, as_, bq, bs = (t.cuda() for t in _gemm_operands(4, 256, 256, _gen()))
+    with pytest.raises(ValueError, match="a_scale"):
+        tk.fp8_gemm_triton(aq, as_[:, :1].contiguous(), bq, bs)
+    with pytest.raises(ValueError, match="inner"):
+        tk.fp8_gemm_triton(aq, as_, bq[:, :128].contiguous(), bs)
+    with pytest.raises(ValueError, match="dtype"):
+        tk.fp8_gemm_triton(aq.view(torch.uint8), as_, bq, bs)
