@@ -44,6 +44,10 @@ def build(root: Path, gb: float, shard_gb: float) -> int:
     """Write the synthetic checkpoint; return the largest tensor's bf16 size in bytes."""
     root.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
+    # Codes are sliced from one random pool (timing does not depend on which finite codes they are);
+    # drawing every byte afresh took minutes for 8 GB.
+    pool = torch.randint(0, 256, (256 << 20,), generator=gen, dtype=torch.int32).to(torch.uint8)
+    pool[(pool & 0x7F) == 0x7F] = 0x3C
     target = int(gb * 1e9)
     shard_cap = int(shard_gb * 1e9)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -54,8 +58,8 @@ def build(root: Path, gb: float, shard_gb: float) -> int:
         for name, r, c in LAYER:
             if size >= target:
                 break
-            b = torch.randint(0, 256, (r, c), generator=gen, dtype=torch.int32).to(torch.uint8)
-            b[(b & 0x7F) == 0x7F] = 0x3C
+            off = int(torch.randint(0, pool.numel() - r * c, (1,), generator=gen))
+            b = pool[off : off + r * c].view(r, c)
             w = f"model.layers.{layer}.{name}.weight"
             s = torch.rand(math.ceil(r / 128), math.ceil(c / 128), generator=gen) * 1e-3 + 1e-4
             if cur + b.numel() > shard_cap and shards[-1]:
@@ -88,7 +92,9 @@ def shard_bytes(root: Path) -> int:
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """Seconds and peak RSS (GB) of a command run in a fresh process."""
+    """Seconds and peak RSS (GB) of a command run in a fresh process, after flushing earlier writes
+    (background writeback of the previous step would otherwise be charged to this one)."""
+    os.sync()
     wrapper = (
         "import resource,subprocess,sys,time,json;t=time.perf_counter();"
         "rc=subprocess.call(sys.argv[1:]);dt=time.perf_counter()-t;"

@@ -134,8 +134,10 @@ class _Crash(BaseException):
 
 
 def _partial(monkeypatch, kind, src, dst, point="after_shard:1"):
-    def hook(name, shard=None):
+    def hook(name, shard=None, settle=None):
         if point in (name, f"{name}:{shard}"):
+            if settle is not None:
+                settle()
             raise _Crash(point)
 
     with monkeypatch.context() as m, pytest.raises(_Crash):

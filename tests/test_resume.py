@@ -41,8 +41,10 @@ class _Crash(BaseException):
 
 
 def crash_at(monkeypatch, point: str) -> None:
-    def hook(name, shard=None):
+    def hook(name, shard=None, settle=None):
         if point in (name, f"{name}:{shard}"):
+            if settle is not None:
+                settle()
             raise _Crash(point)
 
     monkeypatch.setattr(engine, "_fault_point", hook)

@@ -10,6 +10,7 @@ thread writes with positional writes; tensors copied as they are go file-to-file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -34,21 +35,26 @@ from fp8conv.kernels.reference import weight_dequant_torch, weight_quant_torch
 
 PIECE_ELEMS = 8 << 20  # 8 Mi elements: 8 MiB of FP8, 16 MiB of bf16 per piece
 POOL = 3  # pieces in flight on each side of the converter
+CPU_WORKERS = min(4, max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else (os.cpu_count() or 1)))
 
 # Test hook (tests/test_resume.py), read once: FP8CONV_FAULT=POINT[:N][=SIG] stops the process there.
 _FAULT = os.environ.get("FP8CONV_FAULT", "")
 
 
-def _fault_point(name: str, shard: int | None = None) -> None:
+def _fault_point(name: str, shard: int | None = None, settle=None) -> None:
     """TEST HOOK, inert unless FP8CONV_FAULT is set: kill this process at a named point so the fault
     suite can check crash safety. Points: after_shard:N (shard N of SRC, 1-based, renamed and
     recorded), mid_shard:N (shard N partly written into DST/.fp8conv/tmp), before_index,
     before_complete (index and config written, `complete` not yet). SIGKILL, or the signal named
-    after '=' (e.g. mid_shard:2=TERM)."""
+    after '=' (e.g. mid_shard:2=TERM). `settle` runs first, so the point is deterministic (mid_shard
+    waits for the previous shard's commit, which otherwise runs beside it)."""
     if not _FAULT:
         return
     point, _, sig = _FAULT.partition("=")
     if point == name or point == f"{name}:{shard}":
+        if settle is not None:
+            settle()
         os.kill(os.getpid(), getattr(signal, "SIG" + sig) if sig else signal.SIGKILL)
 
 
@@ -147,6 +153,19 @@ def _quick_hash(p: Path) -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _single_threaded_ops(device: torch.device):
+    """On the CPU the pipeline runs one converter thread per core, each with single-threaded torch
+    ops; restore the caller's setting afterwards."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Signals:
     """SIGTERM (and SIGINT) raise Interrupted in the main thread so cleanup runs."""
 
@@ -185,21 +204,31 @@ def run(ckpt: Checkpoint, plan: Plan, dst: Path, command: str, job_key: dict, de
         summary.seconds = time.perf_counter() - t0
         return summary
     mine = [s for i, s in enumerate(plan.shards) if part is None or i % part[1] == part[0] - 1]
-    with _Signals():
+    with _Signals(), _single_threaded_ops(device):
         out.prepare(job, overwrite)
         todo = [s for s in mine if not out.is_done(s.name)]
         _check_free_space(ckpt, out, todo)
         total_in = sum(ckpt.shards[s.name].file_size for s in mine)
         progress.start(total_in, len(mine), str(device))
-        for sp in mine:
-            if sp in todo:
-                _write_shard(ckpt, sp, out, device, scale_fmt, summary, progress)
-                summary.shards_written += 1
-                _fault_point("after_shard", _shard_no(ckpt, sp.name))
-            else:
-                summary.shards_skipped += 1
-                progress.advance(ckpt.shards[sp.name].file_size)
-                progress.shard_done(sp.name, skipped=True)
+        committer = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-commit")
+        pending: Future | None = None
+        try:
+            for sp in mine:
+                if sp in todo:
+                    tmp = _write_shard(ckpt, sp, out, device, scale_fmt, summary, progress,
+                                       pending)
+                    if pending is not None:
+                        pending.result()  # at most one commit in flight; its errors surface here
+                    pending = committer.submit(_commit_shard, ckpt, out, tmp, sp.name, progress)
+                    summary.shards_written += 1
+                else:
+                    summary.shards_skipped += 1
+                    progress.advance(ckpt.shards[sp.name].file_size)
+                    progress.shard_done(sp.name, skipped=True)
+            if pending is not None:
+                pending.result()
+        finally:
+            committer.shutdown(wait=True)
         _write_side_files(ckpt, plan, out, summary)
         _fault_point("before_complete")
         if all(out.is_done(s.name) for s in plan.shards):
@@ -328,7 +357,19 @@ class _Converter:
             self.scales = {job.name: s}
         return s
 
-    def convert(self, piece: _Piece, buf: torch.Tensor, out: torch.Tensor) -> int:
+    def prepare(self, piece: _Piece) -> torch.Tensor:
+        """Per-tensor state, on the calling thread before the piece is converted: the source scale
+        (read and checked once per tensor), or the scale tensor that a quantization fills."""
+        job = piece.job
+        if job.action == "dequant":
+            return self.source_scale(job)
+        if piece.rows[:2] == (0, 0):
+            self.scales = {job.name: torch.empty(*job.src.shape[:-2], *_grid(job))}
+        return self.scales[job.name]
+
+    def convert(self, piece: _Piece, buf: torch.Tensor, out: torch.Tensor, s: torch.Tensor) -> int:
+        """Pure work on one piece with the tensor's scales `s` from prepare(); thread-safe, since
+        pieces write disjoint slices."""
         job = piece.job
         e, r0, r1 = piece.rows
         n = job.src.shape[-1]
@@ -338,7 +379,6 @@ class _Converter:
         bm = job.block[0]
         i0, i1 = r0 // bm, math.ceil(r1 / bm)
         if job.action == "dequant":
-            s = self.source_scale(job)
             s2 = s.reshape(-1, *s.shape[-2:])[e, i0:i1]
             _check_codes(src, job, e, r0, self.ckpt)
             if self.device.type == "cpu":
@@ -349,9 +389,6 @@ class _Converter:
                 dst.copy_(y, non_blocking=True)
                 torch.cuda.current_stream(self.device).synchronize()
         else:  # quant
-            if r0 == 0 and e == 0:
-                self.scales = {job.name: torch.empty(*job.src.shape[:-2], *_grid(job))}
-            s = self.scales[job.name]
             if self.device.type == "cpu":
                 _, s_rows = weight_quant_torch(src, job.block, self.scale_fmt, q_out=dst)
                 # torch's amax propagates NaN and Inf into the scale: one cheap test per tile instead
@@ -422,11 +459,16 @@ class _ShardWriter:
         self.ckpt, self.sp, self.out, self.conv, self.progress = ckpt, sp, out, conv, progress
         self.reader = conv._reader(sp.name)
         pin = conv.device.type == "cuda"
+        # CPU: one single-threaded converter per core beats torch's intra-op threads on pieces this
+        # size (OpenMP fork/join per elementwise op); GPU: one, the card does the work.
+        self.workers = 1 if pin else CPU_WORKERS
         in_size, out_size = _max_piece_bytes(sp)
-        self.in_pool = [torch.empty(in_size, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL)]
+        self.in_pool = [torch.empty(in_size, dtype=torch.uint8, pin_memory=pin)
+                        for _ in range(POOL + self.workers)]
         self.out_pool = [torch.empty(out_size, dtype=torch.uint8, pin_memory=pin)
-                         for _ in range(POOL)]
+                         for _ in range(POOL + self.workers)]
         self.reads: deque[tuple[_Piece, torch.Tensor | None, Future | None]] = deque()
+        self.converting: deque[tuple[_Piece, torch.Tensor, torch.Tensor, Future]] = deque()
         self.writes: deque[tuple[Future, torch.Tensor | None]] = deque()
         self.fd = -1
 
@@ -472,6 +514,15 @@ class _ShardWriter:
         else:
             self.reads.append((piece, None, None))
 
+    def _finish_convert(self, summary: Summary) -> None:
+        piece, buf, obuf, f = self.converting.popleft()
+        n = f.result()
+        self.in_pool.append(buf)
+        self._submit_write(self._pwrite, obuf[:n].numpy(), piece.dst_off, piece.job, piece.length,
+                           buf=obuf)
+        if piece.last:
+            summary.tensors_converted += 1
+
     def _step(self, summary: Summary) -> None:
         piece, buf, f = self.reads.popleft()
         job = piece.job
@@ -479,20 +530,21 @@ class _ShardWriter:
             self._submit_write(self._copy, piece)
             summary.tensors_copied += 1
             return
-        if piece.kind == "emit":
+        if piece.kind == "emit":  # the scales are complete once every piece before is converted
+            while self.converting:
+                self._finish_convert(summary)
             self._submit_write(self._pwrite, self.conv.emit(self.weight_job), piece.dst_off, job)
             return
         f.result()
+        while len(self.converting) >= self.workers:
+            self._finish_convert(summary)
         while not self.out_pool:
             self._reclaim()
         obuf = self.out_pool.pop()
-        n = self.conv.convert(piece, buf, obuf)
-        self.in_pool.append(buf)
-        self._submit_write(self._pwrite, obuf[:n].numpy(), piece.dst_off, job, piece.length,
-                           buf=obuf)
+        state = self.conv.prepare(piece)
+        self.converting.append((piece, buf, obuf,
+                                self.cv.submit(self.conv.convert, piece, buf, obuf, state)))
         self.weight_job = job
-        if piece.last:
-            summary.tensors_converted += 1
 
     def run(self, summary: Summary) -> None:
         entries = [(j.name, j.out_dtype, j.out_shape) for j in self.sp.jobs]
@@ -500,6 +552,7 @@ class _ShardWriter:
         self.fd, tmp = self.out.open_tmp(self.sp.name)
         self.rd = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-read")
         self.wr = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-write")
+        self.cv = ThreadPoolExecutor(self.workers, thread_name_prefix="fp8conv-convert")
         ok = False
         try:
             self._pwrite(prefix, 0, None)
@@ -507,15 +560,15 @@ class _ShardWriter:
                 self._submit_read(piece)
                 if len(self.reads) >= POOL:
                     self._step(summary)
-            _fault_point("mid_shard", _shard_no(self.ckpt, self.sp.name))
+            _fault_point("mid_shard", _shard_no(self.ckpt, self.sp.name), self.settle)
             while self.reads:
                 self._step(summary)
+            while self.converting:
+                self._finish_convert(summary)
             while self.writes:
                 self._reclaim()
             os.close(self.fd)
             self.fd = -1
-            self.out.commit(tmp, self.sp.name)
-            self.out.mark_done(self.sp.name)
             ok = True
         except KeyboardInterrupt:
             raise Interrupted(2) from None
@@ -525,6 +578,9 @@ class _ShardWriter:
             for _, _, f in self.reads:
                 if f is not None:
                     f.cancel()
+            for *_, f in self.converting:
+                f.cancel()
+            self.cv.shutdown(wait=True)
             self.rd.shutdown(wait=True)
             self.wr.shutdown(wait=True)
             if self.fd >= 0:
@@ -538,14 +594,28 @@ class _ShardWriter:
         moved = sum(j.src.nbytes for j in self.sp.jobs if j.src is not None)
         self.progress.advance(header.file_size - moved)
         summary.bytes_in += header.file_size
-        summary.bytes_out += (self.out.root / self.sp.name).stat().st_size
-        self.progress.shard_done(self.sp.name)
+        summary.bytes_out += tmp.stat().st_size
+        return tmp
 
 
 def _write_shard(ckpt: Checkpoint, sp: ShardPlan, out: OutputDir, device: torch.device,
-                 scale_fmt: str, summary: Summary, progress: Progress) -> None:
+                 scale_fmt: str, summary: Summary, progress: Progress,
+                 previous: Future | None = None) -> Path:
+    """Write one shard completely into its temporary file; the caller commits it (`previous` is the
+    commit still running for the shard before)."""
     conv = _Converter(ckpt, device, scale_fmt)
+    writer = _ShardWriter(ckpt, sp, out, conv, progress)
+    writer.settle = (lambda: previous.result()) if previous is not None else None
     try:
-        _ShardWriter(ckpt, sp, out, conv, progress).run(summary)
+        return writer.run(summary)
     finally:
         conv.close()
+
+
+def _commit_shard(ckpt: Checkpoint, out: OutputDir, tmp: Path, name: str, progress: Progress) -> None:
+    """fsync + rename + record; runs beside the next shard's conversion (the fsync of a 1 GB shard
+    is seconds of disk time that the pipeline would otherwise wait out)."""
+    out.commit(tmp, name)
+    out.mark_done(name)
+    progress.shard_done(name)
+    _fault_point("after_shard", _shard_no(ckpt, name))
