@@ -32,11 +32,16 @@ from fp8conv.checkpoint.safetensors_io import save_file  # noqa: E402
 
 # (name, rows, cols) of one DeepSeek-V3 MoE layer's FP8 weights, trimmed to 8 routed experts.
 LAYER = [
-    ("self_attn.q_a_proj", 1536, 7168), ("self_attn.q_b_proj", 24576, 1536),
-    ("self_attn.kv_a_proj_with_mqa", 576, 7168), ("self_attn.kv_b_proj", 32768, 512),
+    ("self_attn.q_a_proj", 1536, 7168),
+    ("self_attn.q_b_proj", 24576, 1536),
+    ("self_attn.kv_a_proj_with_mqa", 576, 7168),
+    ("self_attn.kv_b_proj", 32768, 512),
     ("self_attn.o_proj", 7168, 16384),
-    *[(f"mlp.experts.{e}.{p}", r, c) for e in range(8)
-      for p, r, c in (("gate_proj", 2048, 7168), ("up_proj", 2048, 7168), ("down_proj", 7168, 2048))],
+    *[
+        (f"mlp.experts.{e}.{p}", r, c)
+        for e in range(8)
+        for p, r, c in (("gate_proj", 2048, 7168), ("up_proj", 2048, 7168), ("down_proj", 7168, 2048))
+    ],
 ]
 
 
@@ -79,11 +84,22 @@ def build(root: Path, gb: float, shard_gb: float) -> int:
         save_file(t, root / fn, {"format": "pt"})
         weight_map.update({k: fn for k in t})
     (root / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}))
-    (root / "config.json").write_text(json.dumps({
-        "model_type": "deepseek_v3", "torch_dtype": "bfloat16",
-        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                "weight_block_size": [128, 128]}}))
+        json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map})
+    )
+    (root / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "deepseek_v3",
+                "torch_dtype": "bfloat16",
+                "quantization_config": {
+                    "quant_method": "fp8",
+                    "fmt": "e4m3",
+                    "activation_scheme": "dynamic",
+                    "weight_block_size": [128, 128],
+                },
+            }
+        )
+    )
     return largest
 
 
@@ -112,8 +128,12 @@ def floor_cmd(src: Path, out_bytes: int, dst_file: Path) -> list[str]:
     """cat the input shards (twice if the output is larger), keep out_bytes, fsync the file."""
     shards = " ".join(str(p) for p in sorted(src.glob("*.safetensors")))
     reps = max(1, math.ceil(out_bytes / shard_bytes(src)))
-    return ["bash", "-c", f"cat {' '.join([shards] * reps)} | head -c {out_bytes} > {dst_file} "
-            f"&& sync {dst_file} && rm {dst_file}"]
+    return [
+        "bash",
+        "-c",
+        f"cat {' '.join([shards] * reps)} | head -c {out_bytes} > {dst_file} "
+        f"&& sync {dst_file} && rm {dst_file}",
+    ]
 
 
 def main() -> None:
@@ -130,8 +150,11 @@ def main() -> None:
         shutil.rmtree(work)
     t = time.perf_counter()
     largest = build(work / "fp8", args.gb, args.shard_gb)
-    print(f"built {shard_bytes(work / 'fp8') / 1e9:.2f} GB FP8 checkpoint in "
-          f"{time.perf_counter() - t:.0f}s; largest tensor {largest / 1e6:.0f} MB in bf16", flush=True)
+    print(
+        f"built {shard_bytes(work / 'fp8') / 1e9:.2f} GB FP8 checkpoint in "
+        f"{time.perf_counter() - t:.0f}s; largest tensor {largest / 1e6:.0f} MB in bf16",
+        flush=True,
+    )
     fp8 = [sys.executable, "-m", "fp8conv.cli"]
     in_fp8 = shard_bytes(work / "fp8")
     rows = []
@@ -139,26 +162,38 @@ def main() -> None:
     # warm the page cache equally for the floor and the tool
     subprocess.run(["bash", "-c", f"cat {work}/fp8/*.safetensors > /dev/null"])
     fl, _ = timed(floor_cmd(work / "fp8", out_bf16, work / "floor.bin"))
-    dq, dq_rss = timed([*fp8, "dequantize", str(work / "fp8"), str(work / "bf16"), "--quiet",
-                        "--device", args.device])
+    dq, dq_rss = timed(
+        [*fp8, "dequantize", str(work / "fp8"), str(work / "bf16"), "--quiet", "--device", args.device]
+    )
     out_bf16 = shard_bytes(work / "bf16")
     rows.append(("I/O floor: FP8 in, bf16-sized out (cat)", fl, None, None))
     rows.append((f"fp8conv dequantize ({args.device})", dq, dq / fl, dq_rss))
     if args.reference_script:
-        ref, ref_rss = timed([sys.executable, args.reference_script, "--input-fp8-hf-path",
-                              str(work / "fp8"), "--output-bf16-hf-path", str(work / "ref")])
+        ref, ref_rss = timed(
+            [
+                sys.executable,
+                args.reference_script,
+                "--input-fp8-hf-path",
+                str(work / "fp8"),
+                "--output-bf16-hf-path",
+                str(work / "ref"),
+            ]
+        )
         rows.append(("DeepSeek fp8_cast_bf16.py (GPU)", ref, ref / fl, ref_rss))
         rows.append(("  speed-up of fp8conv over it", ref / dq, None, None))
         shutil.rmtree(work / "ref", ignore_errors=True)
     out_q = in_fp8
     flq, _ = timed(floor_cmd(work / "bf16", out_q, work / "floor.bin"))
-    q, q_rss = timed([*fp8, "quantize", str(work / "bf16"), str(work / "q"), "--quiet",
-                      "--device", args.device])
+    q, q_rss = timed(
+        [*fp8, "quantize", str(work / "bf16"), str(work / "q"), "--quiet", "--device", args.device]
+    )
     rows.append(("I/O floor: bf16 in, FP8-sized out (cat)", flq, None, None))
     rows.append((f"fp8conv quantize ({args.device})", q, q / flq, q_rss))
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core CPU"
-    print(f"\n{in_fp8 / 1e9:.2f} GB FP8 <-> {out_bf16 / 1e9:.2f} GB bf16 on {dev}, "
-          f"{time.strftime('%Y-%m-%d')}; largest tensor {largest / 1e6:.0f} MB (bf16)")
+    print(
+        f"\n{in_fp8 / 1e9:.2f} GB FP8 <-> {out_bf16 / 1e9:.2f} GB bf16 on {dev}, "
+        f"{time.strftime('%Y-%m-%d')}; largest tensor {largest / 1e6:.0f} MB (bf16)"
+    )
     print(f"{'what':<44}{'seconds':>9}{'x floor':>9}{'peak RSS GB':>13}{'RSS/largest':>13}")
     for what, sec, ratio, rss in rows:
         r = f"{ratio:.2f}" if ratio is not None else ""

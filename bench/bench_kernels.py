@@ -98,17 +98,31 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: bool) ->
     half = b_dq // 2
     srcs = [torch.randint(0, 255, (half,), dtype=torch.uint8, device="cuda") for _ in range(n_sets)]
     dsts = [torch.empty_like(t) for t in srcs]
-    same_copy = 2 * half / graph_ms(
-        [lambda i=i: torch.bitwise_not(srcs[i], out=dsts[i]) for i in range(n_sets)]) / 1e6
+    same_copy = (
+        2
+        * half
+        / graph_ms([lambda i=i: torch.bitwise_not(srcs[i], out=dsts[i]) for i in range(n_sets)])
+        / 1e6
+    )
 
     def row(name, nbytes, make):
         ms = bench(lambda: make(0), quick)
         gbs = nbytes / ms / 1e6
         gms = graph_ms([lambda i=i: make(i) for i in range(n_sets)])
         ggbs = nbytes / gms / 1e6
-        rows.append((name, f"{m}x{n}", f"{ms * 1e3:7.1f} us", f"{gbs:5.0f}", f"{100 * gbs / copy_gbs:5.1f}%",
-                     f"{gms * 1e3:7.1f} us", f"{ggbs:5.0f}", f"{100 * ggbs / copy_gbs:5.1f}%",
-                     f"{100 * ggbs / same_copy:5.1f}%"))
+        rows.append(
+            (
+                name,
+                f"{m}x{n}",
+                f"{ms * 1e3:7.1f} us",
+                f"{gbs:5.0f}",
+                f"{100 * gbs / copy_gbs:5.1f}%",
+                f"{gms * 1e3:7.1f} us",
+                f"{ggbs:5.0f}",
+                f"{100 * ggbs / copy_gbs:5.1f}%",
+                f"{100 * ggbs / same_copy:5.1f}%",
+            )
+        )
 
     def dequant(i):
         return tk.weight_dequant_triton(qs[i], ss[i])
@@ -187,8 +201,9 @@ def gemm_shape(m: int, n: int, k: int, quick: bool, sweep: bool, notes: list[str
         xs_cms = [q_s[1].t().contiguous().t() for q_s in xqs]
 
         def cublas(i):
-            return torch._scaled_mm(xqs[i][0], wqs[i][0].t(), scale_a=xs_cms[i], scale_b=wqs[i][1].t(),
-                                    out_dtype=torch.bfloat16)
+            return torch._scaled_mm(
+                xqs[i][0], wqs[i][0].t(), scale_a=xs_cms[i], scale_b=wqs[i][1].t(), out_dtype=torch.bfloat16
+            )
 
         e_cb = f"{rel_err(cublas(0), r64):.1e}"
         t_cb = graph_ms([lambda i=i: cublas(i) for i in range(n_sets)])
@@ -213,6 +228,7 @@ def gemm_shape(m: int, n: int, k: int, quick: bool, sweep: bool, notes: list[str
                 def run(grid=grid, kw=kw, a_desc=a_desc, b_desc=b_desc):
                     tk._fp8_gemm_tma_kernel[grid](a_desc, b_desc, *tail, **kw)
             else:
+
                 def run(grid=grid, kw=kw):
                     tk._fp8_gemm_kernel[grid](xq, wq, *tail, EVEN_K=k % 128 == 0, **kw)
 
@@ -226,8 +242,16 @@ def gemm_shape(m: int, n: int, k: int, quick: bool, sweep: bool, notes: list[str
             notes.append(f"sweep {m}x{n}x{k} {kind} {cfg}: {tflops(t):.0f} TFLOP/s")
         if best:
             notes.append(f"BEST {m}x{n}x{k}: {best[1]} {best[2]} {tflops(best[0]):.0f} TFLOP/s")
-    return (f"{m}x{n}x{k}", f"{tflops(t_ours):7.0f}", cb, ratio, f"{tflops(t_bf):7.0f}",
-            f"{tflops(t_api):7.0f}", f"{e_ours:.1e}", e_cb)
+    return (
+        f"{m}x{n}x{k}",
+        f"{tflops(t_ours):7.0f}",
+        cb,
+        ratio,
+        f"{tflops(t_bf):7.0f}",
+        f"{tflops(t_api):7.0f}",
+        f"{e_ours:.1e}",
+        e_cb,
+    )
 
 
 def gemm_rows(quick: bool, sweep: bool) -> tuple[list[tuple], list[str]]:
@@ -241,10 +265,16 @@ def gemm_rows(quick: bool, sweep: bool) -> tuple[list[tuple], list[str]]:
 
 # (kernel, (BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages))
 SWEEP_CONFIGS = [
-    ("tma", (128, 128, 8, 8, 3)), ("tma", (128, 128, 8, 8, 4)), ("tma", (128, 128, 8, 8, 5)),
-    ("tma", (128, 128, 16, 8, 4)), ("tma", (64, 128, 8, 4, 4)), ("tma", (128, 64, 8, 4, 4)),
-    ("tma", (64, 64, 8, 4, 5)), ("tma", (64, 64, 8, 4, 6)),
-    ("ptr", (128, 128, 8, 8, 4)), ("ptr", (64, 64, 8, 4, 5)),
+    ("tma", (128, 128, 8, 8, 3)),
+    ("tma", (128, 128, 8, 8, 4)),
+    ("tma", (128, 128, 8, 8, 5)),
+    ("tma", (128, 128, 16, 8, 4)),
+    ("tma", (64, 128, 8, 4, 4)),
+    ("tma", (128, 64, 8, 4, 4)),
+    ("tma", (64, 64, 8, 4, 5)),
+    ("tma", (64, 64, 8, 4, 6)),
+    ("ptr", (128, 128, 8, 8, 4)),
+    ("ptr", (64, 64, 8, 4, 5)),
 ]
 
 
@@ -271,20 +301,43 @@ def main() -> None:
     for line in notes:
         print(line)
     print()
-    print(f"# fp8conv kernels on {torch.cuda.get_device_name()}, "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"torch {torch.__version__}, triton {triton.__version__}")
+    print(
+        f"# fp8conv kernels on {torch.cuda.get_device_name()}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"torch {torch.__version__}, triton {triton.__version__}"
+    )
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (bytes read + written)")
-    print("GB/s = (bytes in + out) / time. do_bench: median, L2 flushed before each run. graph: CUDA-graph"
-          " replay over rotating buffers (>= 256 MB per round), no host overhead.")
-    print(table(("kernel", "shape", "do_bench", "GB/s", "% copy", "graph", "GB/s", "% copy",
-                 "% same-size copy"), mem))
+    print(
+        "GB/s = (bytes in + out) / time. do_bench: median, L2 flushed before each run. graph: CUDA-graph"
+        " replay over rotating buffers (>= 256 MB per round), no host overhead."
+    )
+    print(
+        table(
+            ("kernel", "shape", "do_bench", "GB/s", "% copy", "graph", "GB/s", "% copy", "% same-size copy"),
+            mem,
+        )
+    )
     print()
-    print("fp8_gemm TFLOP/s (bf16 out), CUDA-graph replay over rotating operands; speed = cuBLAS time /"
-          " Triton time; 'triton do_bench' = the public call under do_bench (L2 flushed, host launch"
-          " overhead can show); err = rel. Frobenius vs float64 of the dequantized operands")
-    print(table(("MxNxK", "triton", "cuBLAS fp8 blockwise", "speed vs cuBLAS", "bf16 matmul",
-                 "triton do_bench", "err triton", "err cuBLAS"), gemm))
+    print(
+        "fp8_gemm TFLOP/s (bf16 out), CUDA-graph replay over rotating operands; speed = cuBLAS time /"
+        " Triton time; 'triton do_bench' = the public call under do_bench (L2 flushed, host launch"
+        " overhead can show); err = rel. Frobenius vs float64 of the dequantized operands"
+    )
+    print(
+        table(
+            (
+                "MxNxK",
+                "triton",
+                "cuBLAS fp8 blockwise",
+                "speed vs cuBLAS",
+                "bf16 matmul",
+                "triton do_bench",
+                "err triton",
+                "err cuBLAS",
+            ),
+            gemm,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,5 +11,13 @@ from fp8conv.convert import (
 from fp8conv.errors import Fp8convError
 
 __version__ = "0.1.0"
-__all__ = ["DequantizeOptions", "Fp8convError", "QuantizeOptions", "Summary", "dequantize",
-           "plan_for_quantize", "quantize", "__version__"]
+__all__ = [
+    "DequantizeOptions",
+    "Fp8convError",
+    "QuantizeOptions",
+    "Summary",
+    "dequantize",
+    "plan_for_quantize",
+    "quantize",
+    "__version__",
+]

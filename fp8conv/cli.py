@@ -14,10 +14,12 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    Progress as RichProgress,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
+)
+from rich.progress import (
+    Progress as RichProgress,
 )
 from rich.table import Table
 
@@ -34,7 +36,9 @@ err = Console(stderr=True)
 out = Console()
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
-JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write a JSON summary to PATH, or - for stdout")]
+JsonOpt = Annotated[
+    Optional[str], typer.Option("--json", help="write a JSON summary to PATH, or - for stdout")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace DST's existing content")]
 PartOpt = Annotated[Optional[str], typer.Option("--part", help="convert share I of N of the shards (I/N)")]
@@ -70,14 +74,19 @@ class ConsoleProgress(engine.Progress):
         if self.tty:
             self.bar = RichProgress(
                 TextColumn(f"{self.label} [progress.description]{{task.description}}"),
-                BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                console=err, transient=False,
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=False,
             )
             self.bar.start()
             self.task = self.bar.add_task(f"0/{total_shards} shards on {device}", total=total_bytes)
         else:
-            err.print(f"{self.label}: {total_shards} shard(s), {human(total_bytes)} on {device}",
-                      highlight=False)
+            err.print(
+                f"{self.label}: {total_shards} shard(s), {human(total_bytes)} on {device}", highlight=False
+            )
 
     def advance(self, nbytes: int) -> None:
         self.done += nbytes
@@ -92,17 +101,20 @@ class ConsoleProgress(engine.Progress):
         rate = self.done / dt
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100 * self.done / self.total if self.total else 100.0
-        err.print(f"{self.label}: {pct:5.1f}%  {human(self.done)} of {human(self.total)}  "
-                  f"{self.shards}/{self.total_shards} shards  {human(rate)}/s  ETA {eta:.0f}s",
-                  highlight=False)
+        err.print(
+            f"{self.label}: {pct:5.1f}%  {human(self.done)} of {human(self.total)}  "
+            f"{self.shards}/{self.total_shards} shards  {human(rate)}/s  ETA {eta:.0f}s",
+            highlight=False,
+        )
 
     def shard_done(self, name: str, skipped: bool = False) -> None:
         self.shards += 1
         if self.bar is not None:
             self.bar.update(self.task, description=f"{self.shards}/{self.total_shards} shards")
         elif not self.quiet:
-            err.print(f"{self.label}: {'kept (already done)' if skipped else 'wrote'} {name}",
-                      highlight=False)
+            err.print(
+                f"{self.label}: {'kept (already done)' if skipped else 'wrote'} {name}", highlight=False
+            )
 
     def note(self, message: str) -> None:
         if not self.quiet:
@@ -126,16 +138,21 @@ def emit_json(target: str | None, payload: dict) -> None:
     try:
         Path(target).write_text(text + "\n")
     except OSError as e:
-        err.print(f"[bold red]error[/] (exit 5): {escape(target)}: cannot write the JSON summary: "
-                  f"{escape(e.strerror or str(e))}", highlight=False, soft_wrap=True)
+        err.print(
+            f"[bold red]error[/] (exit 5): {escape(target)}: cannot write the JSON summary: "
+            f"{escape(e.strerror or str(e))}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(5) from None
 
 
 def fail(e: Fp8convError, json_target: str | None) -> None:
     # The message holds file and tensor names: escaped so brackets in them are not taken for markup,
     # and on one line (soft_wrap) so logs and greps see it whole.
-    err.print(f"[bold red]error[/] (exit {e.exit_code}): {escape(e.message)}", highlight=False,
-              soft_wrap=True)
+    err.print(
+        f"[bold red]error[/] (exit {e.exit_code}): {escape(e.message)}", highlight=False, soft_wrap=True
+    )
     if json_target:
         try:
             emit_json(json_target, {"ok": False, **e.to_dict()})
@@ -158,11 +175,13 @@ def report_summary(summary: engine.Summary, quiet: bool, json_target: str | None
         msg = f"{summary.dst} is already complete for this job; nothing rewritten"
     else:
         rate = summary.bytes_in / summary.seconds / 1e6 if summary.seconds else 0.0
-        msg = (f"{summary.command}: {summary.tensors_converted} tensors converted, "
-               f"{summary.tensors_copied} copied, {summary.shards_written} shard(s) written, "
-               f"{summary.shards_skipped} kept from an earlier run; {human(summary.bytes_in)} "
-               f"-> {human(summary.bytes_out)} in {summary.seconds:.1f}s ({human(rate * 1e6)}/s) "
-               f"on {summary.device}")
+        msg = (
+            f"{summary.command}: {summary.tensors_converted} tensors converted, "
+            f"{summary.tensors_copied} copied, {summary.shards_written} shard(s) written, "
+            f"{summary.shards_skipped} kept from an earlier run; {human(summary.bytes_in)} "
+            f"-> {human(summary.bytes_out)} in {summary.seconds:.1f}s ({human(rate * 1e6)}/s) "
+            f"on {summary.device}"
+        )
         if not summary.complete:
             msg += "; other parts still missing"
     if not quiet:
@@ -182,7 +201,8 @@ def dequantize(
     part: PartOpt = None,
 ) -> None:
     """FP8 checkpoint (DeepSeek-V3 / compressed-tensors layout) -> bf16, fp16 or fp32."""
-    from fp8conv.convert import DequantizeOptions, dequantize as run_dequantize
+    from fp8conv.convert import DequantizeOptions
+    from fp8conv.convert import dequantize as run_dequantize
 
     def go():
         opts = DequantizeOptions(dtype=dtype, device=device, overwrite=overwrite, part=part)
@@ -198,8 +218,12 @@ def quantize(
     format: Annotated[str, typer.Option("--format", help="fp8 | compressed-tensors")] = "fp8",
     block_size: Annotated[str, typer.Option("--block-size", help="128 or MxN")] = "128",
     scale_fmt: Annotated[str, typer.Option("--scale-fmt", help="float | ue8m0")] = "float",
-    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="leave these tensors (glob or re:REGEX)")] = None,
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="quantize only these (glob or re:REGEX)")] = None,
+    skip: Annotated[
+        Optional[list[str]], typer.Option("--skip", help="leave these tensors (glob or re:REGEX)")
+    ] = None,
+    only: Annotated[
+        Optional[list[str]], typer.Option("--only", help="quantize only these (glob or re:REGEX)")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan; write nothing")] = False,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = None,
@@ -208,21 +232,32 @@ def quantize(
     part: PartOpt = None,
 ) -> None:
     """bf16/fp16/fp32 checkpoint -> block FP8 (e4m3 weights, one scale per tile)."""
-    from fp8conv.convert import QuantizeOptions, plan_for_quantize, quantize as run_quantize
+    from fp8conv.convert import QuantizeOptions, plan_for_quantize
+    from fp8conv.convert import quantize as run_quantize
 
     def options():
-        return QuantizeOptions(format=format, block_size=block_size, scale_fmt=scale_fmt,
-                               skip=tuple(skip or ()), only=tuple(only or ()), dry_run=dry_run,
-                               device=device, overwrite=overwrite, part=part)
+        return QuantizeOptions(
+            format=format,
+            block_size=block_size,
+            scale_fmt=scale_fmt,
+            skip=tuple(skip or ()),
+            only=tuple(only or ()),
+            dry_run=dry_run,
+            device=device,
+            overwrite=overwrite,
+            part=part,
+        )
 
     if dry_run:
         plan = run_guarded(lambda: plan_for_quantize(src, options()), json_out)
         print_plan(plan, json_out)
         return
 
-    report_summary(run_guarded(lambda: run_quantize(src, dst, options(),
-                                                    ConsoleProgress(quiet, "quantize")), json_out),
-                   quiet, json_out)
+    report_summary(
+        run_guarded(lambda: run_quantize(src, dst, options(), ConsoleProgress(quiet, "quantize")), json_out),
+        quiet,
+        json_out,
+    )
 
 
 def print_plan(plan, json_target: str | None) -> None:
@@ -236,17 +271,37 @@ def print_plan(plan, json_target: str | None) -> None:
             if j.action == "quant":
                 scale = next(x for x in sp.jobs if x.name == j.scale_name)
                 after += scale.out_bytes
-            rows.append({"tensor": j.name, "shard": sp.name, "shape": list(j.src.shape),
-                         "dtype": j.src.dtype, "action": "quantize" if j.action == "quant" else "keep",
-                         "reason": j.reason, "bytes_before": before, "bytes_after": after})
+            rows.append(
+                {
+                    "tensor": j.name,
+                    "shard": sp.name,
+                    "shape": list(j.src.shape),
+                    "dtype": j.src.dtype,
+                    "action": "quantize" if j.action == "quant" else "keep",
+                    "reason": j.reason,
+                    "bytes_before": before,
+                    "bytes_after": after,
+                }
+            )
     total_b = sum(r["bytes_before"] for r in rows)
     total_a = sum(r["bytes_after"] for r in rows)
     n_q = sum(r["action"] == "quantize" for r in rows)
     if json_target:
-        emit_json(json_target, {"ok": True, "dry_run": True, "tensors": rows,
-                                "modules_to_not_convert": plan.modules_to_not_convert,
-                                "totals": {"tensors": len(rows), "quantized": n_q,
-                                           "bytes_before": total_b, "bytes_after": total_a}})
+        emit_json(
+            json_target,
+            {
+                "ok": True,
+                "dry_run": True,
+                "tensors": rows,
+                "modules_to_not_convert": plan.modules_to_not_convert,
+                "totals": {
+                    "tensors": len(rows),
+                    "quantized": n_q,
+                    "bytes_before": total_b,
+                    "bytes_after": total_a,
+                },
+            },
+        )
         if json_target == "-":
             return
     table = Table(title="quantize plan (dry run: nothing written)")
@@ -254,32 +309,47 @@ def print_plan(plan, json_target: str | None) -> None:
         table.add_column(col)
     for r in rows:
         action = r["action"] if r["action"] == "quantize" else f"keep ({r['reason']})"
-        table.add_row(r["tensor"], "x".join(map(str, r["shape"])), r["dtype"], action,
-                      f"{r['bytes_before']:,} -> {r['bytes_after']:,}")
+        table.add_row(
+            r["tensor"],
+            "x".join(map(str, r["shape"])),
+            r["dtype"],
+            action,
+            f"{r['bytes_before']:,} -> {r['bytes_after']:,}",
+        )
     table.add_section()
-    table.add_row(f"total: {len(rows)} tensors", "", "", f"{n_q} quantized",
-                  f"{total_b:,} -> {total_a:,}")
+    table.add_row(f"total: {len(rows)} tensors", "", "", f"{n_q} quantized", f"{total_b:,} -> {total_a:,}")
     out.print(table)
 
 
 @app.command()
 def verify(
     ckpt: Annotated[Path, typer.Argument(help="checkpoint folder to check (FP8 or dequantized)")],
-    reference: Annotated[Optional[Path], typer.Option(
-        "--reference",
-        help="the source: original bf16/fp16/fp32 for an FP8 CKPT, FP8 for a dequantized one")] = None,
-    tensors: Annotated[Optional[list[str]], typer.Option(
-        "--tensors", help="data checks only for these tensors (glob or re:REGEX; repeatable)")] = None,
-    sample: Annotated[Optional[int], typer.Option(
-        "--sample", help="data checks for N tensors picked at random")] = None,
-    rows: Annotated[int, typer.Option(
-        "--rows", help="rows M of the random activations in the GEMM check")] = 16,
-    seed: Annotated[int, typer.Option(
-        "--seed", help="seed for --sample, activations and expert sampling")] = 0,
-    min_sqnr: Annotated[float, typer.Option(
-        "--min-sqnr", help="with --reference: fail below this SQNR in dB")] = 20.0,
-    experts: Annotated[int, typer.Option(
-        "--experts", help="stacked experts: GEMM-check this many per tensor (0 = all)")] = 8,
+    reference: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--reference",
+            help="the source: original bf16/fp16/fp32 for an FP8 CKPT, FP8 for a dequantized one",
+        ),
+    ] = None,
+    tensors: Annotated[
+        Optional[list[str]],
+        typer.Option("--tensors", help="data checks only for these tensors (glob or re:REGEX; repeatable)"),
+    ] = None,
+    sample: Annotated[
+        Optional[int], typer.Option("--sample", help="data checks for N tensors picked at random")
+    ] = None,
+    rows: Annotated[
+        int, typer.Option("--rows", help="rows M of the random activations in the GEMM check")
+    ] = 16,
+    seed: Annotated[
+        int, typer.Option("--seed", help="seed for --sample, activations and expert sampling")
+    ] = 0,
+    min_sqnr: Annotated[
+        float, typer.Option("--min-sqnr", help="with --reference: fail below this SQNR in dB")
+    ] = 20.0,
+    experts: Annotated[
+        int, typer.Option("--experts", help="stacked experts: GEMM-check this many per tensor (0 = all)")
+    ] = 8,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
@@ -296,9 +366,15 @@ def verify(
 
         def start(self, total_bytes: int, total_shards: int, device: str) -> None:
             if not quiet and err.is_terminal:
-                self.bar = RichProgress(TextColumn(f"verify on {device}"), BarColumn(), DownloadColumn(),
-                                        TransferSpeedColumn(), TimeRemainingColumn(), console=err,
-                                        transient=True)
+                self.bar = RichProgress(
+                    TextColumn(f"verify on {device}"),
+                    BarColumn(),
+                    DownloadColumn(),
+                    TransferSpeedColumn(),
+                    TimeRemainingColumn(),
+                    console=err,
+                    transient=True,
+                )
                 self.bar.start()
                 self.task = self.bar.add_task("", total=total_bytes)
 
@@ -316,8 +392,16 @@ def verify(
                 self.bar = None
 
     def go():
-        opts = VerifyOptions(reference=reference, tensors=tuple(tensors or ()), sample=sample, rows=rows,
-                             seed=seed, min_sqnr=min_sqnr, device=device, experts=experts)
+        opts = VerifyOptions(
+            reference=reference,
+            tensors=tuple(tensors or ()),
+            sample=sample,
+            rows=rows,
+            seed=seed,
+            min_sqnr=min_sqnr,
+            device=device,
+            experts=experts,
+        )
         return verify_checkpoint(ckpt, opts, Bar())
 
     report = run_guarded(go, json_out)

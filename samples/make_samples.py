@@ -22,8 +22,12 @@ from fp8conv.kernels.reference import weight_quant_torch
 
 HERE = Path(__file__).resolve().parent
 META = {"format": "pt"}
-TOKENIZER_CONFIG = {"model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast",
-                    "bos_token": "<s>", "eos_token": "</s>"}
+TOKENIZER_CONFIG = {
+    "model_max_length": 4096,
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+}
 
 
 def _write_json(path: Path, obj: object) -> None:
@@ -35,9 +39,17 @@ def _tokenizer(vocab: int) -> dict:
     words = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for i in range(3, vocab):
         words[f"w{i}"] = i
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-            "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
-            "decoder": None, "model": {"type": "WordLevel", "vocab": words, "unk_token": "<unk>"}}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": words, "unk_token": "<unk>"},
+    }
 
 
 def _write_sharded(root: Path, shards: list[dict[str, torch.Tensor]]) -> None:
@@ -50,8 +62,10 @@ def _write_sharded(root: Path, shards: list[dict[str, torch.Tensor]]) -> None:
         for k, v in tensors.items():
             weight_map[k] = name
             total += v.numel() * v.element_size()
-    _write_json(root / "model.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    _write_json(
+        root / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+    )
 
 
 def _fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,13 +111,24 @@ def deepseek_tiny(root: Path) -> None:
     shard3 = t
     root.mkdir(parents=True)
     _write_sharded(root, [shard1, shard2, shard3])
-    _write_json(root / "config.json", {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "hidden_size": hidden, "intermediate_size": inter, "vocab_size": vocab,
-        "num_hidden_layers": 1, "torch_dtype": "bfloat16",
-        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                "weight_block_size": [128, 128]},
-    })
+    _write_json(
+        root / "config.json",
+        {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "vocab_size": vocab,
+            "num_hidden_layers": 1,
+            "torch_dtype": "bfloat16",
+            "quantization_config": {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [128, 128],
+            },
+        },
+    )
     _write_json(root / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
     _write_json(root / "tokenizer.json", _tokenizer(vocab))
     _write_json(root / "tokenizer_config.json", TOKENIZER_CONFIG)
@@ -112,11 +137,23 @@ def deepseek_tiny(root: Path) -> None:
 
 
 LLAMA_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-    "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-    "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "num_hidden_layers": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -173,15 +210,23 @@ def llama_fp8(root: Path) -> None:
     half = names.index("model.layers.1.input_layernorm.weight")
     _write_sharded(root, [{k: out[k] for k in names[:half]}, {k: out[k] for k in names[half:]}])
     cfg = dict(LLAMA_CONFIG)
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]}
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "modules_to_not_convert": ["lm_head"],
+    }
     _write_json(root / "config.json", cfg)
     llama_files(root)
 
 
 def main(out: Path = HERE) -> None:
-    for name, fn in (("deepseek-tiny-fp8", deepseek_tiny), ("llama-tiny-bf16", llama_bf16),
-                     ("llama-tiny-fp8", llama_fp8)):
+    for name, fn in (
+        ("deepseek-tiny-fp8", deepseek_tiny),
+        ("llama-tiny-bf16", llama_bf16),
+        ("llama-tiny-fp8", llama_fp8),
+    ):
         target = out / name
         if target.exists():
             shutil.rmtree(target)

@@ -14,8 +14,7 @@ def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            out[str(p.relative_to(root))] = (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                             p.stat().st_mtime_ns)
+            out[str(p.relative_to(root))] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
     return out
 
 

@@ -32,8 +32,12 @@ FP8_CONFIG = {
     "architectures": ["DeepseekV3ForCausalLM"],
     "model_type": "deepseek_v3",
     "torch_dtype": "bfloat16",
-    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                            "weight_block_size": [128, 128]},
+    "quantization_config": {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    },
 }
 BF16_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16"}
 Shards = list[dict[str, torch.Tensor]]
@@ -58,18 +62,21 @@ def fp8_shards(seed: int = 7) -> Shards:
     s1: dict[str, torch.Tensor] = {}
     s1["model.embed_tokens.weight"] = rnd(64, 128).bfloat16()
     s1["model.layers.0.self_attn.q_proj.weight"], s1["model.layers.0.self_attn.q_proj.weight_scale_inv"] = (
-        fp8(256, 256))
+        fp8(256, 256)
+    )
     q, o_scale = fp8(200, 300)  # ragged in both dims; its scale lives in shard 2
     s1["model.layers.0.self_attn.o_proj.weight"] = q
     s1["model.layers.0.input_layernorm.weight"] = torch.ones(256, dtype=torch.bfloat16)
     s2: dict[str, torch.Tensor] = {"model.layers.0.self_attn.o_proj.weight_scale_inv": o_scale}
     s2["model.layers.0.mlp.experts.gate_up_proj"], s2["model.layers.0.mlp.experts.gate_up_proj_scale_inv"] = (
-        fp8(2, 160, 256))
+        fp8(2, 160, 256)
+    )
     s2["model.position_ids"] = torch.arange(32, dtype=torch.int64)
     s2["model.attn_mask"] = torch.tril(torch.ones(8, 8, dtype=torch.bool))
     s3: dict[str, torch.Tensor] = {}
-    s3["model.layers.1.mlp.down_proj.weight"], s3["model.layers.1.mlp.down_proj.weight_scale_inv"] = (
-        fp8(256, 512))
+    s3["model.layers.1.mlp.down_proj.weight"], s3["model.layers.1.mlp.down_proj.weight_scale_inv"] = fp8(
+        256, 512
+    )
     s3["model.norm.weight"] = torch.ones(256, dtype=torch.bfloat16)
     s3["lm_head.weight"] = rnd(64, 256).bfloat16()
     return [s1, s2, s3]
@@ -100,8 +107,9 @@ def bf16_shards(seed: int = 11) -> Shards:
     return shards
 
 
-def write_checkpoint(root: Path, shards: Shards, config: dict | None,
-                     weight_map: dict[str, str] | None = None) -> Path:
+def write_checkpoint(
+    root: Path, shards: Shards, config: dict | None, weight_map: dict[str, str] | None = None
+) -> Path:
     """Shards + index + config + side files (tokenizer, a sub-folder) into a new folder `root`."""
     root.mkdir(parents=True)
     n = len(shards)
@@ -157,8 +165,13 @@ def snapshot(root: Path) -> dict[str, tuple]:
             elif not stat.S_ISREG(st.st_mode):  # a FIFO in a test: never opened
                 out[rel] = ("special", st.st_mode, st.st_mtime_ns)
             else:
-                out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest(), st.st_size,
-                            st.st_mtime_ns, st.st_ino)
+                out[rel] = (
+                    "file",
+                    hashlib.sha256(p.read_bytes()).hexdigest(),
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                )
     return out
 
 
@@ -230,6 +243,7 @@ def _limits(fsize: int | None) -> Callable[[], None]:
         if fsize is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
     return pre
 
 
@@ -241,17 +255,29 @@ def _env(fault: str | None) -> dict[str, str]:
     return env
 
 
-def run_process(*args: object, fault: str | None = None, fsize: int | None = None,
-                timeout: float = 120) -> CliResult:
+def run_process(
+    *args: object, fault: str | None = None, fsize: int | None = None, timeout: float = 120
+) -> CliResult:
     """`python -m fp8conv.cli ARGS` in a real process (signals, SIGKILL, rlimits)."""
-    p = subprocess.run([sys.executable, "-m", "fp8conv.cli", *map(str, args)], env=_env(fault),
-                       capture_output=True, text=True, timeout=timeout, preexec_fn=_limits(fsize))
+    p = subprocess.run(
+        [sys.executable, "-m", "fp8conv.cli", *map(str, args)],
+        env=_env(fault),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_limits(fsize),
+    )
     return CliResult(p.returncode, p.stdout, p.stderr)
 
 
 def start_process(*args: object, fault: str | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fp8conv.cli", *map(str, args)], env=_env(fault),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fp8conv.cli", *map(str, args)],
+        env=_env(fault),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def assert_clean_error(r: CliResult, code: int, *needles: str) -> None:

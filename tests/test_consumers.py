@@ -83,4 +83,6 @@ def test_compressed_tensors_output_loads_and_agrees(sample, tmp_path):
     for k, v in ours.items():
         t = theirs[k].float()
         diff = (t - v.float()).abs()
-        assert float((diff / v.float().abs().clamp_min(1e-30)).max()) <= CT_REL_BOUND or torch.equal(t, v.float()), k
+        assert float((diff / v.float().abs().clamp_min(1e-30)).max()) <= CT_REL_BOUND or torch.equal(
+            t, v.float()
+        ), k

@@ -34,9 +34,14 @@ def formula(q, s, dtype=torch.bfloat16):
     return (q.float() * expand_scales(s, tuple(q.shape), (128, 128))).to(dtype)
 
 
-@pytest.mark.parametrize("dtype,torch_dtype,name", [("bf16", torch.bfloat16, "bfloat16"),
-                                                    ("fp16", torch.float16, "float16"),
-                                                    ("fp32", torch.float32, "float32")])
+@pytest.mark.parametrize(
+    "dtype,torch_dtype,name",
+    [
+        ("bf16", torch.bfloat16, "bfloat16"),
+        ("fp16", torch.float16, "float16"),
+        ("fp32", torch.float32, "float32"),
+    ],
+)
 def test_deepseek_sample_end_to_end(sample, tmp_path, dtype, torch_dtype, name):
     src = sample(DS)
     before = tree_digest(src)
@@ -59,7 +64,9 @@ def test_deepseek_sample_end_to_end(sample, tmp_path, dtype, torch_dtype, name):
             assert outs[k].dtype == v.dtype
             assert torch.equal(outs[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
     # shard names, metadata, index
-    assert sorted(p.name for p in dst.glob("*.safetensors")) == sorted(p.name for p in src.glob("*.safetensors"))
+    assert sorted(p.name for p in dst.glob("*.safetensors")) == sorted(
+        p.name for p in src.glob("*.safetensors")
+    )
     for p in dst.glob("*.safetensors"):
         assert read_header(p).metadata == {"format": "pt"}
     index = json.loads((dst / "model.safetensors.index.json").read_text())
@@ -88,12 +95,20 @@ def test_single_file_checkpoint_and_compressed_tensors_names(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     gen = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 126, (200, 300), generator=gen, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    q = (
+        torch.randint(0, 126, (200, 300), generator=gen, dtype=torch.int32)
+        .to(torch.uint8)
+        .view(torch.float8_e4m3fn)
+    )
     s = torch.rand(2, 3, generator=gen) + 0.5
-    save_file({"a.weight": q, "a.weight_scale": s, "b": torch.arange(5)}, src / "model.safetensors",
-              {"format": "pt"})
-    (src / "config.json").write_text(json.dumps({"text_config": {"quantization_config": {"x": 1},
-                                                                  "dtype": "bfloat16"}}))
+    save_file(
+        {"a.weight": q, "a.weight_scale": s, "b": torch.arange(5)},
+        src / "model.safetensors",
+        {"format": "pt"},
+    )
+    (src / "config.json").write_text(
+        json.dumps({"text_config": {"quantization_config": {"x": 1}, "dtype": "bfloat16"}})
+    )
     r = cli("dequantize", src, tmp_path / "out", "-q")
     assert r.exit_code == 0, r.output
     out = load_file(tmp_path / "out" / "model.safetensors")
@@ -112,8 +127,11 @@ def test_e5m2_and_ue8m0_scales_and_experts(tmp_path):
     e5s = torch.randint(120, 130, (2, 3), generator=gen).to(torch.uint8)
     ex = torch.randn(3, 129, 128, generator=gen).to(torch.float8_e4m3fn)
     exs = torch.randint(120, 130, (3, 2, 1), generator=gen).to(torch.uint8).view(torch.float8_e8m0fnu)
-    save_file({"e5.weight": e5, "e5.weight_scale_inv": e5s, "ex.weight": ex, "ex.weight_scale_inv": exs},
-              src / "model.safetensors", {"format": "pt"})
+    save_file(
+        {"e5.weight": e5, "e5.weight_scale_inv": e5s, "ex.weight": ex, "ex.weight_scale_inv": exs},
+        src / "model.safetensors",
+        {"format": "pt"},
+    )
     r = cli("dequantize", src, tmp_path / "out", "-q")
     assert r.exit_code == 0, r.output
     out = load_file(tmp_path / "out" / "model.safetensors")
@@ -151,8 +169,10 @@ def test_nan_code_is_refused(tmp_path, code, exit_code):
     src.mkdir()
     q = torch.zeros(256, 256, dtype=torch.uint8)
     q[130, 7] = code
-    save_file({"a.weight": q.view(torch.float8_e4m3fn), "a.weight_scale_inv": torch.ones(2, 2)},
-              src / "model.safetensors")
+    save_file(
+        {"a.weight": q.view(torch.float8_e4m3fn), "a.weight_scale_inv": torch.ones(2, 2)},
+        src / "model.safetensors",
+    )
     r = cli("dequantize", src, tmp_path / "out")
     assert r.exit_code == exit_code and "[130, 7]" in r.output and "a.weight" in r.output
     assert not (tmp_path / "out" / "model.safetensors").exists()

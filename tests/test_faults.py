@@ -232,6 +232,7 @@ def _prefix(v):
         p = root / S2
         b = p.read_bytes()
         p.write_bytes(struct.pack("<Q", v(len(b))) + b[8:])
+
     return f
 
 
@@ -239,6 +240,7 @@ def _raw_header(text: bytes, shard=S2):
     def f(root):
         _, data = read_raw(root / shard)
         write_raw(root / shard, text, data)
+
     return f
 
 
@@ -246,20 +248,23 @@ def _entry(tensor, shard=S1, **changes):
     def f(root):
         def g(h):
             h[tensor].update(changes)
+
         edit_header(root / shard, g)
+
     return f
 
 
 def _shift_offsets(shard, delta, first_index, extra: bytes | int):
     """Move the data offsets of the entries from first_index on by delta; grow/shrink the data."""
+
     def f(root):
         header, data = read_raw(root / shard)
-        names = sorted((k for k in header if k != "__metadata__"),
-                       key=lambda k: header[k]["data_offsets"][0])
+        names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
         for k in names[first_index:]:
             header[k]["data_offsets"] = [o + delta for o in header[k]["data_offsets"]]
         data = data + extra if isinstance(extra, bytes) else data[:extra]
         write_raw(root / shard, header, data)
+
     return f
 
 
@@ -267,6 +272,7 @@ def _truncate(n):
     def f(root):
         p = root / S3
         p.write_bytes(p.read_bytes()[:-n])
+
     return f
 
 
@@ -286,6 +292,7 @@ def _duplicate(root):
 def _index(fn):
     def f(root):
         edit_index(root, fn)
+
     return f
 
 
@@ -313,6 +320,7 @@ def _tensors(fn):
 def _set(shard, name, value):
     def f(shards):
         shards[shard][name] = value
+
     return f
 
 
@@ -321,6 +329,7 @@ def _poke(shard, name, index, value):
         t = shards[shard][name].clone()
         t[index] = value
         shards[shard][name] = t
+
     return f
 
 
@@ -329,6 +338,7 @@ def _poke_byte(shard, name, index, byte):
         t = shards[shard][name].clone()
         t.view(torch.uint8)[index] = byte
         shards[shard][name] = t
+
     return f
 
 
@@ -339,6 +349,7 @@ def _dup_tensor(shards):
 def _write(rel, text):
     def f(root):
         (root / rel).write_bytes(text if isinstance(text, bytes) else text.encode())
+
     return f
 
 
@@ -365,84 +376,179 @@ CASES = {
     "header not UTF-8": (DQ, _raw_header(b'{"\xff": 1}'), 3, [S2, "not valid UTF-8"]),
     "header nested too deep": (DQ, _raw_header(b"[" * 100_000 + b"]" * 100_000), 3, [S2, "JSON"]),
     "header number too long": (DQ, _raw_header(b'{"a": ' + b"1" * 5000 + b"}"), 3, [S2, "JSON"]),
-    "dtype not a string": (DQ, _entry("model.position_ids", S2, dtype=["I64"]), 3,
-                           ["model.position_ids", "dtype"]),
+    "dtype not a string": (
+        DQ,
+        _entry("model.position_ids", S2, dtype=["I64"]),
+        3,
+        ["model.position_ids", "dtype"],
+    ),
     "unknown dtype": (DQ, _entry(QP, dtype="F4"), 3, [S1, QP, "unsupported dtype 'F4'"]),
     "dtype vs offsets": (DQ, _entry(QP, dtype="BF16"), 3, [S1, QP, "data_offsets span"]),
     "shape vs offsets": (DQ, _entry(QP, shape=[256, 255]), 3, [S1, QP, "data_offsets span"]),
     "negative shape": (DQ, _entry(QP, shape=[-256, -256]), 3, [S1, QP, "shape"]),
-    "offsets reversed": (DQ, _entry("model.position_ids", S2, data_offsets=[256, 0]), 3,
-                         ["model.position_ids", "end 0 < begin 256"]),
+    "offsets reversed": (
+        DQ,
+        _entry("model.position_ids", S2, data_offsets=[256, 0]),
+        3,
+        ["model.position_ids", "end 0 < begin 256"],
+    ),
     "extra entry key": (DQ, _entry(QP, offsets=[0, 1]), 3, [QP, "exactly dtype, shape"]),
     "gap": (DQ, _shift_offsets(S2, 8, 1, b"\0" * 8), 3, [S2, "gap of 8 bytes"]),
     "overlap": (DQ, _shift_offsets(S2, -8, 1, -8), 3, [S2, "overlaps"]),
     "truncated": (DQ, _truncate(100), 3, [S3, "truncated"]),
     "bytes after the last tensor": (DQ, _append, 3, [S3, "16 bytes past the last tensor"]),
     "duplicate name": (DQ, _duplicate, 3, [S2, "duplicate tensor name", "model.position_ids"]),
-    "metadata not strings": (DQ, lambda r: edit_header(r / S2, lambda h: h.__setitem__(
-        "__metadata__", {"format": 1})), 3, [S2, "__metadata__"]),
+    "metadata not strings": (
+        DQ,
+        lambda r: edit_header(r / S2, lambda h: h.__setitem__("__metadata__", {"format": 1})),
+        3,
+        [S2, "__metadata__"],
+    ),
     "index: '..'": (DQ, _weight_map_set("lm_head.weight", "../" + S3), 3, ["'..'", "lm_head.weight"]),
-    "index: absolute path": (DQ, _weight_map_set("lm_head.weight", "/etc/passwd.safetensors"), 3,
-                             ["absolute", "lm_head.weight"]),
-    "index: sub-folder": (DQ, _weight_map_set("lm_head.weight", "assets/x.safetensors"), 3,
-                          ["sub-folders"]),
-    "index: not safetensors": (DQ, _weight_map_set("lm_head.weight", "config.json"), 3,
-                               ["not a .safetensors file"]),
+    "index: absolute path": (
+        DQ,
+        _weight_map_set("lm_head.weight", "/etc/passwd.safetensors"),
+        3,
+        ["absolute", "lm_head.weight"],
+    ),
+    "index: sub-folder": (DQ, _weight_map_set("lm_head.weight", "assets/x.safetensors"), 3, ["sub-folders"]),
+    "index: not safetensors": (
+        DQ,
+        _weight_map_set("lm_head.weight", "config.json"),
+        3,
+        ["not a .safetensors file"],
+    ),
     "index: symlink leading out": (DQ, _symlink_out, 3, [S3, "symlink that leads outside"]),
     "index: missing shards": (DQ, _missing, 3, ["2 shard(s)", S2, S3, "missing"]),
-    "index: tensor listed but absent": (DQ, _weight_map_set("model.ghost.weight", S1), 3,
-                                        ["model.ghost.weight", "does not hold it"]),
-    "index: tensor not listed": (DQ, _index(lambda ix: ix["weight_map"].pop("lm_head.weight")), 3,
-                                 [S3, "lm_head.weight", "missing from the index"]),
-    "tensor in two shards": (DQ, _tensors(_dup_tensor), 3,
-                             ["model.layers.0.input_layernorm.weight", "present in two shards"]),
+    "index: tensor listed but absent": (
+        DQ,
+        _weight_map_set("model.ghost.weight", S1),
+        3,
+        ["model.ghost.weight", "does not hold it"],
+    ),
+    "index: tensor not listed": (
+        DQ,
+        _index(lambda ix: ix["weight_map"].pop("lm_head.weight")),
+        3,
+        [S3, "lm_head.weight", "missing from the index"],
+    ),
+    "tensor in two shards": (
+        DQ,
+        _tensors(_dup_tensor),
+        3,
+        ["model.layers.0.input_layernorm.weight", "present in two shards"],
+    ),
     "index: not JSON": (DQ, _write("model.safetensors.index.json", "{"), 3, ["index", "not valid JSON"]),
     "index: not UTF-8": (DQ, _write("model.safetensors.index.json", b"\xff\xfe"), 3, ["not valid JSON"]),
-    "index: nested too deep": (DQ, _write("model.safetensors.index.json", "[" * 100_000), 3,
-                               ["index", "JSON"]),
+    "index: nested too deep": (
+        DQ,
+        _write("model.safetensors.index.json", "[" * 100_000),
+        3,
+        ["index", "JSON"],
+    ),
     "index: no weight_map": (DQ, _write("model.safetensors.index.json", "{}"), 3, ["no weight_map"]),
     "index: weight_map value": (DQ, _weight_map_set("lm_head.weight", 3), 3, ["lm_head.weight"]),
     "config: not JSON": (DQ, _write("config.json", "{"), 3, ["config.json", "not valid JSON"]),
-    "config: number too long": (DQ, _write("config.json", '{"a": ' + "1" * 5000 + "}"), 3,
-                                ["config.json", "JSON"]),
+    "config: number too long": (
+        DQ,
+        _write("config.json", '{"a": ' + "1" * 5000 + "}"),
+        3,
+        ["config.json", "JSON"],
+    ),
     "config: not an object": (DQ, _write("config.json", "[]"), 3, ["config.json", "not a JSON object"]),
-    "stray shard": (DQ, lambda r: shutil.copy(r / S3, r / "extra.safetensors"), 3,
-                    ["extra.safetensors", "not named by the index"]),
+    "stray shard": (
+        DQ,
+        lambda r: shutil.copy(r / S3, r / "extra.safetensors"),
+        3,
+        ["extra.safetensors", "not named by the index"],
+    ),
     "fifo in source": (DQ, _fifo, 3, ["pipe", "regular file"]),
     "dangling link in source": (DQ, _dangling, 3, ["gone.txt"]),
-    "no model files": (DQ, lambda r: [(r / n).unlink() for n in
-                                      (S1, S2, S3, "model.safetensors.index.json")], 3,
-                       ["no model.safetensors.index.json or model.safetensors"]),
-    "scale shape": (DQ, _tensors(_set(0, QP + "_scale_inv", torch.ones(3, 2))), 3,
-                    [S1, QP + "_scale_inv", "scale shape [3, 2] does not fit weight [256, 256]"]),
-    "scale dtype int": (DQ, _tensors(_set(0, QP + "_scale_inv", torch.ones(2, 2, dtype=torch.int32))), 3,
-                        [QP + "_scale_inv", "scale dtype I32"]),
-    "scale dtype fp8": (DQ, _tensors(_set(0, QP + "_scale_inv",
-                                          torch.ones(2, 2).to(torch.float8_e4m3fn))), 3,
-                        [QP + "_scale_inv", "scale dtype F8_E4M3"]),
+    "no model files": (
+        DQ,
+        lambda r: [(r / n).unlink() for n in (S1, S2, S3, "model.safetensors.index.json")],
+        3,
+        ["no model.safetensors.index.json or model.safetensors"],
+    ),
+    "scale shape": (
+        DQ,
+        _tensors(_set(0, QP + "_scale_inv", torch.ones(3, 2))),
+        3,
+        [S1, QP + "_scale_inv", "scale shape [3, 2] does not fit weight [256, 256]"],
+    ),
+    "scale dtype int": (
+        DQ,
+        _tensors(_set(0, QP + "_scale_inv", torch.ones(2, 2, dtype=torch.int32))),
+        3,
+        [QP + "_scale_inv", "scale dtype I32"],
+    ),
+    "scale dtype fp8": (
+        DQ,
+        _tensors(_set(0, QP + "_scale_inv", torch.ones(2, 2).to(torch.float8_e4m3fn))),
+        3,
+        [QP + "_scale_inv", "scale dtype F8_E4M3"],
+    ),
     "scale missing": (DQ, _tensors(lambda s: s[0].pop(QP + "_scale_inv")), 3, [QP, "has no scale"]),
-    "scale NaN": (DQ, _tensors(_poke(2, DOWN + "_scale_inv", (1, 2), float("nan"))), 4,
-                  [S3, DOWN + "_scale_inv", "scale element [1, 2] is nan"]),
-    "scale Inf": (DQ, _tensors(_poke(2, DOWN + "_scale_inv", (0, 0), float("inf"))), 4,
-                  [DOWN + "_scale_inv", "inf"]),
-    "scale zero": (DQ, _tensors(_poke(2, DOWN + "_scale_inv", (0, 1), 0.0)), 4,
-                   [DOWN + "_scale_inv", "finite and > 0"]),
-    "scale negative": (DQ, _tensors(_poke(2, DOWN + "_scale_inv", (0, 1), -1.0)), 4,
-                       [DOWN + "_scale_inv", "finite and > 0"]),
-    "FP8 NaN code": (DQ, _tensors(_poke_byte(2, DOWN, (130, 7), 0x7F)), 4,
-                     [S3, DOWN, "NaN/Inf code at element [130, 7]"]),
-    "FP8 negative NaN code": (DQ, _tensors(_poke_byte(2, DOWN, (255, 511), 0xFF)), 4,
-                              [DOWN, "element [255, 511]"]),
-    "FP8 NaN code in experts": (DQ, _tensors(_poke_byte(1, "model.layers.0.mlp.experts.gate_up_proj",
-                                                        (1, 3, 4), 0x7F)), 4,
-                                ["gate_up_proj", "element [1, 3, 4]"]),
-    "quantize: NaN weight": (Q, _tensors(_poke(2, UP2, (300, 17), float("nan"))), 4,
-                             [S3, UP2, "nan at element [300, 17]"]),
-    "quantize: Inf weight": (Q, _tensors(_poke(2, UP2, (5, 0), float("-inf"))), 4,
-                             [UP2, "-inf at element [5, 0]"]),
-    "quantize: input already FP8": (Q, _tensors(_set(1, "model.layers.1.mlp.extra.weight",
-                                                     torch.zeros(128, 128).to(torch.float8_e4m3fn))),
-                                    3, [S2, "model.layers.1.mlp.extra.weight", "already FP8"]),
+    "scale NaN": (
+        DQ,
+        _tensors(_poke(2, DOWN + "_scale_inv", (1, 2), float("nan"))),
+        4,
+        [S3, DOWN + "_scale_inv", "scale element [1, 2] is nan"],
+    ),
+    "scale Inf": (
+        DQ,
+        _tensors(_poke(2, DOWN + "_scale_inv", (0, 0), float("inf"))),
+        4,
+        [DOWN + "_scale_inv", "inf"],
+    ),
+    "scale zero": (
+        DQ,
+        _tensors(_poke(2, DOWN + "_scale_inv", (0, 1), 0.0)),
+        4,
+        [DOWN + "_scale_inv", "finite and > 0"],
+    ),
+    "scale negative": (
+        DQ,
+        _tensors(_poke(2, DOWN + "_scale_inv", (0, 1), -1.0)),
+        4,
+        [DOWN + "_scale_inv", "finite and > 0"],
+    ),
+    "FP8 NaN code": (
+        DQ,
+        _tensors(_poke_byte(2, DOWN, (130, 7), 0x7F)),
+        4,
+        [S3, DOWN, "NaN/Inf code at element [130, 7]"],
+    ),
+    "FP8 negative NaN code": (
+        DQ,
+        _tensors(_poke_byte(2, DOWN, (255, 511), 0xFF)),
+        4,
+        [DOWN, "element [255, 511]"],
+    ),
+    "FP8 NaN code in experts": (
+        DQ,
+        _tensors(_poke_byte(1, "model.layers.0.mlp.experts.gate_up_proj", (1, 3, 4), 0x7F)),
+        4,
+        ["gate_up_proj", "element [1, 3, 4]"],
+    ),
+    "quantize: NaN weight": (
+        Q,
+        _tensors(_poke(2, UP2, (300, 17), float("nan"))),
+        4,
+        [S3, UP2, "nan at element [300, 17]"],
+    ),
+    "quantize: Inf weight": (
+        Q,
+        _tensors(_poke(2, UP2, (5, 0), float("-inf"))),
+        4,
+        [UP2, "-inf at element [5, 0]"],
+    ),
+    "quantize: input already FP8": (
+        Q,
+        _tensors(_set(1, "model.layers.1.mlp.extra.weight", torch.zeros(128, 128).to(torch.float8_e4m3fn))),
+        3,
+        [S2, "model.layers.1.mlp.extra.weight", "already FP8"],
+    ),
     "quantize: header length huge": (Q, _prefix(lambda n: 1 << 40), 3, [S2, "exceeds the"]),
     "quantize: truncated": (Q, _truncate(7), 3, [S3, "truncated"]),
 }
@@ -491,8 +597,9 @@ def test_unwritable_json_target_keeps_the_first_error(tmp_path):
 def test_markup_like_names_are_printed_verbatim(tmp_path):
     """A tensor name is data: brackets in it must not be taken for console markup."""
     name = "model.[/].[bold]x.weight"
-    src = make_bf16(tmp_path / "src", _tensors(_set(1, name, torch.full((128, 128), float("nan"))
-                                                         .bfloat16()))[1])
+    src = make_bf16(
+        tmp_path / "src", _tensors(_set(1, name, torch.full((128, 128), float("nan")).bfloat16()))[1]
+    )
     r = cli("quantize", src, tmp_path / "dst", *CPU)
     assert_clean_error(r, 4, repr(name))
 

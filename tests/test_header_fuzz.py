@@ -24,8 +24,12 @@ from fp8conv.checkpoint.safetensors_io import DTYPES, read_header, save_file
 from fp8conv.errors import Fp8convError
 from tests.faultlib import MAKERS, bf16_shards, cli, final_files, fp8_shards, shard_name
 
-FUZZ = settings(max_examples=200, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 CLI_FUZZ = settings(FUZZ, max_examples=60)
 
 _WORK = Path(tempfile.mkdtemp(prefix="fp8conv-fuzz-"))
@@ -43,8 +47,12 @@ SEEDS = [_shard_bytes(fp8_shards()[1]), _shard_bytes(bf16_shards()[0])]
 
 # ------------------------------------------------------------------------------------ mutations
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False) | st.text(max_size=12) | st.sampled_from(sorted(DTYPES)),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+    | st.sampled_from(sorted(DTYPES)),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
@@ -57,8 +65,22 @@ def json_mutation(draw, raw: bytes) -> bytes:
     data = raw[8 + n :]
     names = list(header)
     name = draw(st.sampled_from(names))
-    op = draw(st.sampled_from(["set_field", "drop_field", "add_field", "replace_entry", "rename",
-                               "drop_entry", "shape", "offsets", "dtype", "duplicate"]))
+    op = draw(
+        st.sampled_from(
+            [
+                "set_field",
+                "drop_field",
+                "add_field",
+                "replace_entry",
+                "rename",
+                "drop_entry",
+                "shape",
+                "offsets",
+                "dtype",
+                "duplicate",
+            ]
+        )
+    )
     entry = header[name]
     if op == "set_field" and isinstance(entry, dict):
         entry[draw(st.sampled_from(sorted(entry) or ["dtype"]))] = draw(json_values)

@@ -73,8 +73,11 @@ def test_llama_samples():
 
 @pytest.mark.parametrize("fmt, scale_fmt", [("fp8", "float"), ("compressed-tensors", "ue8m0")])
 def test_quantized_and_dequantized_outputs(tmp_path, fmt, scale_fmt):
-    quantize(SAMPLES / "llama-tiny-bf16", tmp_path / "q", QuantizeOptions(format=fmt, scale_fmt=scale_fmt,
-                                                                        device="cpu"))
+    quantize(
+        SAMPLES / "llama-tiny-bf16",
+        tmp_path / "q",
+        QuantizeOptions(format=fmt, scale_fmt=scale_fmt, device="cpu"),
+    )
     info = inspect_checkpoint(tmp_path / "q")
     assert info["format"] == fmt
     suffix = "_scale" if fmt == "compressed-tensors" else "_scale_inv"

@@ -18,8 +18,18 @@ from fp8conv.kernels.reference import (
 )
 
 # One shape list for every kernel test: ragged edges, single rows, primes, below one tile, experts.
-SHAPES = [(576, 7168), (7000, 1000), (1, 128), (1, 5), (129, 257), (127, 300), (211, 389), (256, 256),
-          (3, 130, 257), (2, 128, 128)]
+SHAPES = [
+    (576, 7168),
+    (7000, 1000),
+    (1, 128),
+    (1, 5),
+    (129, 257),
+    (127, 300),
+    (211, 389),
+    (256, 256),
+    (3, 130, 257),
+    (2, 128, 128),
+]
 SMALL_SHAPES = [s for s in SHAPES if math.prod(s) <= 2_000_000]
 
 
@@ -68,8 +78,7 @@ def test_dequant_matches_independent_formula(shape, fp8, out_dtype):
     q = random_codes(shape, fp8, gen)
     grid = (*shape[:-2], math.ceil(shape[-2] / 128), math.ceil(shape[-1] / 128))
     # Scales spanning many octaves, as real checkpoints do, kept where fp16 output stays finite.
-    s = torch.exp2(torch.randint(-20, 4, grid, generator=gen).float()) * (
-        1 + torch.rand(grid, generator=gen))
+    s = torch.exp2(torch.randint(-20, 4, grid, generator=gen).float()) * (1 + torch.rand(grid, generator=gen))
     want = to_dtype_np(independent_dequant(q, s.numpy(), (128, 128)), out_dtype)
     got = weight_dequant_torch(q, s, (128, 128), out_dtype)
     assert_bits_equal(got, want)
@@ -106,8 +115,9 @@ def test_ue8m0_scales_all_encodings_agree():
     as_f32 = torch.exp2(exps.float() - 127)
     assert_bits_equal(scale_to_float32(exps), as_f32)
     assert_bits_equal(scale_to_float32(exps.view(torch.float8_e8m0fnu)), as_f32)
-    assert_bits_equal(scale_to_float32(exps.view(torch.float8_e8m0fnu)),
-                      exps.view(torch.float8_e8m0fnu).float())
+    assert_bits_equal(
+        scale_to_float32(exps.view(torch.float8_e8m0fnu)), exps.view(torch.float8_e8m0fnu).float()
+    )
     y1 = kernels.weight_dequant(q, exps)
     y2 = kernels.weight_dequant(q, as_f32)
     assert_bits_equal(y1, y2)
@@ -123,13 +133,13 @@ def independent_quant(x: np.ndarray, block, scale_fmt="float"):
     y = np.zeros_like(x, dtype=np.float32)
     for i in range(s.shape[0]):
         for j in range(s.shape[1]):
-            tile = x[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+            tile = x[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn]
             sc = max(np.float32(np.abs(tile).max()) / np.float32(448), np.float32(2.0**-126))
             sc = np.float32(sc)
             if scale_fmt == "ue8m0":
                 sc = np.float32(2.0 ** math.ceil(math.log2(sc)))
             s[i, j] = sc
-            y[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = np.clip(tile / sc, -448, 448)
+            y[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn] = np.clip(tile / sc, -448, 448)
     return torch.from_numpy(y).to(torch.float8_e4m3fn), torch.from_numpy(s)
 
 

@@ -24,23 +24,29 @@ def cli(*args):
 
 
 def files(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and ".fp8conv" not in p.parts}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".fp8conv" not in p.parts
+    }
 
 
-@pytest.mark.parametrize("command,src_name", [("dequantize", "deepseek-tiny-fp8"),
-                                              ("quantize", "llama-tiny-bf16")])
+@pytest.mark.parametrize(
+    "command,src_name", [("dequantize", "deepseek-tiny-fp8"), ("quantize", "llama-tiny-bf16")]
+)
 def test_parts_in_one_folder_equal_a_single_run(sample, tmp_path, command, src_name):
     src = sample(src_name)
     if command == "quantize":  # a sharded bf16 source, so parts have shards to share
         cli("dequantize", sample("deepseek-tiny-fp8"), tmp_path / "bf16", "-q")
         src = tmp_path / "bf16"
     cli(command, src, tmp_path / "one", "-q")
-    r1 = runner.invoke(app, [command, str(src), str(tmp_path / "parts"), "--part", "1/2", "-q",
-                             "--json", "-"])
+    r1 = runner.invoke(
+        app, [command, str(src), str(tmp_path / "parts"), "--part", "1/2", "-q", "--json", "-"]
+    )
     assert r1.exit_code == 0 and json.loads(r1.stdout)["complete"] is False
-    r2 = runner.invoke(app, [command, str(src), str(tmp_path / "parts"), "--part", "2/2", "-q",
-                             "--json", "-"])
+    r2 = runner.invoke(
+        app, [command, str(src), str(tmp_path / "parts"), "--part", "2/2", "-q", "--json", "-"]
+    )
     assert r2.exit_code == 0 and json.loads(r2.stdout)["complete"] is True
     assert files(tmp_path / "parts") == files(tmp_path / "one")
 
@@ -68,8 +74,9 @@ def test_parts_in_separate_folders_merge_by_copying(sample, tmp_path):
 
 def test_bad_part_is_a_usage_error(sample, tmp_path):
     for bad in ("0/2", "3/2", "x"):
-        r = runner.invoke(app, ["dequantize", str(sample("deepseek-tiny-fp8")), str(tmp_path / "o"),
-                                "--part", bad])
+        r = runner.invoke(
+            app, ["dequantize", str(sample("deepseek-tiny-fp8")), str(tmp_path / "o"), "--part", bad]
+        )
         assert r.exit_code == 2, bad
 
 
@@ -98,8 +105,12 @@ def test_peak_memory_is_bounded_by_tensors_not_shards(tmp_path):
     )
     # VmHWM, not getrusage: Linux carries ru_maxrss over fork and exec, so a child of a large pytest
     # process would report the parent's peak (seen: 1.9 GB after the resume tests).
-    out = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     peak = int(out.stdout.strip().splitlines()[-1])
     bound = 2 * largest_out + (1 << 30)
     assert peak < bound, f"peak RSS {peak / 1e6:.0f} MB over the bound {bound / 1e6:.0f} MB"

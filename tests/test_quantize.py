@@ -42,9 +42,13 @@ def test_llama_sample_fp8_layout(sample, tmp_path):
         assert torch.equal(outs[k], srcs[k])
     assert set(outs) == set(srcs) | {k + "_scale_inv" for k in quantized}
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
-    assert qc == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                  "weight_block_size": [128, 128],
-                  "modules_to_not_convert": ["lm_head", "model.embed_tokens"]}
+    assert qc == {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "modules_to_not_convert": ["lm_head", "model.embed_tokens"],
+    }
     assert (dst / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
 
 
@@ -97,17 +101,23 @@ def test_ue8m0_and_block_size(sample, tmp_path):
 
 
 def test_skip_only_and_regex(sample, tmp_path):
-    r = cli("quantize", sample(LLAMA), tmp_path / "a", "--skip", "*.mlp.*", "--skip", "re:layers\\.1\\.", "-q")
+    r = cli(
+        "quantize", sample(LLAMA), tmp_path / "a", "--skip", "*.mlp.*", "--skip", "re:layers\\.1\\.", "-q"
+    )
     assert r.exit_code == 0, r.output
     out = load_file(tmp_path / "a" / "model.safetensors")
     fp8 = sorted(k for k, v in out.items() if v.dtype == torch.float8_e4m3fn)
     assert fp8 == [f"model.layers.0.self_attn.{p}_proj.weight" for p in "koqv"]
-    mods = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    mods = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"][
+        "modules_to_not_convert"
+    ]
     assert "model.layers.0.mlp.up_proj" in mods and "model.layers.1.self_attn.q_proj" in mods
     r = cli("quantize", sample(LLAMA), tmp_path / "b", "--only", "*.down_proj.weight", "-q")
     out = load_file(tmp_path / "b" / "model.safetensors")
     assert sorted(k for k, v in out.items() if v.dtype == torch.float8_e4m3fn) == [
-        "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ]
     assert cli("quantize", sample(LLAMA), tmp_path / "c", "--skip", "re:(").exit_code == 2
 
 
@@ -115,7 +125,9 @@ def test_dry_run_writes_nothing(sample, tmp_path):
     r = cli("quantize", sample(LLAMA), tmp_path / "d", "--dry-run", "--json", "-")
     assert r.exit_code == 0, r.output
     plan = json.loads(r.stdout)
-    assert plan["totals"]["quantized"] == 14 and plan["totals"]["bytes_after"] < plan["totals"]["bytes_before"]
+    assert (
+        plan["totals"]["quantized"] == 14 and plan["totals"]["bytes_after"] < plan["totals"]["bytes_before"]
+    )
     row = next(t for t in plan["tensors"] if t["tensor"] == "model.norm.weight")
     assert row["action"] == "keep"
     assert not (tmp_path / "d").exists()
@@ -144,8 +156,13 @@ def test_non_finite_weight_is_refused(tmp_path, bad):
 def test_small_and_odd_tensors_are_kept(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    t = {"small.weight": torch.randn(64, 256), "bias": torch.randn(256), "ids": torch.arange(4),
-         "big.weight": torch.randn(130, 300).half(), "experts.weight": torch.randn(2, 128, 256).bfloat16()}
+    t = {
+        "small.weight": torch.randn(64, 256),
+        "bias": torch.randn(256),
+        "ids": torch.arange(4),
+        "big.weight": torch.randn(130, 300).half(),
+        "experts.weight": torch.randn(2, 128, 256).bfloat16(),
+    }
     save_file(t, src / "model.safetensors")
     assert cli("quantize", src, tmp_path / "o", "-q").exit_code == 0
     out = load_file(tmp_path / "o" / "model.safetensors")

@@ -126,9 +126,13 @@ def test_sigkill_through_entry_point(tmp_path):
 
     src, dst = MAKERS["dequantize"](tmp_path / "src"), tmp_path / "dst"
     guard = SourceGuard(src)
-    p = subprocess.run([exe, "dequantize", str(src), str(dst), "--device", "cpu", "-q"],
-                       env={**__import__("os").environ, "FP8CONV_FAULT": "after_shard:2"},
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [exe, "dequantize", str(src), str(dst), "--device", "cpu", "-q"],
+        env={**__import__("os").environ, "FP8CONV_FAULT": "after_shard:2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == -9, p.stderr
     assert sorted(n for n in final_files(dst) if n.endswith(".safetensors")) == [S1, S2]
     summary = rerun("dequantize", src, dst)
@@ -161,10 +165,15 @@ def test_finished_output_missing_a_shard_is_repaired(tmp_path):
 
 
 # ------------------------------------------------------------------------------- SIGTERM / SIGINT
-@pytest.mark.parametrize(("kind", "sig", "code"), [
-    ("dequantize", "TERM", 143), ("quantize", "TERM", 143),
-    ("quantize", "INT", 130), ("dequantize", "INT", 130),
-])
+@pytest.mark.parametrize(
+    ("kind", "sig", "code"),
+    [
+        ("dequantize", "TERM", 143),
+        ("quantize", "TERM", 143),
+        ("quantize", "INT", 130),
+        ("dequantize", "INT", 130),
+    ],
+)
 def test_signal_mid_shard(tmp_path, kind, sig, code):
     clean = clean_run(kind)
     src, dst = MAKERS[kind](tmp_path / "src"), tmp_path / "dst"

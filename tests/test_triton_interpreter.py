@@ -54,8 +54,12 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
 
     def emit(name, ok, detail=""):
-        print(json.dumps({"name": name, "ok": bool(ok), "detail": str(detail),
-                          "t": round(time.time() - t0, 2)}), flush=True)
+        print(
+            json.dumps(
+                {"name": name, "ok": bool(ok), "detail": str(detail), "t": round(time.time() - t0, 2)}
+            ),
+            flush=True,
+        )
 
     def codes(shape, fp8):
         c = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
@@ -66,15 +70,19 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
 
     def scales(shape):
         return torch.exp2(torch.randint(-20, 21, shape, generator=gen).float()) * (
-            1 + torch.rand(shape, generator=gen))
+            1 + torch.rand(shape, generator=gen)
+        )
 
     def first_diff(a, b):
         d = (a != b).nonzero()
         return f"{d.shape[0]} differ, first at {tuple(d[0].tolist())}" if d.numel() else ""
 
     # --- dequant: fp32 out bit for bit, bf16 out within one bf16 step -----------------------
-    dq_cases = [(shape, fp8, (128, 128)) for shape in [(1, 5), (129, 257), (127, 300), (2, 130, 140)]
-                for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2)]
+    dq_cases = [
+        (shape, fp8, (128, 128))
+        for shape in [(1, 5), (129, 257), (127, 300), (2, 130, 140)]
+        for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2)
+    ]
     dq_cases += [((129, 257), torch.float8_e4m3fn, b) for b in [(1, 128), (64, 32), (129, 257)]]
     dq_cases += [((2, 130, 140), torch.float8_e5m2, (3, 100))]
     for shape, fp8, block in dq_cases:
@@ -82,20 +90,26 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
         s = scales(ref.scale_grid(shape, block))
         y = tk.weight_dequant_triton(q, s, block, torch.float32)
         want = ref.weight_dequant_torch(q, s, block, torch.float32)
-        emit(f"dequant-f32 {shape} {fp8} {block}",
-             torch.equal(y.view(torch.int32), want.view(torch.int32)),
-             first_diff(y.view(torch.int32), want.view(torch.int32)))
+        emit(
+            f"dequant-f32 {shape} {fp8} {block}",
+            torch.equal(y.view(torch.int32), want.view(torch.int32)),
+            first_diff(y.view(torch.int32), want.view(torch.int32)),
+        )
     q = codes((129, 257), torch.float8_e4m3fn)
     s = scales(ref.scale_grid(q.shape, (128, 128)))
     y = tk.weight_dequant_triton(q, s, (128, 128), torch.bfloat16).float()
     want = ref.weight_dequant_torch(q, s, (128, 128), torch.bfloat16).float()
-    emit("dequant-bf16 (129, 257)", torch.allclose(y, want, rtol=2**-7, atol=0),
-         (y - want).abs().max().item())
+    emit(
+        "dequant-bf16 (129, 257)", torch.allclose(y, want, rtol=2**-7, atol=0), (y - want).abs().max().item()
+    )
 
     # --- quant: scales exact, codes vs the interpreter's encoder and within a tolerance --------
     def check_quant(name, x, q, s, qr, sr, s_full):
-        emit(f"{name} scales", torch.equal(s.view(torch.int32), sr.view(torch.int32)),
-             first_diff(s.view(torch.int32), sr.view(torch.int32)))
+        emit(
+            f"{name} scales",
+            torch.equal(s.view(torch.int32), sr.view(torch.int32)),
+            first_diff(s.view(torch.int32), sr.view(torch.int32)),
+        )
         qf, rf = q.float(), qr.float()
         # the interpreter's encoder error: at most a halving (lost carry) or one fp8 step
         tol_ok = bool(((qf - rf).abs() <= 0.5 * rf.abs() + 2.0**-9).all())
@@ -103,8 +117,9 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
         if interp_encode is not None:
             xs = (x.float() / s_full).clamp(-448.0, 448.0)
             exp = interp_encode(xs)
-            emit(f"{name} codes=", torch.equal(q.view(torch.uint8), exp),
-                 first_diff(q.view(torch.uint8), exp))
+            emit(
+                f"{name} codes=", torch.equal(q.view(torch.uint8), exp), first_diff(q.view(torch.uint8), exp)
+            )
 
     def rand_x(shape, dtype):
         x = torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-3, 4, (1,), generator=gen)
@@ -159,8 +174,9 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
 @pytest.fixture(scope="module")
 def results():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__, "--child"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode != 0:
         pytest.fail(f"interpreter child failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -47,9 +47,12 @@ DOWN0 = "model.layers.0.mlp.down_proj.weight"
 def good(tmp_path_factory) -> Path:
     """Checkpoints made by the product's own commands, built once for the module."""
     root = tmp_path_factory.mktemp("good")
-    for name, kw in (("fp8", {}), ("ct", {"format": "compressed-tensors"}),
-                     ("fp8-ue8m0", {"scale_fmt": "ue8m0"}),
-                     ("ct-ue8m0", {"format": "compressed-tensors", "scale_fmt": "ue8m0"})):
+    for name, kw in (
+        ("fp8", {}),
+        ("ct", {"format": "compressed-tensors"}),
+        ("fp8-ue8m0", {"scale_fmt": "ue8m0"}),
+        ("ct-ue8m0", {"format": "compressed-tensors", "scale_fmt": "ue8m0"}),
+    ):
         quantize(BF16, root / name, QuantizeOptions(device="cpu", **kw))
     dequantize(DS_FP8, root / "ds-bf16", DequantizeOptions(device="cpu"))
     dequantize(LLAMA_FP8, root / "llama-bf16", DequantizeOptions(device="cpu"))
@@ -179,8 +182,9 @@ def test_bundled_fp8_samples_pass(sample):
         code, report, out = run(sample, "--reference", BF16, "-q")
         assert code == 0, out
     else:  # no modules_to_not_convert in this config: a warning, not a failure
-        assert any(f["status"] == "warn" and "modules_to_not_convert" in f["message"]
-                   for f in report["findings"])
+        assert any(
+            f["status"] == "warn" and "modules_to_not_convert" in f["message"] for f in report["findings"]
+        )
 
 
 def test_stacked_experts_are_sampled(tmp_path):
@@ -203,8 +207,10 @@ def test_table_and_summary_are_printed(good):
 def _square_scale_weight(ckpt: Path) -> tuple[str, torch.Tensor]:
     """The 256x256 weight whose 2x2 scale is least symmetric (so a transpose changes values)."""
     t = load_file(ckpt / SINGLE_NAME)
-    best = max((Q0, Q1, O0, "model.layers.1.self_attn.o_proj.weight"),
-               key=lambda n: abs(float(t[n + "_scale_inv"][0, 1] / t[n + "_scale_inv"][1, 0]) - 1))
+    best = max(
+        (Q0, Q1, O0, "model.layers.1.self_attn.o_proj.weight"),
+        key=lambda n: abs(float(t[n + "_scale_inv"][0, 1] / t[n + "_scale_inv"][1, 0]) - 1),
+    )
     return best, t[best + "_scale_inv"]
 
 
@@ -317,8 +323,10 @@ def test_missing_scale_still_in_index(tmp_path):
     edit(ckpt, UP1, lambda t: t.pop(UP1 + "_scale_inv"), index=False)
     code, report, out = run(ckpt, "-q")
     assert code == 1
-    assert any(f["tensor"] == UP1 + "_scale_inv" and "does not hold it" in f["message"]
-               for f in failing_findings(report))
+    assert any(
+        f["tensor"] == UP1 + "_scale_inv" and "does not hold it" in f["message"]
+        for f in failing_findings(report)
+    )
     assert "no scale" in failed(report, UP1)["scale"]
 
 
@@ -434,8 +442,9 @@ def test_tensor_missing_compared_with_reference(good, tmp_path):
     edit(ckpt, "model.norm.weight", lambda t: t.pop("model.norm.weight"))
     code, report, _ = run(ckpt, "--reference", LLAMA_FP8, "-q")
     assert code == 1
-    assert any(f["tensor"] == "model.norm.weight" and "missing" in f["message"]
-               for f in failing_findings(report))
+    assert any(
+        f["tensor"] == "model.norm.weight" and "missing" in f["message"] for f in failing_findings(report)
+    )
 
 
 def test_mixed_scale_names(good, tmp_path):
@@ -449,8 +458,12 @@ def test_mixed_scale_names(good, tmp_path):
 
 def test_fp8_weight_in_skip_list(good, tmp_path):
     ckpt = copy(good / "fp8", tmp_path)
-    set_config(ckpt, lambda c: c["quantization_config"]["modules_to_not_convert"].append(
-        "model.layers.0.self_attn.q_proj"))
+    set_config(
+        ckpt,
+        lambda c: c["quantization_config"]["modules_to_not_convert"].append(
+            "model.layers.0.self_attn.q_proj"
+        ),
+    )
     code, report, _ = run(ckpt, "-q")
     assert code == 1
     assert "modules_to_not_convert" in failed(report, Q0)["ignore_list"]
@@ -501,8 +514,7 @@ def test_gemm_check_catches_a_wrong_kernel(good, monkeypatch):
 
 # --------------------------------------------------------------------------------------- selection
 def test_tensors_filter(good):
-    code, report, _ = run(good / "fp8", "--tensors", "*q_proj*", "--tensors", r"re:layers\.1\.mlp\.up",
-                          "-q")
+    code, report, _ = run(good / "fp8", "--tensors", "*q_proj*", "--tensors", r"re:layers\.1\.mlp\.up", "-q")
     assert code == 0
     chosen = {t["name"] for t in report["tensors"] if t["selected"]}
     assert chosen == {Q0, Q1, UP1}
@@ -532,9 +544,18 @@ def test_data_faults_outside_the_selection_are_not_read_but_structure_is(good, t
 
 
 # ---------------------------------------------------------------------------------- usage and input
-@pytest.mark.parametrize("args", [["--rows", "0"], ["--sample", "0"], ["--device", "cuda"],
-                                  ["--device", "tpu"], ["--tensors", "nothing*"], ["--min-sqnr", "nan"],
-                                  ["--tensors", "re:("]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--rows", "0"],
+        ["--sample", "0"],
+        ["--device", "cuda"],
+        ["--device", "tpu"],
+        ["--tensors", "nothing*"],
+        ["--min-sqnr", "nan"],
+        ["--tensors", "re:("],
+    ],
+)
 def test_bad_options_exit_2(good, args):
     if args == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("a GPU is here")
@@ -557,8 +578,15 @@ def test_options_are_frozen_and_validated():
     assert opts.tensors == ("*q_proj*",) and opts.reference == "x"
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.rows = 3
-    for bad in ({"rows": 0}, {"sample": 0}, {"seed": -1}, {"min_sqnr": float("inf")}, {"experts": -1},
-                {"device": "gpu"}, {"tensors": ("re:[",)}):
+    for bad in (
+        {"rows": 0},
+        {"sample": 0},
+        {"seed": -1},
+        {"min_sqnr": float("inf")},
+        {"experts": -1},
+        {"device": "gpu"},
+        {"tensors": ("re:[",)},
+    ):
         with pytest.raises(UsageError):
             VerifyOptions(**bad)
 
@@ -567,34 +595,106 @@ def test_options_are_frozen_and_validated():
 # The schema docs/verify.md documents: field -> type (tuple = any of); "num" is a number or one of
 # the strings "inf", "-inf", "nan".
 NUM = "num"
-REPORT = {"ok": bool, "command": str, "path": str, "format": str, "description": str,
-          "reference": (str, type(None)), "reference_format": (str, type(None)), "device": str,
-          "device_note": (str, type(None)), "options": dict, "bounds": dict, "totals": dict,
-          "seconds": NUM, "findings": list, "tensors": list}
-OPTIONS = {"reference": (str, type(None)), "tensors": list, "sample": (int, type(None)), "rows": int,
-           "seed": int, "min_sqnr": NUM, "device": str, "experts": int}
+REPORT = {
+    "ok": bool,
+    "command": str,
+    "path": str,
+    "format": str,
+    "description": str,
+    "reference": (str, type(None)),
+    "reference_format": (str, type(None)),
+    "device": str,
+    "device_note": (str, type(None)),
+    "options": dict,
+    "bounds": dict,
+    "totals": dict,
+    "seconds": NUM,
+    "findings": list,
+    "tensors": list,
+}
+OPTIONS = {
+    "reference": (str, type(None)),
+    "tensors": list,
+    "sample": (int, type(None)),
+    "rows": int,
+    "seed": int,
+    "min_sqnr": NUM,
+    "device": str,
+    "experts": int,
+}
 BOUNDS = {"gemm_rule": str, "min_sqnr_db": NUM, "tile_gain_tol": NUM}
-TOTALS = {k: int for k in ("tensors", "unreadable_tensors", "fp8_weights", "selected", "records",
-                           "failed_tensors", "warned_tensors", "failed_checks", "file_failures",
-                           "file_warnings", "bytes_read")}
-FINDING = {"check": str, "status": str, "message": str, "file": (str, type(None)),
-           "tensor": (str, type(None))}
-TENSOR = {"name": str, "file": (str, type(None)), "shape": list, "dtype": str, "role": str,
-          "selected": bool, "status": str, "ok": bool, "checks": dict, "metrics": dict}
-METRICS = {"scale": str, "block": str, "scale_min": NUM, "scale_max": NUM, "nan_codes": int,
-           "gemm_rel_err": NUM, "gemm_bound": NUM, "experts_checked": int, "sqnr_db": NUM,
-           "min_tile_sqnr_db": NUM, "max_tile_gain_dev": NUM, "output_cosine": NUM,
-           "mismatched_elements": int, "max_abs_diff": NUM, "non_finite": int}
-CHECK_NAMES = {"format", "scale", "ignore_list", "orphan", "scale_values", "nan_codes", "gemm",
-               "reference", "finite"}
+TOTALS = {
+    k: int
+    for k in (
+        "tensors",
+        "unreadable_tensors",
+        "fp8_weights",
+        "selected",
+        "records",
+        "failed_tensors",
+        "warned_tensors",
+        "failed_checks",
+        "file_failures",
+        "file_warnings",
+        "bytes_read",
+    )
+}
+FINDING = {
+    "check": str,
+    "status": str,
+    "message": str,
+    "file": (str, type(None)),
+    "tensor": (str, type(None)),
+}
+TENSOR = {
+    "name": str,
+    "file": (str, type(None)),
+    "shape": list,
+    "dtype": str,
+    "role": str,
+    "selected": bool,
+    "status": str,
+    "ok": bool,
+    "checks": dict,
+    "metrics": dict,
+}
+METRICS = {
+    "scale": str,
+    "block": str,
+    "scale_min": NUM,
+    "scale_max": NUM,
+    "nan_codes": int,
+    "gemm_rel_err": NUM,
+    "gemm_bound": NUM,
+    "experts_checked": int,
+    "sqnr_db": NUM,
+    "min_tile_sqnr_db": NUM,
+    "max_tile_gain_dev": NUM,
+    "output_cosine": NUM,
+    "mismatched_elements": int,
+    "max_abs_diff": NUM,
+    "non_finite": int,
+}
+CHECK_NAMES = {
+    "format",
+    "scale",
+    "ignore_list",
+    "orphan",
+    "scale_values",
+    "nan_codes",
+    "gemm",
+    "reference",
+    "finite",
+}
 
 
 def _is(value, typ) -> bool:
     if isinstance(typ, tuple):
         return any(_is(value, t) for t in typ)
     if typ == NUM:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value)) or value in ("inf", "-inf", "nan")
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ) or value in ("inf", "-inf", "nan")
     if typ is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, typ)
@@ -629,8 +729,12 @@ def check_schema(report: dict) -> None:
 
 
 def test_json_report_matches_documented_schema(good, tmp_path):
-    for args in ([good / "fp8", "--reference", BF16], [good / "llama-bf16", "--reference", LLAMA_FP8],
-                 [DS_FP8], [good / "llama-bf16"]):
+    for args in (
+        [good / "fp8", "--reference", BF16],
+        [good / "llama-bf16", "--reference", LLAMA_FP8],
+        [DS_FP8],
+        [good / "llama-bf16"],
+    ):
         code, report, _ = run(*args, "-q")
         assert code == 0
         check_schema(report)
@@ -654,10 +758,14 @@ def test_broken_index_and_stray_shard_are_named(tmp_path):
     (ckpt / "model-00009-of-00009.safetensors").write_bytes(b"")
     code, report, out = run(ckpt, "-q")
     assert code == 1
-    assert any(f["file"] == str(ckpt / "model-00009-of-00009.safetensors") and "stray" in f["message"]
-               for f in failing_findings(report))
+    assert any(
+        f["file"] == str(ckpt / "model-00009-of-00009.safetensors") and "stray" in f["message"]
+        for f in failing_findings(report)
+    )
     (ckpt / INDEX_NAME).write_text("{not json")
     code, report, out = run(ckpt, "-q")
     assert code == 1
-    assert any(f["file"] == str(ckpt / INDEX_NAME) and "not valid JSON" in f["message"]
-               for f in failing_findings(report))
+    assert any(
+        f["file"] == str(ckpt / INDEX_NAME) and "not valid JSON" in f["message"]
+        for f in failing_findings(report)
+    )

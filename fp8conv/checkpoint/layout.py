@@ -74,23 +74,23 @@ def _inside(root: Path, path: Path) -> bool:
 
 def _check_shard_name(root: Path, index_path: Path, name: object, tensor: str) -> None:
     if not isinstance(name, str) or not name:
-        raise InvalidCheckpoint("weight_map value must be a shard file name", file=index_path,
-                                tensor=tensor)
+        raise InvalidCheckpoint("weight_map value must be a shard file name", file=index_path, tensor=tensor)
     p = Path(name)
     if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
         raise InvalidCheckpoint(
             f"shard {name!r} is not a plain file name inside the checkpoint folder "
             "(absolute paths, '..' and sub-folders are refused)",
-            file=index_path, tensor=tensor,
+            file=index_path,
+            tensor=tensor,
         )
     if not name.endswith(".safetensors"):
-        raise InvalidCheckpoint(f"shard {name!r} is not a .safetensors file", file=index_path,
-                                tensor=tensor)
+        raise InvalidCheckpoint(f"shard {name!r} is not a .safetensors file", file=index_path, tensor=tensor)
     full = root / name
     if full.is_symlink() and not _inside(root, full):
         raise InvalidCheckpoint(
             f"shard {name!r} is a symlink that leads outside the checkpoint folder",
-            file=index_path, tensor=tensor,
+            file=index_path,
+            tensor=tensor,
         )
 
 
@@ -124,7 +124,8 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
             if tensor not in shards[shard].tensors:
                 raise InvalidCheckpoint(
                     f"the index places this tensor in {shard}, but that shard does not hold it",
-                    file=index_path, tensor=tensor,
+                    file=index_path,
+                    tensor=tensor,
                 )
         for shard, header in shards.items():
             for tensor in header.tensors:
@@ -145,7 +146,8 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
         has_index = False
     else:
         raise InvalidCheckpoint(
-            f"no {INDEX_NAME} or {SINGLE_NAME} in the folder", file=root,
+            f"no {INDEX_NAME} or {SINGLE_NAME} in the folder",
+            file=root,
         )
     config = None
     if (root / CONFIG_NAME).is_file():
@@ -175,8 +177,9 @@ def list_other_files(root: Path, shard_names: set[str]) -> list[str]:
             dirnames.sort()
         for d in list(dirnames):
             if (Path(dirpath) / d).is_symlink() and not _inside(root, Path(dirpath) / d):
-                raise InvalidCheckpoint("symlinked folder leads outside the checkpoint folder",
-                                        file=Path(dirpath) / d)
+                raise InvalidCheckpoint(
+                    "symlinked folder leads outside the checkpoint folder", file=Path(dirpath) / d
+                )
         for fn in sorted(filenames):
             rel = rel_dir / fn
             if rel_dir == Path(".") and fn in skip_top:
@@ -192,7 +195,8 @@ def list_other_files(root: Path, shard_names: set[str]) -> list[str]:
             if not full.is_file():  # a FIFO would block the copy; a dangling link fail it at the end
                 raise InvalidCheckpoint(
                     "not a regular file (FIFO, socket, device or dangling symlink); only regular "
-                    "files are copied to the output", file=full,
+                    "files are copied to the output",
+                    file=full,
                 )
             out.append(str(rel))
     return out

@@ -47,8 +47,11 @@ def check_paths(src: Path, dst: Path) -> None:
     """Refuse (exit 6) a DST that is SRC, lies inside it, contains it, or reaches it through links."""
     rs, rd = src.resolve(), dst.resolve()
     if rs == rd:
-        raise UnsafePathError("DST is the same folder as SRC", file=dst,
-                              hint="choose a new output folder; the source is never modified")
+        raise UnsafePathError(
+            "DST is the same folder as SRC",
+            file=dst,
+            hint="choose a new output folder; the source is never modified",
+        )
     if _same_or_inside(rd, rs):
         raise UnsafePathError("DST lies inside SRC", file=dst, hint="choose a folder outside SRC")
     if _same_or_inside(rs, rd):
@@ -95,12 +98,14 @@ class OutputDir:
         linked = [d for d in (self.state, self.tmp, self.done_dir) if d.is_symlink()]
         if linked and not overwrite:
             raise UnsafePathError(
-                "state folder is a symlink; nothing is written through links", file=linked[0],
+                "state folder is a symlink; nothing is written through links",
+                file=linked[0],
                 hint="remove it, or pass --overwrite to start over",
             )
         if existing == {} and not overwrite:
             raise UnsafePathError(
-                f"DST holds fp8conv state that cannot be read ({STATE_DIR}/{JOB_FILE})", file=self.root,
+                f"DST holds fp8conv state that cannot be read ({STATE_DIR}/{JOB_FILE})",
+                file=self.root,
                 hint="pass --overwrite to start over",
             )
         if existing is not None and existing != job and not overwrite:
@@ -112,14 +117,16 @@ class OutputDir:
             )
         if existing is None and has_content and not overwrite:
             raise UnsafePathError(
-                "DST exists and holds other content", file=self.root,
+                "DST exists and holds other content",
+                file=self.root,
                 hint="choose an empty or new folder, or pass --overwrite to replace its content",
             )
         links = [] if overwrite else self._links()
         if links:
             raise UnsafePathError(
                 f"DST holds {len(links)} symlink(s) ({', '.join(map(str, links[:3]))}); fp8conv "
-                "makes none and writes nothing through links", file=self.root,
+                "makes none and writes nothing through links",
+                file=self.root,
                 hint="remove them, or pass --overwrite to replace them with real files",
             )
         if overwrite and ((existing != job and has_content) or linked):
@@ -224,8 +231,9 @@ class OutputDir:
         for part in Path(rel).parts[:-1]:
             parent = parent / part
             if parent.is_symlink():
-                raise UnsafePathError("folder in DST is a symlink; nothing is written through links",
-                                      file=parent)
+                raise UnsafePathError(
+                    "folder in DST is a symlink; nothing is written through links", file=parent
+                )
             parent.mkdir(exist_ok=True)
 
     def open_tmp(self, rel: str) -> tuple[int, Path]:
@@ -244,7 +252,7 @@ class OutputDir:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
             self.commit(tmp, rel)
@@ -265,7 +273,7 @@ class OutputDir:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -326,8 +334,9 @@ def copy_range(fd_in: int, fd_out: int, off_in: int, length: int, off_out: int) 
         n = 0
         if use_cfr:
             try:
-                n = os.copy_file_range(fd_in, fd_out, min(length - done, 1 << 30),
-                                       off_in + done, off_out + done)
+                n = os.copy_file_range(
+                    fd_in, fd_out, min(length - done, 1 << 30), off_in + done, off_out + done
+                )
             except OSError as e:
                 if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                     use_cfr = False

@@ -138,9 +138,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> ShardHeader:
     try:
         obj = json.loads(text, object_pairs_hook=_reject_duplicates)
     except _DuplicateKey as e:
-        raise InvalidCheckpoint(
-            "duplicate tensor name in header", file=path, tensor=e.key
-        ) from None
+        raise InvalidCheckpoint("duplicate tensor name in header", file=path, tensor=e.key) from None
     except (ValueError, RecursionError) as e:  # ValueError: also integers past int_max_str_digits
         raise InvalidCheckpoint(f"header is not valid JSON ({e})", file=path) from None
     if not isinstance(obj, dict):
@@ -164,9 +162,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> ShardHeader:
                 f"gap of {t.start - expected} bytes before this tensor's data", file=path, tensor=t.name
             )
         if t.start < expected:
-            raise InvalidCheckpoint(
-                "data overlaps the previous tensor's data", file=path, tensor=t.name
-            )
+            raise InvalidCheckpoint("data overlaps the previous tensor's data", file=path, tensor=t.name)
         expected = t.end
     used = expected - data_start
     if used > data_len:
@@ -209,9 +205,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
         and len(offs) == 2
         and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
     ):
-        raise InvalidCheckpoint(
-            "data_offsets must be two non-negative integers", file=path, tensor=name
-        )
+        raise InvalidCheckpoint("data_offsets must be two non-negative integers", file=path, tensor=name)
     begin, end = offs
     if end < begin:
         raise InvalidCheckpoint(f"data_offsets end {end} < begin {begin}", file=path, tensor=name)
@@ -271,8 +265,9 @@ class ShardReader:
                 )
             done += got
 
-    def read_bytes(self, info: TensorInfo, start: int = 0, length: int | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_bytes(
+        self, info: TensorInfo, start: int = 0, length: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Bytes [start, start+length) of tensor `info` as a uint8 tensor."""
         if length is None:
             length = info.nbytes - start
@@ -313,8 +308,9 @@ def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return {name: r.read_tensor(info) for name, info in header.tensors.items()}
 
 
-def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-              metadata: dict[str, str] | None = None) -> None:
+def save_file(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Write a shard in one go (tests and samples); the pipeline uses the streaming writer."""
     entries = [(k, DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
     prefix, _ = build_header(entries, metadata)

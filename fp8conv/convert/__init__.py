@@ -10,18 +10,31 @@ from fp8conv.convert.engine import Progress, Summary
 from fp8conv.convert.options import DequantizeOptions, QuantizeOptions
 from fp8conv.convert.plan import Plan, plan_dequantize, plan_quantize
 
-__all__ = ["DequantizeOptions", "Plan", "Progress", "QuantizeOptions", "Summary", "dequantize",
-           "plan_for_quantize", "quantize"]
+__all__ = [
+    "DequantizeOptions",
+    "Plan",
+    "Progress",
+    "QuantizeOptions",
+    "Summary",
+    "dequantize",
+    "plan_for_quantize",
+    "quantize",
+]
 
 
-def dequantize(src: str | Path, dst: str | Path, options: DequantizeOptions | None = None,
-               progress: Progress | None = None) -> Summary:
+def dequantize(
+    src: str | Path,
+    dst: str | Path,
+    options: DequantizeOptions | None = None,
+    progress: Progress | None = None,
+) -> Summary:
     """Turn an FP8 checkpoint folder into a bf16/fp16/fp32 one. Raises fp8conv.errors types."""
     opts = options or DequantizeOptions()
     ckpt = open_checkpoint(src)
     plan = plan_dequantize(ckpt, opts)
-    return engine.run(ckpt, plan, Path(dst), "dequantize", opts.job_key(), opts.device,
-                      opts.overwrite, opts.part, progress)
+    return engine.run(
+        ckpt, plan, Path(dst), "dequantize", opts.job_key(), opts.device, opts.overwrite, opts.part, progress
+    )
 
 
 def plan_for_quantize(src: str | Path, options: QuantizeOptions | None = None) -> Plan:
@@ -30,11 +43,22 @@ def plan_for_quantize(src: str | Path, options: QuantizeOptions | None = None) -
     return plan_quantize(open_checkpoint(src), opts)
 
 
-def quantize(src: str | Path, dst: str | Path, options: QuantizeOptions | None = None,
-             progress: Progress | None = None) -> Summary:
+def quantize(
+    src: str | Path, dst: str | Path, options: QuantizeOptions | None = None, progress: Progress | None = None
+) -> Summary:
     """Turn a bf16/fp16/fp32 checkpoint folder into block FP8 (e4m3, one scale per tile)."""
     opts = options or QuantizeOptions()
     ckpt = open_checkpoint(src)
     plan = plan_quantize(ckpt, opts)
-    return engine.run(ckpt, plan, Path(dst), "quantize", opts.job_key(), opts.device,
-                      opts.overwrite, opts.part, progress, scale_fmt=opts.scale_fmt)
+    return engine.run(
+        ckpt,
+        plan,
+        Path(dst),
+        "quantize",
+        opts.job_key(),
+        opts.device,
+        opts.overwrite,
+        opts.part,
+        progress,
+        scale_fmt=opts.scale_fmt,
+    )

@@ -35,8 +35,9 @@ from fp8conv.kernels.reference import weight_dequant_torch, weight_quant_torch
 
 PIECE_ELEMS = 8 << 20  # 8 Mi elements: 8 MiB of FP8, 16 MiB of bf16 per piece
 POOL = 3  # pieces in flight on each side of the converter
-CPU_WORKERS = min(4, max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                         else (os.cpu_count() or 1)))
+CPU_WORKERS = min(
+    4, max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+)
 
 # Test hook (tests/test_resume.py), read once: FP8CONV_FAULT=POINT[:N][=SIG] stops the process there.
 _FAULT = os.environ.get("FP8CONV_FAULT", "")
@@ -132,8 +133,15 @@ def _shard_hash(p: Path, data_start: int, size: int) -> str:
     with open(p, "rb") as f:
         h.update(f.read(data_start))
         n = size - data_start
-        spans = [(data_start, n)] if n <= 4 * _SAMPLE else [
-            (data_start, _SAMPLE), (data_start + (n - _SAMPLE) // 2, _SAMPLE), (size - _SAMPLE, _SAMPLE)]
+        spans = (
+            [(data_start, n)]
+            if n <= 4 * _SAMPLE
+            else [
+                (data_start, _SAMPLE),
+                (data_start + (n - _SAMPLE) // 2, _SAMPLE),
+                (size - _SAMPLE, _SAMPLE),
+            ]
+        )
         for off, length in spans:
             f.seek(off)
             h.update(f.read(length))
@@ -185,15 +193,23 @@ class _Signals:
             signal.signal(sig, h)
 
 
-def run(ckpt: Checkpoint, plan: Plan, dst: Path, command: str, job_key: dict, device_spec: str,
-        overwrite: bool, part: tuple[int, int] | None, progress: Progress | None = None,
-        scale_fmt: str = "float") -> Summary:
+def run(
+    ckpt: Checkpoint,
+    plan: Plan,
+    dst: Path,
+    command: str,
+    job_key: dict,
+    device_spec: str,
+    overwrite: bool,
+    part: tuple[int, int] | None,
+    progress: Progress | None = None,
+    scale_fmt: str = "float",
+) -> Summary:
     progress = progress or Progress()
     t0 = time.perf_counter()
     check_paths(ckpt.root, dst)
     device, note = resolve_device(device_spec)
-    summary = Summary(command, str(ckpt.root), str(dst), str(device),
-                      part=list(part) if part else None)
+    summary = Summary(command, str(ckpt.root), str(dst), str(device), part=list(part) if part else None)
     if note:
         summary.notes.append(note)
         progress.note(note)
@@ -215,8 +231,7 @@ def run(ckpt: Checkpoint, plan: Plan, dst: Path, command: str, job_key: dict, de
         try:
             for sp in mine:
                 if sp in todo:
-                    tmp = _write_shard(ckpt, sp, out, device, scale_fmt, summary, progress,
-                                       pending)
+                    tmp = _write_shard(ckpt, sp, out, device, scale_fmt, summary, progress, pending)
                     if pending is not None:
                         pending.result()  # at most one commit in flight; its errors surface here
                     pending = committer.submit(_commit_shard, ckpt, out, tmp, sp.name, progress)
@@ -246,14 +261,13 @@ def _final_names(ckpt: Checkpoint, plan: Plan) -> list[str]:
 
 
 def _check_free_space(ckpt: Checkpoint, out: OutputDir, todo: list[ShardPlan]) -> None:
-    need = sum(s.out_bytes for s in todo) + sum(
-        (ckpt.root / r).stat().st_size for r in ckpt.other_files
-    )
+    need = sum(s.out_bytes for s in todo) + sum((ckpt.root / r).stat().st_size for r in ckpt.other_files)
     free = shutil.disk_usage(out.root).free
     if need > free:
         raise ResourceError(
             f"the output needs about {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free",
-            file=out.root, hint="free space or choose another DST",
+            file=out.root,
+            hint="free space or choose another DST",
         )
 
 
@@ -303,9 +317,15 @@ def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
             for r0 in range(0, m, step):
                 r1 = min(m, r0 + step)
                 row = e * m + r0
-                yield _Piece(job, "convert", src.start + row * n * in_item, (r1 - r0) * n * in_item,
-                             dst0 + row * n * out_item, (e, r0, r1),
-                             last=(e == experts - 1 and r1 == m))
+                yield _Piece(
+                    job,
+                    "convert",
+                    src.start + row * n * in_item,
+                    (r1 - r0) * n * in_item,
+                    dst0 + row * n * out_item,
+                    (e, r0, r1),
+                    last=(e == experts - 1 and r1 == m),
+                )
 
 
 def _max_piece_bytes(sp: ShardPlan) -> tuple[int, int]:
@@ -352,7 +372,8 @@ class _Converter:
                 idx = tuple(int(i) for i in bad.nonzero()[0])
                 raise NonFiniteError(
                     f"scale element {list(idx)} is {float(s[idx])!r}; scales must be finite and > 0",
-                    file=self.ckpt.root / shard, tensor=info.name,
+                    file=self.ckpt.root / shard,
+                    tensor=info.name,
                 )
             self.scales = {job.name: s}
         return s
@@ -384,8 +405,9 @@ class _Converter:
             if self.device.type == "cpu":
                 weight_dequant_torch(src, s2, job.block, dst.dtype, out=dst)
             else:
-                y = weight_dequant(src.to(self.device, non_blocking=True),
-                                   s2.to(self.device), job.block, dst.dtype)
+                y = weight_dequant(
+                    src.to(self.device, non_blocking=True), s2.to(self.device), job.block, dst.dtype
+                )
                 dst.copy_(y, non_blocking=True)
                 torch.cuda.current_stream(self.device).synchronize()
         else:  # quant
@@ -435,7 +457,8 @@ def _check_codes(q: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkpo
     if bool(bad.any()):
         raise NonFiniteError(
             f"FP8 NaN/Inf code at element {_first_bad(bad, job, e, r0)}",
-            file=ckpt.root / ckpt.weight_map[job.name], tensor=job.name,
+            file=ckpt.root / ckpt.weight_map[job.name],
+            tensor=job.name,
         )
 
 
@@ -446,7 +469,8 @@ def _check_finite(x: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkp
         val = float(x[idx[-2] - r0, idx[-1]])
         raise NonFiniteError(
             f"weight holds {val} at element {idx}; NaN and Inf cannot be quantized",
-            file=ckpt.root / ckpt.weight_map[job.name], tensor=job.name,
+            file=ckpt.root / ckpt.weight_map[job.name],
+            tensor=job.name,
         )
 
 
@@ -454,8 +478,9 @@ def _check_finite(x: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkp
 class _ShardWriter:
     """One output shard through the read -> convert -> write pipeline, into a temporary file."""
 
-    def __init__(self, ckpt: Checkpoint, sp: ShardPlan, out: OutputDir, conv: _Converter,
-                 progress: Progress) -> None:
+    def __init__(
+        self, ckpt: Checkpoint, sp: ShardPlan, out: OutputDir, conv: _Converter, progress: Progress
+    ) -> None:
         self.ckpt, self.sp, self.out, self.conv, self.progress = ckpt, sp, out, conv, progress
         self.reader = conv._reader(sp.name)
         pin = conv.device.type == "cuda"
@@ -463,10 +488,12 @@ class _ShardWriter:
         # size (OpenMP fork/join per elementwise op); GPU: one, the card does the work.
         self.workers = 1 if pin else CPU_WORKERS
         in_size, out_size = _max_piece_bytes(sp)
-        self.in_pool = [torch.empty(in_size, dtype=torch.uint8, pin_memory=pin)
-                        for _ in range(POOL + self.workers)]
-        self.out_pool = [torch.empty(out_size, dtype=torch.uint8, pin_memory=pin)
-                         for _ in range(POOL + self.workers)]
+        self.in_pool = [
+            torch.empty(in_size, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL + self.workers)
+        ]
+        self.out_pool = [
+            torch.empty(out_size, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL + self.workers)
+        ]
         self.reads: deque[tuple[_Piece, torch.Tensor | None, Future | None]] = deque()
         self.converting: deque[tuple[_Piece, torch.Tensor, torch.Tensor, Future]] = deque()
         self.writes: deque[tuple[Future, torch.Tensor | None]] = deque()
@@ -480,8 +507,7 @@ class _ShardWriter:
             while pos < len(view):
                 pos += os.pwrite(self.fd, view[pos:], dst_off + pos)
         except OSError as e:
-            raise io_error(e, self.out.root / self.sp.name, "writing",
-                           job.name if job else None) from e
+            raise io_error(e, self.out.root / self.sp.name, "writing", job.name if job else None) from e
         if advance:
             self.progress.advance(advance)
 
@@ -489,8 +515,7 @@ class _ShardWriter:
         try:
             copy_range(self.reader._fd, self.fd, piece.src_off, piece.length, piece.dst_off)
         except OSError as e:
-            raise io_error(e, self.out.root / self.sp.name, "copying tensor data",
-                           piece.job.name) from e
+            raise io_error(e, self.out.root / self.sp.name, "copying tensor data", piece.job.name) from e
         self.progress.advance(piece.length)
 
     # -- bookkeeping on the calling thread
@@ -508,8 +533,7 @@ class _ShardWriter:
     def _submit_read(self, piece: _Piece) -> None:
         if piece.kind == "convert":
             buf = self.in_pool.pop()
-            f = self.rd.submit(self.reader.read_into, buf[: piece.length], piece.src_off,
-                               piece.job.name)
+            f = self.rd.submit(self.reader.read_into, buf[: piece.length], piece.src_off, piece.job.name)
             self.reads.append((piece, buf, f))
         else:
             self.reads.append((piece, None, None))
@@ -518,8 +542,7 @@ class _ShardWriter:
         piece, buf, obuf, f = self.converting.popleft()
         n = f.result()
         self.in_pool.append(buf)
-        self._submit_write(self._pwrite, obuf[:n].numpy(), piece.dst_off, piece.job, piece.length,
-                           buf=obuf)
+        self._submit_write(self._pwrite, obuf[:n].numpy(), piece.dst_off, piece.job, piece.length, buf=obuf)
         if piece.last:
             summary.tensors_converted += 1
 
@@ -542,8 +565,7 @@ class _ShardWriter:
             self._reclaim()
         obuf = self.out_pool.pop()
         state = self.conv.prepare(piece)
-        self.converting.append((piece, buf, obuf,
-                                self.cv.submit(self.conv.convert, piece, buf, obuf, state)))
+        self.converting.append((piece, buf, obuf, self.cv.submit(self.conv.convert, piece, buf, obuf, state)))
         self.weight_job = job
 
     def run(self, summary: Summary) -> None:
@@ -598,9 +620,16 @@ class _ShardWriter:
         return tmp
 
 
-def _write_shard(ckpt: Checkpoint, sp: ShardPlan, out: OutputDir, device: torch.device,
-                 scale_fmt: str, summary: Summary, progress: Progress,
-                 previous: Future | None = None) -> Path:
+def _write_shard(
+    ckpt: Checkpoint,
+    sp: ShardPlan,
+    out: OutputDir,
+    device: torch.device,
+    scale_fmt: str,
+    summary: Summary,
+    progress: Progress,
+    previous: Future | None = None,
+) -> Path:
     """Write one shard completely into its temporary file; the caller commits it (`previous` is the
     commit still running for the shard before)."""
     conv = _Converter(ckpt, device, scale_fmt)

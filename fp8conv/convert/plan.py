@@ -26,9 +26,22 @@ SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0", "U8")
 
 # Left unquantized by default (FORMATS.md): embeddings, lm_head, norms, MoE router gates.
 DEFAULT_SKIP = (
-    "*embed_tokens*", "*embeddings*", "*word_embeddings*", "*wte*", "*wpe*", "*embed*",
-    "lm_head*", "*.lm_head*", "*norm*", "*LayerNorm*", "*layernorm*", "*ln_*",
-    "*.mlp.gate.weight", "*.gate.weight", "*router*", "*shared_expert_gate*",
+    "*embed_tokens*",
+    "*embeddings*",
+    "*word_embeddings*",
+    "*wte*",
+    "*wpe*",
+    "*embed*",
+    "lm_head*",
+    "*.lm_head*",
+    "*norm*",
+    "*LayerNorm*",
+    "*layernorm*",
+    "*ln_*",
+    "*.mlp.gate.weight",
+    "*.gate.weight",
+    "*router*",
+    "*shared_expert_gate*",
 )
 
 
@@ -105,8 +118,11 @@ def block_from_config(ckpt: Checkpoint) -> tuple[int, int] | None:
 def scale_block(ckpt: Checkpoint, w: TensorInfo, s: TensorInfo) -> tuple[int, int]:
     """The tile a scale covers: the config's block, or per-tensor / per-row if the shape says so."""
     if s.dtype not in SCALE_DTYPES:
-        raise InvalidCheckpoint(f"scale dtype {s.dtype} is not one of {', '.join(SCALE_DTYPES)}",
-                                file=ckpt.root / ckpt.weight_map[s.name], tensor=s.name)
+        raise InvalidCheckpoint(
+            f"scale dtype {s.dtype} is not one of {', '.join(SCALE_DTYPES)}",
+            file=ckpt.root / ckpt.weight_map[s.name],
+            tensor=s.name,
+        )
     *lead, m, n = w.shape
     candidates = [block_from_config(ckpt) or (128, 128), (m, n), (1, n)]
     for blk in candidates:
@@ -118,7 +134,8 @@ def scale_block(ckpt: Checkpoint, w: TensorInfo, s: TensorInfo) -> tuple[int, in
     raise InvalidCheckpoint(
         f"scale shape {list(s.shape)} does not fit weight {list(w.shape)}: expected "
         f"{list(scale_grid(w.shape, candidates[0]))} for {candidates[0][0]}x{candidates[0][1]} tiles",
-        file=ckpt.root / ckpt.weight_map[s.name], tensor=s.name,
+        file=ckpt.root / ckpt.weight_map[s.name],
+        tensor=s.name,
     )
 
 
@@ -131,13 +148,15 @@ def plan_dequantize(ckpt: Checkpoint, opts: DequantizeOptions) -> Plan:
         if info.dtype in FP8_WEIGHT_DTYPES:
             path = ckpt.root / shard
             if len(info.shape) < 2:
-                raise InvalidCheckpoint("FP8 tensor has fewer than 2 dimensions; cannot tile it",
-                                        file=path, tensor=name)
+                raise InvalidCheckpoint(
+                    "FP8 tensor has fewer than 2 dimensions; cannot tile it", file=path, tensor=name
+                )
             scale = find_scale(ckpt, name)
             if scale is None:
                 raise InvalidCheckpoint(
-                    f"FP8 weight has no scale ({name}_scale_inv or {name}_scale) anywhere in the "
-                    "checkpoint", file=path, tensor=name,
+                    f"FP8 weight has no scale ({name}_scale_inv or {name}_scale) anywhere in the checkpoint",
+                    file=path,
+                    tensor=name,
                     hint="an FP8 tensor is never left in the output",
                 )
             scale_block(ckpt, info, scale)
@@ -152,11 +171,11 @@ def plan_dequantize(ckpt: Checkpoint, opts: DequantizeOptions) -> Plan:
             if name in weights:
                 s = weights[name]
                 blk = scale_block(ckpt, info, s)
-                sp.jobs.append(TensorJob(name, "dequant", info, out_dtype, info.shape, scale=s,
-                                         block=blk))
+                sp.jobs.append(TensorJob(name, "dequant", info, out_dtype, info.shape, scale=s, block=blk))
             else:
-                sp.jobs.append(TensorJob(name, "copy", info, info.dtype, info.shape,
-                                         reason=_copy_reason(info)))
+                sp.jobs.append(
+                    TensorJob(name, "copy", info, info.dtype, info.shape, reason=_copy_reason(info))
+                )
         shards.append(sp)
     return Plan(shards, dequantized_config(ckpt.config, opts.dtype_name))
 
@@ -223,7 +242,9 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
         info = ckpt.shards[shard].tensors[name]
         if info.dtype in FP8_WEIGHT_DTYPES:
             raise InvalidCheckpoint(
-                f"input is already FP8 ({info.dtype})", file=ckpt.root / shard, tensor=name,
+                f"input is already FP8 ({info.dtype})",
+                file=ckpt.root / shard,
+                tensor=name,
                 hint="run `fp8conv dequantize` first to get a BF16 checkpoint",
             )
     scale_suffix = "_scale" if opts.format == "compressed-tensors" else "_scale_inv"
@@ -236,16 +257,27 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
             if why is None:
                 sname = name + scale_suffix
                 if sname in ckpt:
-                    raise InvalidCheckpoint(f"output scale name {sname!r} is already taken",
-                                            file=ckpt.root / shard, tensor=name)
-                sp.jobs.append(TensorJob(name, "quant", info, "F8_E4M3", info.shape,
-                                         block=opts.block_size, scale_name=sname))
-                sp.jobs.append(TensorJob(sname, "scale", None, "F32",
-                                         scale_grid(info.shape, opts.block_size), block=opts.block_size))
+                    raise InvalidCheckpoint(
+                        f"output scale name {sname!r} is already taken", file=ckpt.root / shard, tensor=name
+                    )
+                sp.jobs.append(
+                    TensorJob(
+                        name, "quant", info, "F8_E4M3", info.shape, block=opts.block_size, scale_name=sname
+                    )
+                )
+                sp.jobs.append(
+                    TensorJob(
+                        sname,
+                        "scale",
+                        None,
+                        "F32",
+                        scale_grid(info.shape, opts.block_size),
+                        block=opts.block_size,
+                    )
+                )
             else:
                 sp.jobs.append(TensorJob(name, "copy", info, info.dtype, info.shape, reason=why))
-                if (name.endswith(".weight") and info.dtype in FLOAT_DTYPES
-                        and len(info.shape) in (2, 3)):
+                if name.endswith(".weight") and info.dtype in FLOAT_DTYPES and len(info.shape) in (2, 3):
                     not_converted.append(name[: -len(".weight")])
         shards.append(sp)
     module_list = sorted(set(not_converted) | {"lm_head"})
@@ -274,12 +306,22 @@ def quantized_config(config: dict | None, opts: QuantizeOptions, skipped: list[s
                 "group_0": {
                     "targets": ["Linear"],
                     "weights": {
-                        "num_bits": 8, "type": "float", "symmetric": True, "strategy": "block",
-                        "block_structure": [bm, bn], "dynamic": False, "observer": "minmax",
+                        "num_bits": 8,
+                        "type": "float",
+                        "symmetric": True,
+                        "strategy": "block",
+                        "block_structure": [bm, bn],
+                        "dynamic": False,
+                        "observer": "minmax",
                     },
                     "input_activations": {
-                        "num_bits": 8, "type": "float", "symmetric": True, "strategy": "group",
-                        "group_size": 128, "dynamic": True, "observer": None,
+                        "num_bits": 8,
+                        "type": "float",
+                        "symmetric": True,
+                        "strategy": "group",
+                        "group_size": 128,
+                        "dynamic": True,
+                        "observer": None,
                     },
                     "output_activations": None,
                     "format": "float-quantized",

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_status() -> tuple[bool, str]:
     """(usable, reason): Triton imports and a CUDA GPU is there to run it."""
     if not torch.cuda.is_available():

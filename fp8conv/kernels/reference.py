@@ -166,8 +166,9 @@ def weight_dequant_torch(
     if q.dim() < 2:
         raise ValueError("weight must have at least 2 dimensions")
     if tuple(s.shape) != scale_grid(tuple(q.shape), block_size):
-        raise ValueError(f"scale shape {tuple(s.shape)} does not match weight {tuple(q.shape)} "
-                         f"with block {block_size}")
+        raise ValueError(
+            f"scale shape {tuple(s.shape)} does not match weight {tuple(q.shape)} with block {block_size}"
+        )
     s = scale_to_float32(s)
     q3, s3 = _as_3d(q), _as_3d(s)
     y = torch.empty(q.shape, dtype=out_dtype, device=q.device) if out is None else out
@@ -181,8 +182,15 @@ def weight_dequant_torch(
     return y
 
 
-def _quant_chunk(x: torch.Tensor, bm: int, bn: int, scale_fmt: str, fp8_dtype: torch.dtype,
-                 q_out: torch.Tensor, tmp: _Scratch) -> torch.Tensor:
+def _quant_chunk(
+    x: torch.Tensor,
+    bm: int,
+    bn: int,
+    scale_fmt: str,
+    fp8_dtype: torch.dtype,
+    q_out: torch.Tensor,
+    tmp: _Scratch,
+) -> torch.Tensor:
     """Quantize a chunk [R, C] of whole tiles into q_out; return its scales [k, ceil(C/bn)].
 
     The clamp to +-FP8_MAX is a no-op here by construction: s = fl(amax / 448) makes
@@ -232,14 +240,15 @@ def weight_quant_torch(
     tmp = _Scratch()
     for e in range(x3.shape[0]):
         for r0, r1, c0, c1 in _chunks(m, n, bm, bn):
-            sc = _quant_chunk(x3[e, r0:r1, c0:c1], bm, bn, scale_fmt, fp8_dtype, q3[e, r0:r1, c0:c1],
-                              tmp)
+            sc = _quant_chunk(x3[e, r0:r1, c0:c1], bm, bn, scale_fmt, fp8_dtype, q3[e, r0:r1, c0:c1], tmp)
             s3[e, r0 // bm : r0 // bm + sc.shape[0], c0 // bn : c0 // bn + sc.shape[1]] = sc
     return q, s
 
 
 def act_quant_torch(
-    x: torch.Tensor, group_size: int = BLOCK, scale_fmt: str = "float",
+    x: torch.Tensor,
+    group_size: int = BLOCK,
+    scale_fmt: str = "float",
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations [..., K] per 1 x group_size group: codes [..., K], scales [..., ceil(K/g)]."""
@@ -252,9 +261,7 @@ def expand_scales(s: torch.Tensor, shape: tuple[int, ...], block_size: Block) ->
     """Scales repeated over their tiles and cropped to `shape` (straightforward; for references)."""
     s = scale_to_float32(s)
     bm, bn = block_size
-    return s.repeat_interleave(bm, dim=-2).repeat_interleave(bn, dim=-1)[
-        ..., : shape[-2], : shape[-1]
-    ]
+    return s.repeat_interleave(bm, dim=-2).repeat_interleave(bn, dim=-1)[..., : shape[-2], : shape[-1]]
 
 
 def fp8_gemm_torch(
@@ -270,8 +277,9 @@ def fp8_gemm_torch(
     operands in `acc_dtype` (float32 on CPU by default; float64 for references)."""
     k = a.shape[-1]
     a2 = a.reshape(-1, k)
-    af = a2.to(acc_dtype) * expand_scales(a_scale.reshape(-1, a_scale.shape[-1]), tuple(a2.shape),
-                                          (1, block_size[1])).to(acc_dtype)
+    af = a2.to(acc_dtype) * expand_scales(
+        a_scale.reshape(-1, a_scale.shape[-1]), tuple(a2.shape), (1, block_size[1])
+    ).to(acc_dtype)
     bf = b.to(acc_dtype) * expand_scales(b_scale, tuple(b.shape), block_size).to(acc_dtype)
     c = af @ bf.t()
     return c.to(out_dtype).reshape(*a.shape[:-1], b.shape[0])

@@ -74,8 +74,7 @@ def _max_nan(a, b):
 def _scale_from_amax(amax, FMAX: tl.constexpr, UE8M0: tl.constexpr):
     """(s, inv): s = max(amax / FMAX, 2**-126) correctly rounded; for ue8m0 s = 2**ceil(log2 s) and
     inv = 1/s exactly (a power of two), else inv is unused."""
-    s = tl.maximum(tl.math.div_rn(amax, FMAX), 1.1754943508222875e-38,
-                   propagate_nan=tl.PropagateNan.ALL)
+    s = tl.maximum(tl.math.div_rn(amax, FMAX), 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
     inv = s
     if UE8M0:
         bits = s.to(tl.int32, bitcast=True)
@@ -98,10 +97,21 @@ def _encode(x, s, inv, FMAX: tl.constexpr, UE8M0: tl.constexpr, OUT_TY: tl.const
 
 @triton.jit
 def _weight_dequant_kernel(
-    q_ptr, s_ptr, y_ptr,
-    M, N_div, bm, bn, sm, sn, n_tiles_n,
-    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROW_UNIFORM: tl.constexpr, COL_UNIFORM: tl.constexpr,
+    q_ptr,
+    s_ptr,
+    y_ptr,
+    M,
+    N_div,
+    bm,
+    bn,
+    sm,
+    sn,
+    n_tiles_n,
+    ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROW_UNIFORM: tl.constexpr,
+    COL_UNIFORM: tl.constexpr,
 ):
     """y[e, i, j] = cast(fp32(q[e, i, j]) * s[e, i // bm, j // bn]) over one BLOCK_M x BLOCK_N tile.
 
@@ -132,19 +142,28 @@ def _weight_dequant_kernel(
             s_r = tl.load(s_mat + (rows // bm) * sn + (pid_n * BLOCK_N) // bn, mask=row_ok, other=1.0)
             y = x * s_r[:, None]
         else:
-            s_2 = tl.load(s_mat + (rows // bm)[:, None] * sn + (cols // bn)[None, :], mask=mask,
-                          other=1.0)
+            s_2 = tl.load(s_mat + (rows // bm)[:, None] * sn + (cols // bn)[None, :], mask=mask, other=1.0)
             y = x * s_2
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _weight_quant_kernel(
-    x_ptr, q_ptr, s_ptr,
-    M, N_div, bm, sm, sn,
-    BN: tl.constexpr, ALIGN: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    N_div,
+    bm,
+    sm,
+    sn,
+    BN: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BM_P: tl.constexpr,
+    BN_P: tl.constexpr,
     SINGLE: tl.constexpr,
-    FMAX: tl.constexpr, UE8M0: tl.constexpr,
+    FMAX: tl.constexpr,
+    UE8M0: tl.constexpr,
 ):
     """One program per scale tile (bm x BN) of matrix e. SINGLE: the tile (padded to BM_P x BN_P) is
     held in registers, one pass; else two passes over BM_P x BN_P chunks (amax, then encode).
@@ -196,10 +215,18 @@ def _weight_quant_kernel(
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, q_ptr, s_ptr,
-    R, K_div, n_groups,
-    G: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, G_P: tl.constexpr,
-    FMAX: tl.constexpr, UE8M0: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    R,
+    K_div,
+    n_groups,
+    G: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    G_P: tl.constexpr,
+    FMAX: tl.constexpr,
+    UE8M0: tl.constexpr,
 ):
     """x [R, K] -> codes [R, K], scales [R, n_groups]: one program quantizes BLOCK_R rows of one
     group column (each row of the tile is its own 1 x g group)."""
@@ -223,9 +250,20 @@ def _act_quant_kernel(
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
-    M, N, K, KB, M_BUCKET,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    as_ptr,
+    bs_ptr,
+    M,
+    N,
+    K,
+    KB,
+    M_BUCKET,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     """C[M, N] = A[M, K] @ B[N, K]^T with A scales [M, KB] (1 x 128) and B scales [ceil(N/128), KB]
@@ -280,9 +318,20 @@ def _fp8_gemm_kernel(
 
 @triton.jit
 def _fp8_gemm_tma_kernel(
-    a_desc, b_desc, c_ptr, as_ptr, bs_ptr,
-    M, N, K, KB, M_BUCKET,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_desc,
+    b_desc,
+    c_ptr,
+    as_ptr,
+    bs_ptr,
+    M,
+    N,
+    K,
+    KB,
+    M_BUCKET,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """_fp8_gemm_kernel with A and B tiles fetched by the TMA engine (Hopper) through tensor
     descriptors; out-of-bounds rows and K columns arrive as zeros, so no masks on A and B."""
@@ -383,8 +432,9 @@ def weight_dequant_triton(
     if q.dim() < 2:
         raise ValueError("weight must have at least 2 dimensions")
     if tuple(s.shape) != scale_grid(tuple(q.shape), (bm, bn)):
-        raise ValueError(f"scale shape {tuple(s.shape)} does not match weight {tuple(q.shape)} "
-                         f"with block {(bm, bn)}")
+        raise ValueError(
+            f"scale shape {tuple(s.shape)} does not match weight {tuple(q.shape)} with block {(bm, bn)}"
+        )
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be bfloat16, float16 or float32, not {out_dtype}")
     y = torch.empty(q.shape, dtype=out_dtype, device=q.device)
@@ -404,16 +454,29 @@ def weight_dequant_triton(
     n_tiles_n = triton.cdiv(n, block_n)
     grid = (triton.cdiv(m, block_m) * n_tiles_n, e)
     _weight_dequant_kernel[grid](
-        q, s, y, m, n // align, bm, bn, sm, sn, n_tiles_n,
-        ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n,
-        ROW_UNIFORM=row_uniform, COL_UNIFORM=col_uniform,
+        q,
+        s,
+        y,
+        m,
+        n // align,
+        bm,
+        bn,
+        sm,
+        sn,
+        n_tiles_n,
+        ALIGN=align,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        ROW_UNIFORM=row_uniform,
+        COL_UNIFORM=col_uniform,
         num_warps=DEQUANT_TILE["num_warps"],
     )
     return y
 
 
-def _act_quant_2d(x2: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, g: int, ue8m0: bool,
-                  fmax: float) -> None:
+def _act_quant_2d(
+    x2: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, g: int, ue8m0: bool, fmax: float
+) -> None:
     r, k = x2.shape
     n_groups = s2.shape[-1]
     if n_groups == 1:
@@ -425,8 +488,19 @@ def _act_quant_2d(x2: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, g: int, 
     align = _align(k)
     grid = (triton.cdiv(r, block_r) * n_groups,)
     _act_quant_kernel[grid](
-        x2, q2, s2, r, k // align, n_groups,
-        G=g, ALIGN=align, BLOCK_R=block_r, G_P=g_p, FMAX=fmax, UE8M0=ue8m0, num_warps=num_warps,
+        x2,
+        q2,
+        s2,
+        r,
+        k // align,
+        n_groups,
+        G=g,
+        ALIGN=align,
+        BLOCK_R=block_r,
+        G_P=g_p,
+        FMAX=fmax,
+        UE8M0=ue8m0,
+        num_warps=num_warps,
     )
 
 
@@ -468,15 +542,30 @@ def weight_quant_triton(
     num_warps = WEIGHT_QUANT_WARPS if elems >= 8192 else 4
     align = _align(n)
     _weight_quant_kernel[(sm * sn, e)](
-        x, q, s, m, n // align, bm, sm, sn,
-        BN=bn_k, ALIGN=align, BM_P=bm_p, BN_P=bn_p, SINGLE=single, FMAX=fmax, UE8M0=ue8m0,
+        x,
+        q,
+        s,
+        m,
+        n // align,
+        bm,
+        sm,
+        sn,
+        BN=bn_k,
+        ALIGN=align,
+        BM_P=bm_p,
+        BN_P=bn_p,
+        SINGLE=single,
+        FMAX=fmax,
+        UE8M0=ue8m0,
         num_warps=num_warps,
     )
     return q, s
 
 
 def act_quant_triton(
-    x: torch.Tensor, group_size: int = BLOCK, scale_fmt: str = "float",
+    x: torch.Tensor,
+    group_size: int = BLOCK,
+    scale_fmt: str = "float",
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations [..., K] per 1 x group_size group: codes [..., K], scales [..., ceil(K/g)]."""
@@ -549,11 +638,20 @@ def _gemm_config(m_bucket: int, n: int, k: int, tma: bool = False) -> dict:
 
 def _gemm_autotune_configs():
     cfgs = []
-    for bm, bn, nw in ((16, 64, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4),
-                       (128, 128, 8), (128, 256, 8), (64, 256, 8)):
+    for bm, bn, nw in (
+        (16, 64, 4),
+        (32, 64, 4),
+        (64, 64, 4),
+        (64, 128, 4),
+        (128, 64, 4),
+        (128, 128, 8),
+        (128, 256, 8),
+        (64, 256, 8),
+    ):
         for ns in (3, 4, 5):
-            cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8},
-                                      num_warps=nw, num_stages=ns))
+            cfgs.append(
+                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=nw, num_stages=ns)
+            )
     return cfgs
 
 
@@ -572,7 +670,8 @@ def _gemm_tuned_kernel():
     global _fp8_gemm_autotuned
     if _fp8_gemm_autotuned is None:
         _fp8_gemm_autotuned = triton.autotune(
-            configs=_gemm_autotune_configs(), key=["M_BUCKET", "N", "K"],
+            configs=_gemm_autotune_configs(),
+            key=["M_BUCKET", "N", "K"],
             prune_configs_by={"early_config_prune": _prune_gemm_configs},
         )(_fp8_gemm_kernel)
     return _fp8_gemm_autotuned
@@ -612,8 +711,10 @@ def fp8_gemm_triton(
     even_k = k % BLOCK == 0
     args = (a, b, c, a_scale, b_scale, m, n, k, kb, mb)
     if os.environ.get("FP8CONV_GEMM_AUTOTUNE") == "1" and not _interpreting():
+
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
         _gemm_tuned_kernel()[grid](*args, BLOCK_K=BLOCK, EVEN_K=even_k)
         return c
     if k == 0:

@@ -144,16 +144,27 @@ def _lenient_scan(root: Path) -> Scan:
         for name in sorted(held):
             path = root / name
             if not path.is_file():
-                findings.append(_fail(
-                    "index", f"shard named by the index is missing from disk; it should hold "
-                    f"{len(held[name])} tensor(s): {few(held[name])}", path))
+                findings.append(
+                    _fail(
+                        "index",
+                        f"shard named by the index is missing from disk; it should hold "
+                        f"{len(held[name])} tensor(s): {few(held[name])}",
+                        path,
+                    )
+                )
                 unreadable.update({t: name for t in held[name]})
                 continue
             try:
                 shards[name] = read_header(path)
             except InvalidCheckpoint as e:
-                findings.append(_fail("header", f"{e.rule}; its {len(held[name])} tensor(s) could not "
-                                      "be checked", e.file or path, e.tensor))
+                findings.append(
+                    _fail(
+                        "header",
+                        f"{e.rule}; its {len(held[name])} tensor(s) could not be checked",
+                        e.file or path,
+                        e.tensor,
+                    )
+                )
                 unreadable.update({t: name for t in held[name]})
         for tensor, shard in valid.items():
             if shard not in shards:
@@ -161,17 +172,35 @@ def _lenient_scan(root: Path) -> Scan:
             if tensor in shards[shard].tensors:
                 weight_map[tensor] = shard
             else:
-                findings.append(_fail("index", f"the index places this tensor in {shard}, but that "
-                                      "shard does not hold it", index_path, tensor))
+                findings.append(
+                    _fail(
+                        "index",
+                        f"the index places this tensor in {shard}, but that shard does not hold it",
+                        index_path,
+                        tensor,
+                    )
+                )
         for shard, header in shards.items():
             for tensor in header.tensors:
                 placed = valid.get(tensor)
                 if placed is None:
-                    findings.append(_fail("index", "tensor is in this shard but missing from the index",
-                                          root / shard, tensor))
+                    findings.append(
+                        _fail(
+                            "index",
+                            "tensor is in this shard but missing from the index",
+                            root / shard,
+                            tensor,
+                        )
+                    )
                 elif placed != shard:
-                    findings.append(_fail("index", f"tensor is present in two shards (the index says "
-                                          f"{placed})", root / shard, tensor))
+                    findings.append(
+                        _fail(
+                            "index",
+                            f"tensor is present in two shards (the index says {placed})",
+                            root / shard,
+                            tensor,
+                        )
+                    )
     else:
         known_files = {SINGLE_NAME}
         try:
@@ -179,13 +208,23 @@ def _lenient_scan(root: Path) -> Scan:
             shards = {SINGLE_NAME: header}
             weight_map = {t: SINGLE_NAME for t in header.tensors}
         except InvalidCheckpoint as e:
-            findings.append(_fail("header", f"{e.rule}; none of its tensors could be checked",
-                                  e.file or root / SINGLE_NAME, e.tensor))
-    strays = sorted(p.name for p in root.iterdir()
-                    if p.name.endswith(".safetensors") and p.name not in known_files)
+            findings.append(
+                _fail(
+                    "header",
+                    f"{e.rule}; none of its tensors could be checked",
+                    e.file or root / SINGLE_NAME,
+                    e.tensor,
+                )
+            )
+    strays = sorted(
+        p.name for p in root.iterdir() if p.name.endswith(".safetensors") and p.name not in known_files
+    )
     for name in strays:
-        findings.append(_fail("files", "safetensors file is not named by the index (stray or leftover "
-                              "shard)", root / name))
+        findings.append(
+            _fail(
+                "files", "safetensors file is not named by the index (stray or leftover shard)", root / name
+            )
+        )
     config = None
     if (root / CONFIG_NAME).is_file():
         try:
@@ -200,8 +239,15 @@ def _lenient_scan(root: Path) -> Scan:
     except InvalidCheckpoint as e:
         findings.append(_fail("files", e.rule, e.file, e.tensor))
         other = []
-    ckpt = Checkpoint(root=root, shards=dict(sorted(shards.items())), weight_map=weight_map,
-                      has_index=has_index, index_metadata=metadata, config=config, other_files=other)
+    ckpt = Checkpoint(
+        root=root,
+        shards=dict(sorted(shards.items())),
+        weight_map=weight_map,
+        has_index=has_index,
+        index_metadata=metadata,
+        config=config,
+        other_files=other,
+    )
     return Scan(ckpt, findings, unreadable)
 
 
@@ -212,12 +258,22 @@ def _soft_checks(scan: Scan) -> None:
     if ckpt.has_index and not scan.unreadable and total is not None:
         actual = sum(ckpt.info(t).nbytes for t in ckpt.weight_map)
         if total != actual:
-            scan.findings.append(_warn("index", f"metadata.total_size is {total} but the tensors hold "
-                                       f"{actual} bytes", ckpt.root / INDEX_NAME))
+            scan.findings.append(
+                _warn(
+                    "index",
+                    f"metadata.total_size is {total} but the tensors hold {actual} bytes",
+                    ckpt.root / INDEX_NAME,
+                )
+            )
     for name, header in ckpt.shards.items():
         if (header.metadata or {}).get("format") != "pt":
-            scan.findings.append(_warn("header", 'shard metadata lacks {"format": "pt"} (transformers '
-                                       "warns or refuses to load it)", ckpt.root / name))
+            scan.findings.append(
+                _warn(
+                    "header",
+                    'shard metadata lacks {"format": "pt"} (transformers warns or refuses to load it)',
+                    ckpt.root / name,
+                )
+            )
 
 
 # ------------------------------------------------------------------------------------ classification
@@ -269,8 +325,7 @@ def classify(ckpt: Checkpoint, unreadable: dict[str, str] | None = None) -> Role
             elif base in unreadable:
                 roles.scales[name] = base
             elif base in ckpt:
-                roles.orphans[name] = (f"scale of {base!r}, which is not FP8 "
-                                       f"({ckpt.info(base).dtype})")
+                roles.orphans[name] = f"scale of {base!r}, which is not FP8 ({ckpt.info(base).dtype})"
             else:
                 roles.orphans[name] = f"scale without its tensor ({base!r} is not in the checkpoint)"
             continue
@@ -298,8 +353,11 @@ def ignore_entries(qc: dict | None) -> list[str] | None:
     """The modules a loader leaves unquantized, or None when the config gives no list."""
     if not qc:
         return None
-    keys = ("ignore",) if qc.get("quant_method") == "compressed-tensors" else (
-        "modules_to_not_convert", "ignored_layers")
+    keys = (
+        ("ignore",)
+        if qc.get("quant_method") == "compressed-tensors"
+        else ("modules_to_not_convert", "ignored_layers")
+    )
     found = [qc[k] for k in keys if isinstance(qc.get(k), list)]
     if not found:
         return None
@@ -341,8 +399,12 @@ def listed_by(name: str, entries: list[str], method: str | None) -> str | None:
 def linear_like(info: TensorInfo) -> bool:
     """A 2-D float `.weight` that is not an embedding table: what loaders turn into Linear layers."""
     low = info.name.lower()
-    return (info.dtype in FLOAT_DTYPES and len(info.shape) == 2 and info.name.endswith(".weight")
-            and not any(h in low for h in EMBED_HINTS))
+    return (
+        info.dtype in FLOAT_DTYPES
+        and len(info.shape) == 2
+        and info.name.endswith(".weight")
+        and not any(h in low for h in EMBED_HINTS)
+    )
 
 
 # ----------------------------------------------------------------------------------------- inspect
@@ -358,8 +420,7 @@ def describe_format(ckpt: Checkpoint, roles: Roles) -> tuple[str, str]:
         if method == "fp8":
             return "fp8", "native block FP8 (quant_method fp8, DeepSeek-V3 `weight_scale_inv` layout)"
         if method == "compressed-tensors":
-            return "compressed-tensors", ("compressed-tensors float-quantized FP8 (`weight_scale` "
-                                          "layout)")
+            return "compressed-tensors", ("compressed-tensors float-quantized FP8 (`weight_scale` layout)")
         if qc is None:
             return "fp8-unconfigured", "FP8 tensors but no quantization_config in config.json"
         return "fp8-other", f"FP8 tensors with quant_method {method!r}"
@@ -379,8 +440,12 @@ def odd_things(ckpt: Checkpoint, roles: Roles, scan: Scan | None = None) -> list
 
     if scan is not None:
         for f in scan.findings:
-            add(f"structure:{f.check}" if f.status == "fail" else f"warning:{f.check}", f.message,
-                f.tensor, f.file)
+            add(
+                f"structure:{f.check}" if f.status == "fail" else f"warning:{f.check}",
+                f.message,
+                f.tensor,
+                f.file,
+            )
     for name, scales in roles.scale_names.items():
         if not scales and not any(name + s in (scan.unreadable if scan else {}) for s in SCALE_SUFFIXES):
             add("fp8_without_scale", "FP8 tensor has no scale (X_scale_inv or X_scale)", name)
@@ -390,21 +455,32 @@ def odd_things(ckpt: Checkpoint, roles: Roles, scan: Scan | None = None) -> list
         add("orphan_scale", why, name)
     suffixes = {roles.scale_suffix(s) for s in roles.scales}
     if len(suffixes) > 1:
-        add("mixed_scale_names", "both _scale_inv and _scale scales: loaders want one naming "
+        add(
+            "mixed_scale_names",
+            "both _scale_inv and _scale scales: loaders want one naming "
             f"({sum(s.endswith('_scale_inv') for s in roles.scales)} _scale_inv, "
-            f"{sum(not s.endswith('_scale_inv') for s in roles.scales)} _scale)")
+            f"{sum(not s.endswith('_scale_inv') for s in roles.scales)} _scale)",
+        )
     method = quant_method(ckpt)
     want = {"fp8": "_scale_inv", "compressed-tensors": "_scale"}.get(method or "")
     if want and len(suffixes) == 1 and suffixes != {want}:
-        add("scale_name_mismatch", f"quant_method {method} wants {want} scales, the checkpoint has "
-            f"{next(iter(suffixes))}")
+        add(
+            "scale_name_mismatch",
+            f"quant_method {method} wants {want} scales, the checkpoint has {next(iter(suffixes))}",
+        )
     locations = quantization_config_locations(ckpt.config)
     if not roles.fp8 and locations:
-        add("leftover_quantization_config", "no FP8 tensors, but config.json has "
-            + " and ".join(locations), file=str(ckpt.root / CONFIG_NAME))
+        add(
+            "leftover_quantization_config",
+            "no FP8 tensors, but config.json has " + " and ".join(locations),
+            file=str(ckpt.root / CONFIG_NAME),
+        )
     if roles.fp8 and not locations:
-        add("fp8_without_quantization_config", f"{len(roles.fp8)} FP8 tensor(s) but config.json has "
-            f"no quantization_config: {few(roles.fp8)}", file=str(ckpt.root / CONFIG_NAME))
+        add(
+            "fp8_without_quantization_config",
+            f"{len(roles.fp8)} FP8 tensor(s) but config.json has no quantization_config: {few(roles.fp8)}",
+            file=str(ckpt.root / CONFIG_NAME),
+        )
     return out
 
 
@@ -415,8 +491,10 @@ def inspect_checkpoint(path) -> dict:
     roles = classify(ckpt, scan.unreadable)
     fmt, description = describe_format(ckpt, roles)
     by_dtype: dict[str, dict] = {}
-    by_role: dict[str, dict] = {k: {"tensors": 0, "bytes": 0} for k in (
-        "fp8_weight", "fp8_without_scale", "scale", "orphan_scale", "unquantized_float", "other")}
+    by_role: dict[str, dict] = {
+        k: {"tensors": 0, "bytes": 0}
+        for k in ("fp8_weight", "fp8_without_scale", "scale", "orphan_scale", "unquantized_float", "other")
+    }
     for name, shard in ckpt.weight_map.items():
         info = ckpt.shards[shard].tensors[name]
         d = by_dtype.setdefault(info.dtype, {"tensors": 0, "bytes": 0})
@@ -475,9 +553,13 @@ def inspect_table(info: dict):
     qc = info["quantization_config"]
     if qc is not None:
         loc = info["quantization_config_location"]
-        table.add_row("quantization_config", escape(
-            ("" if loc == "quantization_config" else f"(under {loc}) ")
-            + json.dumps(qc, separators=(",", ":"))))
+        table.add_row(
+            "quantization_config",
+            escape(
+                ("" if loc == "quantization_config" else f"(under {loc}) ")
+                + json.dumps(qc, separators=(",", ":"))
+            ),
+        )
     if info["block_size"]:
         table.add_row("block size", "x".join(map(str, info["block_size"])))
     table.add_row("shards", f"{info['shards']}" + (" (index)" if info["has_index"] else " (single file)"))
@@ -498,5 +580,13 @@ def inspect_table(info: dict):
     return table
 
 
-__all__ = ["Finding", "Roles", "Scan", "classify", "find_quantization_config", "inspect_checkpoint",
-           "inspect_table", "scan_checkpoint"]
+__all__ = [
+    "Finding",
+    "Roles",
+    "Scan",
+    "classify",
+    "find_quantization_config",
+    "inspect_checkpoint",
+    "inspect_table",
+    "scan_checkpoint",
+]

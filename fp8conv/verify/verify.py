@@ -149,9 +149,16 @@ class VerifyOptions:
             raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
 
     def to_dict(self) -> dict:
-        return {"reference": self.reference, "tensors": list(self.tensors), "sample": self.sample,
-                "rows": self.rows, "seed": self.seed, "min_sqnr": self.min_sqnr, "device": self.device,
-                "experts": self.experts}
+        return {
+            "reference": self.reference,
+            "tensors": list(self.tensors),
+            "sample": self.sample,
+            "rows": self.rows,
+            "seed": self.seed,
+            "min_sqnr": self.min_sqnr,
+            "device": self.device,
+            "experts": self.experts,
+        }
 
 
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -214,12 +221,20 @@ class TensorRecord:
         return all(c.status != "fail" for c in self.checks.values())
 
     def to_dict(self) -> dict:
-        return _jsonable({
-            "name": self.name, "file": self.file, "shape": self.shape, "dtype": self.dtype,
-            "role": self.role, "selected": self.selected, "status": self.status, "ok": self.ok,
-            "checks": {k: {"status": c.status, "message": c.message} for k, c in self.checks.items()},
-            "metrics": self.metrics,
-        })
+        return _jsonable(
+            {
+                "name": self.name,
+                "file": self.file,
+                "shape": self.shape,
+                "dtype": self.dtype,
+                "role": self.role,
+                "selected": self.selected,
+                "status": self.status,
+                "ok": self.ok,
+                "checks": {k: {"status": c.status, "message": c.message} for k, c in self.checks.items()},
+                "metrics": self.metrics,
+            }
+        )
 
 
 @dataclass
@@ -253,23 +268,25 @@ class VerifyReport:
         return out
 
     def to_dict(self) -> dict:
-        return _jsonable({
-            "ok": self.ok,
-            "command": "verify",
-            "path": self.path,
-            "format": self.format,
-            "description": self.description,
-            "reference": self.reference,
-            "reference_format": self.reference_format,
-            "device": self.device,
-            "device_note": self.device_note,
-            "options": self.options,
-            "bounds": self.bounds,
-            "totals": self.totals,
-            "seconds": round(self.seconds, 3),
-            "findings": [f.to_dict() for f in self.findings],
-            "tensors": [r.to_dict() for r in self.tensors],
-        })
+        return _jsonable(
+            {
+                "ok": self.ok,
+                "command": "verify",
+                "path": self.path,
+                "format": self.format,
+                "description": self.description,
+                "reference": self.reference,
+                "reference_format": self.reference_format,
+                "device": self.device,
+                "device_note": self.device_note,
+                "options": self.options,
+                "bounds": self.bounds,
+                "totals": self.totals,
+                "seconds": round(self.seconds, 3),
+                "findings": [f.to_dict() for f in self.findings],
+                "tensors": [r.to_dict() for r in self.tensors],
+            }
+        )
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -315,8 +332,9 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class _Verifier:
-    def __init__(self, scan: Scan, ref: Checkpoint | None, opts: VerifyOptions, device: torch.device,
-                 progress) -> None:
+    def __init__(
+        self, scan: Scan, ref: Checkpoint | None, opts: VerifyOptions, device: torch.device, progress
+    ) -> None:
         self.scan = scan
         self.ckpt = scan.ckpt
         self.unreadable = scan.unreadable
@@ -350,8 +368,9 @@ class _Verifier:
             self.readers[key] = ShardReader(ckpt.shards[shard])
         return self.readers[key]
 
-    def read(self, ckpt: Checkpoint, info: TensorInfo, start: int = 0,
-             length: int | None = None) -> torch.Tensor:
+    def read(
+        self, ckpt: Checkpoint, info: TensorInfo, start: int = 0, length: int | None = None
+    ) -> torch.Tensor:
         raw = self.reader(ckpt, info.name).read_bytes(info, start, length)
         self.bytes_read += raw.numel()
         if self.progress is not None and ckpt is self.ckpt:
@@ -375,8 +394,9 @@ class _Verifier:
         if rec is None:
             ckpt = ckpt or self.ckpt
             info = ckpt.info(name)
-            rec = TensorRecord(name, str(ckpt.root / ckpt.weight_map[name]), list(info.shape),
-                               info.dtype, role)
+            rec = TensorRecord(
+                name, str(ckpt.root / ckpt.weight_map[name]), list(info.shape), info.dtype, role
+            )
             self.records[name] = rec
         return rec
 
@@ -408,19 +428,26 @@ class _Verifier:
             self.config_checks(cfg)
         else:
             for loc in quantization_config_locations(self.ckpt.config):
-                self.fail("config", f"no FP8 tensors, but config.json still has {loc}: loaders would "
-                          "build FP8 layers for these plain weights", cfg)
+                self.fail(
+                    "config",
+                    f"no FP8 tensors, but config.json still has {loc}: loaders would "
+                    "build FP8 layers for these plain weights",
+                    cfg,
+                )
         want_dtype = self.expected_fp8_dtype()
         cfg_block = block_from_config(self.ckpt)
         entries = ignore_entries(self.qc)
         for name, info in roles.fp8.items():
             rec = self.record(name, "fp8_weight")
             if self.qc is None:
-                rec.add("format", "fail", "FP8 tensor, but config.json has no quantization_config: "
-                        "loaders cannot know it is quantized (an FP8 tensor left in a plain checkpoint?)")
+                rec.add(
+                    "format",
+                    "fail",
+                    "FP8 tensor, but config.json has no quantization_config: "
+                    "loaders cannot know it is quantized (an FP8 tensor left in a plain checkpoint?)",
+                )
             elif want_dtype is not None and info.dtype != want_dtype:
-                rec.add("format", "fail", f"dtype {info.dtype}, but quantization_config says "
-                        f"{want_dtype}")
+                rec.add("format", "fail", f"dtype {info.dtype}, but quantization_config says {want_dtype}")
             elif want_dtype is None:
                 rec.add("format", "fail", f"quant_method {self.method!r} does not describe block FP8")
             else:
@@ -429,9 +456,13 @@ class _Verifier:
             if entries is not None:
                 hit = listed_by(name, entries, self.method)
                 if hit is not None:
-                    rec.add("ignore_list", "fail", f"the layer is in {self.list_key()} (entry {hit!r}) "
-                            "but its weight is FP8: loaders build an unquantized layer and load raw "
-                            "FP8 codes into it")
+                    rec.add(
+                        "ignore_list",
+                        "fail",
+                        f"the layer is in {self.list_key()} (entry {hit!r}) "
+                        "but its weight is FP8: loaders build an unquantized layer and load raw "
+                        "FP8 codes into it",
+                    )
                 else:
                     rec.add("ignore_list", "pass")
         for name, why in roles.orphans.items():
@@ -455,14 +486,22 @@ class _Verifier:
             is_head = module_names(name)[0].split(".")[-1] == "lm_head"
             status = "warn" if is_head and self.method == "fp8" else "fail"
             rec = self.record(name, "weight")
-            rec.add("ignore_list", status, f"unquantized {info.dtype} 2-D weight is not in "
-                    f"{self.list_key()}: a loader that quantizes every Linear layer expects an FP8 "
-                    "weight and a scale here" + (" (transformers <5 adds lm_head itself)"
-                                                 if status == "warn" else ""))
+            rec.add(
+                "ignore_list",
+                status,
+                f"unquantized {info.dtype} 2-D weight is not in "
+                f"{self.list_key()}: a loader that quantizes every Linear layer expects an FP8 "
+                "weight and a scale here"
+                + (" (transformers <5 adds lm_head itself)" if status == "warn" else ""),
+            )
         if entries is None and unlisted:
-            self.fail("config", f"quantization_config has no {self.list_key()}: {len(unlisted)} "
-                      f"unquantized 2-D weight(s) rely on each loader's own defaults: {few(unlisted)}",
-                      self.ckpt.root / CONFIG_NAME, status="warn")
+            self.fail(
+                "config",
+                f"quantization_config has no {self.list_key()}: {len(unlisted)} "
+                f"unquantized 2-D weight(s) rely on each loader's own defaults: {few(unlisted)}",
+                self.ckpt.root / CONFIG_NAME,
+                status="warn",
+            )
 
     def scale_structure(self, rec: TensorRecord, info: TensorInfo, cfg_block) -> None:
         name = info.name
@@ -473,11 +512,18 @@ class _Verifier:
             return
         if not scales:
             if lost:
-                rec.add("scale", "fail", f"its scale {lost[0]!r} is in {self.unreadable[lost[0]]}, "
-                        "which cannot be read")
+                rec.add(
+                    "scale",
+                    "fail",
+                    f"its scale {lost[0]!r} is in {self.unreadable[lost[0]]}, which cannot be read",
+                )
             else:
-                rec.add("scale", "fail", f"no scale: neither {name}_scale_inv nor {name}_scale is in "
-                        "the checkpoint (an FP8 tensor without its scale cannot be dequantized)")
+                rec.add(
+                    "scale",
+                    "fail",
+                    f"no scale: neither {name}_scale_inv nor {name}_scale is in "
+                    "the checkpoint (an FP8 tensor without its scale cannot be dequantized)",
+                )
             return
         problems = []
         if len(scales) > 1:
@@ -487,18 +533,25 @@ class _Verifier:
         want = {"fp8": "_scale_inv", "compressed-tensors": "_scale"}.get(self.method or "")
         suffix = self.roles.scale_suffix(s.name)
         if want is not None and suffix != want:
-            problems.append(f"scale {s.name!r} is named *{suffix}, but quant_method {self.method} "
-                            f"loaders look for {name}{want} (mixed scale names)")
+            problems.append(
+                f"scale {s.name!r} is named *{suffix}, but quant_method {self.method} "
+                f"loaders look for {name}{want} (mixed scale names)"
+            )
         scale_fmt = (self.qc or {}).get("scale_fmt")
         usable_dtype = s.dtype in SCALE_DTYPES
         if not usable_dtype:
             problems.append(f"scale dtype {s.dtype} is not one of {', '.join(SCALE_DTYPES)}")
         elif self.method == "fp8" and s.dtype in ("F8_E8M0", "U8") and scale_fmt != "ue8m0":
-            problems.append(f"scale dtype {s.dtype} holds exponent bytes, but quantization_config has "
-                            'no "scale_fmt": "ue8m0"')
+            problems.append(
+                f"scale dtype {s.dtype} holds exponent bytes, but quantization_config has "
+                'no "scale_fmt": "ue8m0"'
+            )
         elif self.method == "fp8" and s.dtype in ("BF16", "F16"):
-            rec.add("scale", "warn", f"scale dtype {s.dtype}: the fp8 loaders keep "
-                    "weight_scale_inv in float32 (they cast)")
+            rec.add(
+                "scale",
+                "warn",
+                f"scale dtype {s.dtype}: the fp8 loaders keep weight_scale_inv in float32 (they cast)",
+            )
         elif self.method == "compressed-tensors" and s.dtype not in ("F32", "BF16", "F16"):
             problems.append(f"scale dtype {s.dtype}: compressed-tensors stores float scales")
         blk = None
@@ -507,8 +560,10 @@ class _Verifier:
         except InvalidCheckpoint as e:
             problems.append(f"scale {s.name!r}: {e.rule}")
         if blk is not None and cfg_block is not None and blk != cfg_block:
-            problems.append(f"scale shape {list(s.shape)} means {blk[0]}x{blk[1]} tiles, but "
-                            f"quantization_config says {cfg_block[0]}x{cfg_block[1]}")
+            problems.append(
+                f"scale shape {list(s.shape)} means {blk[0]}x{blk[1]} tiles, but "
+                f"quantization_config says {cfg_block[0]}x{cfg_block[1]}"
+            )
         if problems:
             rec.add("scale", "fail", "; ".join(problems))
         else:
@@ -520,23 +575,40 @@ class _Verifier:
     def config_checks(self, cfg: Path) -> None:
         qc, method = self.qc, self.method
         if qc is None:
-            self.fail("config", f"{len(self.roles.fp8)} FP8 tensor(s) but config.json has no "
-                      f"quantization_config; loaders cannot load them: {few(self.roles.fp8)}", cfg)
+            self.fail(
+                "config",
+                f"{len(self.roles.fp8)} FP8 tensor(s) but config.json has no "
+                f"quantization_config; loaders cannot load them: {few(self.roles.fp8)}",
+                cfg,
+            )
             return
         if method == "fp8":
             fmt = qc.get("fmt")
             if fmt is not None and str(fmt).lower() not in ("e4m3", "e5m2"):
                 self.fail("config", f"quantization_config fmt {fmt!r} is not e4m3 or e5m2", cfg)
             if qc.get("weight_block_size") is None:
-                self.fail("config", "quantization_config has no weight_block_size: transformers "
-                          "assumes 128x128 tiles, vLLM per-tensor scales", cfg, status="warn")
+                self.fail(
+                    "config",
+                    "quantization_config has no weight_block_size: transformers "
+                    "assumes 128x128 tiles, vLLM per-tensor scales",
+                    cfg,
+                    status="warn",
+                )
             elif block_from_config(self.ckpt) is None:
-                self.fail("config", f"weight_block_size {qc.get('weight_block_size')!r} is not two "
-                          "positive integers", cfg)
+                self.fail(
+                    "config",
+                    f"weight_block_size {qc.get('weight_block_size')!r} is not two positive integers",
+                    cfg,
+                )
             act = qc.get("activation_scheme")
             if act not in (None, "dynamic"):
-                self.fail("config", f"activation_scheme {act!r}: block-FP8 weights come with dynamic "
-                          "per-group activation scales", cfg, status="warn")
+                self.fail(
+                    "config",
+                    f"activation_scheme {act!r}: block-FP8 weights come with dynamic "
+                    "per-group activation scales",
+                    cfg,
+                    status="warn",
+                )
             sf = qc.get("scale_fmt")
             if sf not in (None, "ue8m0", "float"):
                 self.fail("config", f"scale_fmt {sf!r} is neither ue8m0 nor absent", cfg, status="warn")
@@ -551,27 +623,43 @@ class _Verifier:
                     gfmt = g.get("format") or qc.get("format")
                     where = f"config_groups.{gname}"
                     if gfmt != "float-quantized":
-                        self.fail("config", f"{where} format {gfmt!r}: FP8 weights are "
-                                  "float-quantized", cfg)
+                        self.fail("config", f"{where} format {gfmt!r}: FP8 weights are float-quantized", cfg)
                     if w.get("type") != "float" or w.get("num_bits") != 8:
-                        self.fail("config", f"{where}.weights is {w.get('num_bits')}-bit "
-                                  f"{w.get('type')!r}, not 8-bit float", cfg)
+                        self.fail(
+                            "config",
+                            f"{where}.weights is {w.get('num_bits')}-bit {w.get('type')!r}, not 8-bit float",
+                            cfg,
+                        )
                     strategy = w.get("strategy")
                     if strategy not in ("block", "channel", "tensor"):
-                        self.fail("config", f"{where}.weights.strategy {strategy!r} is not block, "
-                                  "channel or tensor", cfg)
+                        self.fail(
+                            "config",
+                            f"{where}.weights.strategy {strategy!r} is not block, channel or tensor",
+                            cfg,
+                        )
                     bs = w.get("block_structure")
-                    if strategy == "block" and not (isinstance(bs, list) and len(bs) == 2 and all(
-                            isinstance(v, int) and v > 0 for v in bs)):
-                        self.fail("config", f"{where}.weights.block_structure {bs!r} is not two "
-                                  "positive integers", cfg)
+                    if strategy == "block" and not (
+                        isinstance(bs, list)
+                        and len(bs) == 2
+                        and all(isinstance(v, int) and v > 0 for v in bs)
+                    ):
+                        self.fail(
+                            "config",
+                            f"{where}.weights.block_structure {bs!r} is not two positive integers",
+                            cfg,
+                        )
             status = qc.get("quantization_status")
             if status != "compressed":
-                self.fail("config", f"quantization_status {status!r}: FP8 weights on disk are "
-                          "'compressed'", cfg)
+                self.fail(
+                    "config", f"quantization_status {status!r}: FP8 weights on disk are 'compressed'", cfg
+                )
         else:
-            self.fail("config", f"quant_method {method!r} does not describe block-FP8 tensors (expected "
-                      "fp8 or compressed-tensors)", cfg)
+            self.fail(
+                "config",
+                f"quant_method {method!r} does not describe block-FP8 tensors (expected "
+                "fp8 or compressed-tensors)",
+                cfg,
+            )
 
     # ---------------------------------------------------------------------------------- selection
     def select(self) -> None:
@@ -580,8 +668,13 @@ class _Verifier:
         ref_fp8 = set(self.ref_roles.fp8) if self.ref_roles else set()
         cands = set(self.roles.fp8) | (ref_fp8 & names)
         if not cands and self.ref is None:
-            cands = {n for n in names if self.ckpt.info(n).dtype in FLOAT_DTYPES
-                     and len(self.ckpt.info(n).shape) >= 2 and n not in self.roles.orphans}
+            cands = {
+                n
+                for n in names
+                if self.ckpt.info(n).dtype in FLOAT_DTYPES
+                and len(self.ckpt.info(n).shape) >= 2
+                and n not in self.roles.orphans
+            }
         if opts.tensors:
             if not any(matches(n, opts.tensors) for n in names | set(self.unreadable)):
                 raise UsageError(f"--tensors {' '.join(opts.tensors)} matches no tensor of the checkpoint")
@@ -646,14 +739,26 @@ class _Verifier:
                 rec.metrics["scale_max"] = float(s3.max())
             if bool(bad.any()):
                 idx = tuple(int(v) for v in bad.nonzero()[0])
-                rec.add("scale_values", "fail", f"{int(bad.sum())} of {s3.numel()} scale(s) are NaN, "
-                        f"Inf, zero or negative; first at tile ({_where(idx, stacked)}) = "
-                        f"{float(s3[idx])}")
-            elif (self.qc or {}).get("scale_fmt") == "ue8m0" and s_info.dtype != "U8" and \
-                    s_info.dtype != "F8_E8M0" and bool((torch.frexp(s3).mantissa != 0.5).any()):
+                rec.add(
+                    "scale_values",
+                    "fail",
+                    f"{int(bad.sum())} of {s3.numel()} scale(s) are NaN, "
+                    f"Inf, zero or negative; first at tile ({_where(idx, stacked)}) = "
+                    f"{float(s3[idx])}",
+                )
+            elif (
+                (self.qc or {}).get("scale_fmt") == "ue8m0"
+                and s_info.dtype != "U8"
+                and s_info.dtype != "F8_E8M0"
+                and bool((torch.frexp(s3).mantissa != 0.5).any())
+            ):
                 idx = tuple(int(v) for v in (torch.frexp(s3).mantissa != 0.5).nonzero()[0])
-                rec.add("scale_values", "fail", f"scale_fmt is ue8m0 but scale at tile "
-                        f"({_where(idx, stacked)}) = {float(s3[idx])} is not a power of two")
+                rec.add(
+                    "scale_values",
+                    "fail",
+                    f"scale_fmt is ue8m0 but scale at tile "
+                    f"({_where(idx, stacked)}) = {float(s3[idx])} is not a power of two",
+                )
             else:
                 rec.add("scale_values", "pass", f"{s3.numel()} scale(s) finite and > 0")
         else:
@@ -676,8 +781,9 @@ class _Verifier:
             if n == 0 or experts <= n:
                 gemm_experts = set(range(experts))
             else:
-                gemm_experts = set(random.Random(self.opts.seed ^ zlib.crc32(name.encode()))
-                                   .sample(range(experts), n))
+                gemm_experts = set(
+                    random.Random(self.opts.seed ^ zlib.crc32(name.encode())).sample(range(experts), n)
+                )
             xq, xs = act_quant(x.to(self.device))
             xq_c, xs_c = xq.cpu(), xs.cpu()
         g_num = g_den = 0.0
@@ -693,8 +799,11 @@ class _Verifier:
             else:
                 r_info = self.ref.info(name)
                 if tuple(r_info.shape) != tuple(info.shape):
-                    rec.add("reference", "fail", f"shape {list(info.shape)} but the reference has "
-                            f"{list(r_info.shape)}")
+                    rec.add(
+                        "reference",
+                        "fail",
+                        f"shape {list(info.shape)} but the reference has {list(r_info.shape)}",
+                    )
                     r_info = None
                 elif r_info.dtype not in FLOAT_DTYPES:
                     rec.add("reference", "fail", f"reference tensor is {r_info.dtype}, not a float")
@@ -721,10 +830,15 @@ class _Verifier:
                     first_nan = (e, r0 + j // k, j % k, int(codes[j]))
                 nan_count += nb
             q = codes.view(fp8_dtype).reshape(rows, k)
-            sb = s3[e, r0 // bm: math.ceil(r1 / bm)] if s3 is not None else None
+            sb = s3[e, r0 // bm : math.ceil(r1 / bm)] if s3 is not None else None
             if e in gemm_experts:
-                c = fp8_gemm(xq, xs, q.to(self.device), sb.contiguous().to(self.device),
-                             out_dtype=torch.float32).cpu().double()
+                c = (
+                    fp8_gemm(
+                        xq, xs, q.to(self.device), sb.contiguous().to(self.device), out_dtype=torch.float32
+                    )
+                    .cpu()
+                    .double()
+                )
                 cr = fp8_gemm_torch(xq_c, xs_c, q, sb, out_dtype=torch.float64, acc_dtype=torch.float64)
                 fin, rfin = torch.isfinite(c), torch.isfinite(cr)
                 g_nonfinite += int((~fin).sum())
@@ -759,8 +873,7 @@ class _Verifier:
                     j = int(dev.argmax())
                     if float(dev.view(-1)[j]) > worst_gain[0]:
                         ti, tj = divmod(j, dev.shape[1])
-                        worst_gain = (float(dev.view(-1)[j]), (e, r0 // bm + ti, tj),
-                                      float(gain.view(-1)[j]))
+                        worst_gain = (float(dev.view(-1)[j]), (e, r0 // bm + ti, tj), float(gain.view(-1)[j]))
                 yq = x64 @ wq.t()
                 yr = x64 @ wr.t()
                 cos_dot += float((yq * yr).sum())
@@ -769,8 +882,11 @@ class _Verifier:
 
         if nan_count:
             e, r, c, code = first_nan
-            rec.add("nan_codes", "fail", f"{nan_count} NaN code(s); first at "
-                    f"({_where((e, r, c), stacked)}) = 0x{code:02X}")
+            rec.add(
+                "nan_codes",
+                "fail",
+                f"{nan_count} NaN code(s); first at ({_where((e, r, c), stacked)}) = 0x{code:02X}",
+            )
         else:
             rec.add("nan_codes", "pass")
         rec.metrics["nan_codes"] = nan_count
@@ -781,11 +897,16 @@ class _Verifier:
             bound = gemm_bound(self.device, k)
             err = math.sqrt(g_num / g_den) if g_den > 0 else (0.0 if g_num == 0 else float("inf"))
             rec.metrics.update(gemm_rel_err=err, gemm_bound=bound, experts_checked=len(gemm_experts))
-            scope = (f"{len(gemm_experts)} of {experts} experts, " if stacked else "") + \
-                f"M={self.opts.rows}, K={k}, on {self.device.type}"
+            scope = (
+                f"{len(gemm_experts)} of {experts} experts, " if stacked else ""
+            ) + f"M={self.opts.rows}, K={k}, on {self.device.type}"
             if g_nonfinite or g_ref_nonfinite:
-                rec.add("gemm", "fail", f"output has {g_nonfinite} NaN/Inf value(s) "
-                        f"({g_ref_nonfinite} in the float64 reference) [{scope}]")
+                rec.add(
+                    "gemm",
+                    "fail",
+                    f"output has {g_nonfinite} NaN/Inf value(s) "
+                    f"({g_ref_nonfinite} in the float64 reference) [{scope}]",
+                )
             elif err > bound:
                 rec.add("gemm", "fail", f"relative error {err:.2e} exceeds the bound {bound:.1e} [{scope}]")
             else:
@@ -793,24 +914,36 @@ class _Verifier:
 
         if r_info is not None:
             sqnr = _db(tot_ref, tot_err)
-            cos = cos_dot / math.sqrt(cos_q * cos_r) if cos_q > 0 and cos_r > 0 else (
-                1.0 if cos_q == cos_r == 0 else 0.0)
-            rec.metrics.update(sqnr_db=sqnr, min_tile_sqnr_db=worst_tile[0], max_tile_gain_dev=worst_gain[0],
-                               output_cosine=cos)
+            cos = (
+                cos_dot / math.sqrt(cos_q * cos_r)
+                if cos_q > 0 and cos_r > 0
+                else (1.0 if cos_q == cos_r == 0 else 0.0)
+            )
+            rec.metrics.update(
+                sqnr_db=sqnr,
+                min_tile_sqnr_db=worst_tile[0],
+                max_tile_gain_dev=worst_gain[0],
+                output_cosine=cos,
+            )
             floor = self.opts.min_sqnr
             bad = []
             if not sqnr >= floor:
                 bad.append(f"SQNR {_fmt(sqnr)} dB < {floor:g} dB")
             if not worst_tile[0] >= floor:
-                bad.append(f"tile ({_where(worst_tile[1], stacked)}) SQNR {_fmt(worst_tile[0])} dB "
-                           f"< {floor:g} dB")
+                bad.append(
+                    f"tile ({_where(worst_tile[1], stacked)}) SQNR {_fmt(worst_tile[0])} dB < {floor:g} dB"
+                )
             if not worst_gain[0] <= TILE_GAIN_TOL:
-                bad.append(f"tile ({_where(worst_gain[1], stacked)}) gain {worst_gain[2]:.4f} (dequantized"
-                           f"/original) is off by more than {TILE_GAIN_TOL:.0%}: wrong scale for that tile?")
+                bad.append(
+                    f"tile ({_where(worst_gain[1], stacked)}) gain {worst_gain[2]:.4f} (dequantized"
+                    f"/original) is off by more than {TILE_GAIN_TOL:.0%}: wrong scale for that tile?"
+                )
             if not math.isfinite(cos):
                 bad.append("output cosine is NaN")
-            summary = (f"SQNR {_fmt(sqnr)} dB, worst tile {_fmt(worst_tile[0])} dB, "
-                       f"max tile gain error {worst_gain[0]:.2e}, output cosine {cos:.6f}")
+            summary = (
+                f"SQNR {_fmt(sqnr)} dB, worst tile {_fmt(worst_tile[0])} dB, "
+                f"max tile gain error {worst_gain[0]:.2e}, output cosine {cos:.6f}"
+            )
             if bad:
                 rec.add("reference", "fail", "; ".join(bad) + f" [{summary}]")
             else:
@@ -819,8 +952,7 @@ class _Verifier:
             if name in self.ref and self.ref.info(name).dtype in FP8_WEIGHT_DTYPES:
                 self.compare_bytes(name)
             elif name in self.ref:
-                rec.add("reference", "fail", f"FP8 here, but {self.ref.info(name).dtype} in the "
-                        "reference")
+                rec.add("reference", "fail", f"FP8 here, but {self.ref.info(name).dtype} in the reference")
 
     def dequant_exact(self, name: str) -> None:
         """A dequantized weight equals weight_dequant(source codes, source scale), bit for bit."""
@@ -832,8 +964,7 @@ class _Verifier:
             rec.add("reference", "fail", f"dtype {info.dtype}: a dequantized weight must be a float")
             return
         if tuple(info.shape) != tuple(q_info.shape):
-            rec.add("reference", "fail", f"shape {list(info.shape)} but the source has "
-                    f"{list(q_info.shape)}")
+            rec.add("reference", "fail", f"shape {list(info.shape)} but the source has {list(q_info.shape)}")
             return
         s_info = find_scale(self.ref, name)
         if s_info is None:
@@ -858,7 +989,7 @@ class _Verifier:
             rows = r1 - r0
             q = self.read(self.ref, q_info, (e * m + r0) * k, rows * k)
             q = q.view(q_info.torch_dtype).reshape(rows, k)
-            want = weight_dequant(q, s3[e, r0 // blk[0]: math.ceil(r1 / blk[0])], blk, out_dtype)
+            want = weight_dequant(q, s3[e, r0 // blk[0] : math.ceil(r1 / blk[0])], blk, out_dtype)
             got = self.read(self.ckpt, info, (e * m + r0) * k * isz, rows * k * isz).view(out_dtype)
             got = got.reshape(rows, k)
             ne = want.view(iv) != got.view(iv)
@@ -873,12 +1004,20 @@ class _Verifier:
         rec.metrics.update(mismatched_elements=mismatched, max_abs_diff=max_diff)
         if mismatched:
             e, r, c, w, g = first
-            rec.add("reference", "fail", f"{mismatched} of {info.numel} element(s) differ from "
-                    f"weight_dequant(source); first at ({_where((e, r, c), stacked)}): expected {w!r}, "
-                    f"found {g!r}; max |diff| {max_diff:.3g}")
+            rec.add(
+                "reference",
+                "fail",
+                f"{mismatched} of {info.numel} element(s) differ from "
+                f"weight_dequant(source); first at ({_where((e, r, c), stacked)}): expected {w!r}, "
+                f"found {g!r}; max |diff| {max_diff:.3g}",
+            )
         else:
-            rec.add("reference", "pass", f"bit-identical to weight_dequant(source codes, scale) "
-                    f"({blk[0]}x{blk[1]} tiles, {info.dtype})")
+            rec.add(
+                "reference",
+                "pass",
+                f"bit-identical to weight_dequant(source codes, scale) "
+                f"({blk[0]}x{blk[1]} tiles, {info.dtype})",
+            )
 
     def finite(self, name: str) -> None:
         info = self.ckpt.info(name)
@@ -898,8 +1037,9 @@ class _Verifier:
             bad += n
         rec.metrics["non_finite"] = bad
         if bad:
-            rec.add("finite", "fail", f"{bad} NaN/Inf value(s); first at "
-                    f"({_where(first, len(info.shape) == 3)})")
+            rec.add(
+                "finite", "fail", f"{bad} NaN/Inf value(s); first at ({_where(first, len(info.shape) == 3)})"
+            )
         else:
             rec.add("finite", "pass")
 
@@ -907,8 +1047,12 @@ class _Verifier:
         a, b = self.ckpt.info(name), self.ref.info(name)
         rec = self.record(name, self.role_of(name))
         if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
-            rec.add("reference", "fail", f"{a.dtype} {list(a.shape)} here but {b.dtype} {list(b.shape)} "
-                    "in the reference (only quantized weights may change)")
+            rec.add(
+                "reference",
+                "fail",
+                f"{a.dtype} {list(a.shape)} here but {b.dtype} {list(b.shape)} "
+                "in the reference (only quantized weights may change)",
+            )
             return
         differ = 0
         first = None
@@ -923,8 +1067,12 @@ class _Verifier:
                     first = off + int(ne.nonzero()[0])
         if differ:
             isz = a.nbytes // max(a.numel, 1)
-            rec.add("reference", "fail", f"{differ} byte(s) differ from the reference; first in element "
-                    f"{first // max(isz, 1)} (byte {first})")
+            rec.add(
+                "reference",
+                "fail",
+                f"{differ} byte(s) differ from the reference; first in element "
+                f"{first // max(isz, 1)} (byte {first})",
+            )
         else:
             rec.add("reference", "pass", "byte-identical to the reference")
 
@@ -944,24 +1092,33 @@ class _Verifier:
             expected = set(ref.weight_map)
             extra = sorted(set(ckpt.weight_map) - expected - set(self.roles.scales))
         missing = sorted(expected - have)
-        for what, names, where in (("missing from the checkpoint", missing, ref),
-                                   ("not in the reference", extra, ckpt)):
+        for what, names, where in (
+            ("missing from the checkpoint", missing, ref),
+            ("not in the reference", extra, ckpt),
+        ):
             for n in names[:MAX_NAME_FINDINGS]:
-                self.fail("reference", f"tensor {what}", where.root / where.weight_map[n]
-                          if n in where.weight_map else where.root, n)
+                self.fail(
+                    "reference",
+                    f"tensor {what}",
+                    where.root / where.weight_map[n] if n in where.weight_map else where.root,
+                    n,
+                )
             if len(names) > MAX_NAME_FINDINGS:
-                self.fail("reference", f"{len(names) - MAX_NAME_FINDINGS} more tensor(s) {what}",
-                          where.root)
+                self.fail("reference", f"{len(names) - MAX_NAME_FINDINGS} more tensor(s) {what}", where.root)
 
     # ------------------------------------------------------------------------------------ report
-    def report(self, opts: VerifyOptions, device_note: str | None, seconds: float,
-               ref_format: str | None) -> VerifyReport:
+    def report(
+        self, opts: VerifyOptions, device_note: str | None, seconds: float, ref_format: str | None
+    ) -> VerifyReport:
         fmt, description = describe_format(self.ckpt, self.roles)
         records = list(self.records.values())
 
         def key(r: TensorRecord):
-            sq = [v for k, v in r.metrics.items() if k in ("sqnr_db", "min_tile_sqnr_db")
-                  and isinstance(v, float)]
+            sq = [
+                v
+                for k, v in r.metrics.items()
+                if k in ("sqnr_db", "min_tile_sqnr_db") and isinstance(v, float)
+            ]
             ratio = (r.metrics.get("gemm_rel_err") or 0.0) / (r.metrics.get("gemm_bound") or 1.0)
             return (STATUS_RANK[r.status], min(sq) if sq else float("inf"), -ratio, r.name)
 
@@ -985,10 +1142,20 @@ class _Verifier:
             "tile_gain_tol": TILE_GAIN_TOL,
         }
         return VerifyReport(
-            path=str(self.ckpt.root), format=fmt, description=description, reference=opts.reference,
-            reference_format=ref_format, device=str(self.device), device_note=device_note,
-            options=opts.to_dict(), bounds=bounds, tensors=records, findings=self.findings,
-            totals=totals, seconds=seconds)
+            path=str(self.ckpt.root),
+            format=fmt,
+            description=description,
+            reference=opts.reference,
+            reference_format=ref_format,
+            device=str(self.device),
+            device_note=device_note,
+            options=opts.to_dict(),
+            bounds=bounds,
+            tensors=records,
+            findings=self.findings,
+            totals=totals,
+            seconds=seconds,
+        )
 
 
 def verify_checkpoint(path, options: VerifyOptions | None = None, progress=None) -> VerifyReport:
@@ -1007,8 +1174,9 @@ def verify_checkpoint(path, options: VerifyOptions | None = None, progress=None)
         try:
             ref = open_checkpoint(opts.reference)
         except InvalidCheckpoint as e:
-            raise InvalidCheckpoint(f"--reference: {e.rule}", file=e.file, tensor=e.tensor,
-                                    hint=e.hint) from None
+            raise InvalidCheckpoint(
+                f"--reference: {e.rule}", file=e.file, tensor=e.tensor, hint=e.hint
+            ) from None
     v = _Verifier(scan, ref, opts, device, progress)
     try:
         if ref is not None:
@@ -1033,8 +1201,11 @@ def render_table(report: VerifyReport, limit: int = 30):
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"verify {report.path} ({report.format}"
-                  + (f" vs {report.reference}" if report.reference else "") + f", {report.device})")
+    table = Table(
+        title=f"verify {report.path} ({report.format}"
+        + (f" vs {report.reference}" if report.reference else "")
+        + f", {report.device})"
+    )
     for col in ("tensor", "shape", "dtype", "status", "checks", "metrics"):
         table.add_column(col, overflow="fold")
     style = {"fail": "bold red", "warn": "yellow", "pass": "green", "skip": "dim"}
@@ -1043,8 +1214,11 @@ def render_table(report: VerifyReport, limit: int = 30):
         bad = [escape(f"{k}: {c.message}") for k, c in r.checks.items() if c.status in ("fail", "warn")]
         skipped = [k for k, c in r.checks.items() if c.status == "skip"]
         n_pass = sum(c.status == "pass" for c in r.checks.values())
-        checks = "\n".join(bad) if bad else f"{n_pass} passed" + (
-            f"; skipped: {', '.join(skipped)}" if skipped else "")
+        checks = (
+            "\n".join(bad)
+            if bad
+            else f"{n_pass} passed" + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+        )
         m = r.metrics
         parts = []
         if isinstance(m.get("sqnr_db"), float):
@@ -1053,30 +1227,57 @@ def render_table(report: VerifyReport, limit: int = 30):
             parts.append(f"gemm {m['gemm_rel_err']:.1e}/{m['gemm_bound']:.0e}")
         if isinstance(m.get("output_cosine"), float):
             parts.append(f"cos {m['output_cosine']:.5f}")
-        table.add_row(escape(r.name), "x".join(map(str, r.shape)), r.dtype,
-                      f"[{style[r.status]}]{r.status}[/]", checks, ", ".join(parts))
+        table.add_row(
+            escape(r.name),
+            "x".join(map(str, r.shape)),
+            r.dtype,
+            f"[{style[r.status]}]{r.status}[/]",
+            checks,
+            ", ".join(parts),
+        )
     if len(report.tensors) > limit:
         table.add_section()
         rest = report.tensors[limit:]
         table.add_row(f"... {len(rest)} more", "", "", f"{sum(not r.ok for r in rest)} failing", "", "")
     for f in report.findings:
         table.add_section()
-        table.add_row(escape(f.tensor or "(file)"), "", "", f"[{style[f.status]}]{f.status}[/]",
-                      escape(f"{f.check}: {f.file + ': ' if f.file else ''}{f.message}"), "")
+        table.add_row(
+            escape(f.tensor or "(file)"),
+            "",
+            "",
+            f"[{style[f.status]}]{f.status}[/]",
+            escape(f"{f.check}: {f.file + ': ' if f.file else ''}{f.message}"),
+            "",
+        )
     return table
 
 
 def summary_line(report: VerifyReport) -> str:
     t = report.totals
-    head = (f"verify: {t['tensors']} tensors ({t['fp8_weights']} FP8 weights), {t['selected']} with "
-            f"data checks on {report.device}, {t['bytes_read'] / 1e6:.1f} MB read in {report.seconds:.1f}s")
+    head = (
+        f"verify: {t['tensors']} tensors ({t['fp8_weights']} FP8 weights), {t['selected']} with "
+        f"data checks on {report.device}, {t['bytes_read'] / 1e6:.1f} MB read in {report.seconds:.1f}s"
+    )
     if report.ok:
-        warn = f" ({t['warned_tensors'] + t['file_warnings']} warning(s))" if (
-            t["warned_tensors"] or t["file_warnings"]) else ""
+        warn = (
+            f" ({t['warned_tensors'] + t['file_warnings']} warning(s))"
+            if (t["warned_tensors"] or t["file_warnings"])
+            else ""
+        )
         return f"{head}: all checks passed{warn}"
-    return (f"{head}: FAILED: {t['failed_tensors']} tensor(s) with {t['failed_checks']} failed check(s), "
-            f"{t['file_failures']} file-level failure(s)")
+    return (
+        f"{head}: FAILED: {t['failed_tensors']} tensor(s) with {t['failed_checks']} failed check(s), "
+        f"{t['file_failures']} file-level failure(s)"
+    )
 
 
-__all__ = ["Check", "TensorRecord", "VerifyOptions", "VerifyReport", "gemm_bound", "render_table",
-           "summary_line", "verify_checkpoint"]
+__all__ = [
+    "Check",
+    "TensorRecord",
+    "VerifyOptions",
+    "VerifyReport",
+    "gemm_bound",
+    "render_table",
+    "summary_line",
+    "verify_checkpoint",
+]

@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 from fp8conv.checkpoint.safetensors_io import save_file
 from fp8conv.cli import app
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 runner = CliRunner()
 
@@ -80,8 +79,9 @@ def test_dequantize_cpu_and_gpu_byte_identical(tmp_path, dtype):
             shutil.rmtree(src)
 
 
-@pytest.mark.parametrize("extra", [[], ["--scale-fmt", "ue8m0"], ["--format", "compressed-tensors"],
-                                   ["--block-size", "64x128"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--scale-fmt", "ue8m0"], ["--format", "compressed-tensors"], ["--block-size", "64x128"]]
+)
 def test_quantize_cpu_and_gpu_byte_identical(tmp_path, extra):
     convert("dequantize", SAMPLES / "deepseek-tiny-fp8", tmp_path / "bf16", "--device", "cpu", "-q")
     for src in (SAMPLES / "llama-tiny-bf16", tmp_path / "bf16"):

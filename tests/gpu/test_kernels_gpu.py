@@ -48,6 +48,8 @@ def _shape_dtype_params(shapes):
             if dt == torch.bfloat16 or math.prod(shape) < 2_000_000:
                 out.append(pytest.param(shape, dt, id=f"{'x'.join(map(str, shape))}-{_DT[dt]}"))
     return out
+
+
 FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
@@ -131,11 +133,11 @@ def random_weights(shape, dtype, g) -> torch.Tensor:
     mag = torch.pow(10.0, torch.rand(x.shape[-2], generator=g) * 10 - 6)
     x.mul_(mag[:, None])
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > 128 or x2.shape[1] > 128:            # more than one tile (never all zero)
-        x2[:128, :128] = 0.0                              # first tile: all zero
+    if x2.shape[0] > 128 or x2.shape[1] > 128:  # more than one tile (never all zero)
+        x2[:128, :128] = 0.0  # first tile: all zero
         r0 = 128 if x2.shape[0] > 128 else 0
         c0 = 128 if r0 == 0 else 0
-        tile = x2[r0:r0 + 128, c0:c0 + 128]
+        tile = x2[r0 : r0 + 128, c0 : c0 + 128]
         tile.copy_(torch.randn(tile.shape, generator=g) * 1e-40)
     x2.view(-1)[-3:] = -0.0
     if dtype == torch.float16:
@@ -171,8 +173,9 @@ def test_weight_dequant_block_sizes(tk, shape, block):
     s = random_scales(ref.scale_grid(shape, block), "float", g)
     poison(q.numel() * 4)
     y = tk.weight_dequant_triton(q.cuda(), s.cuda(), block, torch.bfloat16)
-    assert_same_bytes(y, ref.weight_dequant_torch(q, s, block, torch.bfloat16),
-                      f"dequant {shape} block {block}")
+    assert_same_bytes(
+        y, ref.weight_dequant_torch(q, s, block, torch.bfloat16), f"dequant {shape} block {block}"
+    )
 
 
 def test_weight_dequant_nan_codes(tk):
@@ -275,9 +278,9 @@ def random_activations(shape, dtype, g) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     mag = torch.pow(10.0, torch.rand(x2.shape[0], 1, generator=g) * 10 - 6)
     x2.mul_(mag)
-    x2[1::3, :128] = 0.0                     # zero groups (row 0 stays non-zero)
-    x2[1::5, -100:] = 0.0                    # a zero (partial, at ragged K) last group
-    x2[2::7, :64] *= 1e-35                   # tiny groups: subnormal fp32 values
+    x2[1::3, :128] = 0.0  # zero groups (row 0 stays non-zero)
+    x2[1::5, -100:] = 0.0  # a zero (partial, at ragged K) last group
+    x2[2::7, :64] *= 1e-35  # tiny groups: subnormal fp32 values
     x2.view(-1)[:2] = -0.0
     if dtype == torch.float16:
         x = x.clamp(-60000, 60000)

@@ -66,8 +66,10 @@ def test_deepseek_sample_passes_on_cuda(tmp_path, rows):
 def test_cpu_and_cuda_agree_on_everything_but_the_gemm(tmp_path):
     src = SAMPLES / "llama-tiny-bf16"
     quantize(src, tmp_path / "q", QuantizeOptions(device="cpu"))
-    reports = {dev: verify_checkpoint(tmp_path / "q", VerifyOptions(reference=str(src), device=dev))
-               for dev in ("cpu", "cuda")}
+    reports = {
+        dev: verify_checkpoint(tmp_path / "q", VerifyOptions(reference=str(src), device=dev))
+        for dev in ("cpu", "cuda")
+    }
     assert all(r.ok for r in reports.values())
     cpu = {t.name: t.metrics for t in reports["cpu"].tensors}
     for t in reports["cuda"].tensors:
