@@ -27,11 +27,14 @@ test: install
 test-gpu:
 	python3 -m pytest -q -p no:cacheprovider -m gpu tests
 
+# GB: size of the synthetic DeepSeek-shaped FP8 checkpoint the benchmark builds.
+GB ?= 2.5
+
 bench: install
-	$(BIN)/python bench/bench_convert.py
+	$(BIN)/python bench/bench_convert.py --gb $(GB)
 
 bench-gpu:
-	python3 bench/bench_kernels.py && python3 bench/bench_convert.py --device cuda
+	python3 bench/bench_kernels.py && python3 bench/bench_convert.py --device cuda --gb 8 --shard-gb 2
 
 lint: install
 	$(BIN)/ruff check fp8conv tests bench samples

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fp8conv.checkpoint.safetensors_io import save_file  # noqa: E402
+from fp8conv.convert.plan import native_fp8_config  # noqa: E402
 
 # (name, rows, cols) of one DeepSeek-V3 MoE layer's FP8 weights, trimmed to 8 routed experts.
 LAYER = [
@@ -91,12 +92,7 @@ def build(root: Path, gb: float, shard_gb: float) -> int:
             {
                 "model_type": "deepseek_v3",
                 "torch_dtype": "bfloat16",
-                "quantization_config": {
-                    "quant_method": "fp8",
-                    "fmt": "e4m3",
-                    "activation_scheme": "dynamic",
-                    "weight_block_size": [128, 128],
-                },
+                "quantization_config": native_fp8_config(),
             }
         )
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fp8conv.checkpoint.safetensors_io import save_file
+from fp8conv.convert.plan import native_fp8_config
 from fp8conv.kernels.reference import weight_quant_torch
 
 HERE = Path(__file__).resolve().parent
@@ -121,12 +122,7 @@ def deepseek_tiny(root: Path) -> None:
             "vocab_size": vocab,
             "num_hidden_layers": 1,
             "torch_dtype": "bfloat16",
-            "quantization_config": {
-                "quant_method": "fp8",
-                "fmt": "e4m3",
-                "activation_scheme": "dynamic",
-                "weight_block_size": [128, 128],
-            },
+            "quantization_config": native_fp8_config(),
         },
     )
     _write_json(root / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
@@ -210,13 +206,7 @@ def llama_fp8(root: Path) -> None:
     half = names.index("model.layers.1.input_layernorm.weight")
     _write_sharded(root, [{k: out[k] for k in names[:half]}, {k: out[k] for k in names[half:]}])
     cfg = dict(LLAMA_CONFIG)
-    cfg["quantization_config"] = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": [128, 128],
-        "modules_to_not_convert": ["lm_head"],
-    }
+    cfg["quantization_config"] = native_fp8_config(skipped=["lm_head"])
     _write_json(root / "config.json", cfg)
     llama_files(root)
 

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from fp8conv.checkpoint.layout import STATE_DIR
 from fp8conv.checkpoint.safetensors_io import read_header, save_file
 from fp8conv.cli import app
+from fp8conv.convert.plan import native_fp8_config
 from fp8conv.kernels.reference import weight_quant_torch
 
 META = {"format": "pt"}
@@ -32,12 +33,7 @@ FP8_CONFIG = {
     "architectures": ["DeepseekV3ForCausalLM"],
     "model_type": "deepseek_v3",
     "torch_dtype": "bfloat16",
-    "quantization_config": {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": [128, 128],
-    },
+    "quantization_config": native_fp8_config(),
 }
 BF16_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16"}
 Shards = list[dict[str, torch.Tensor]]

@@ -284,19 +284,28 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
     return Plan(shards, quantized_config(ckpt.config, opts, module_list), module_list)
 
 
+def native_fp8_config(
+    block: tuple[int, int] = (128, 128), skipped: list[str] | None = None, scale_fmt: str = "float"
+) -> dict:
+    """`quantization_config` of the native block-FP8 layout (DeepSeek-V3, transformers' FP8 loader)."""
+    qc: dict = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+    }
+    if skipped is not None:
+        qc["modules_to_not_convert"] = skipped
+    if scale_fmt == "ue8m0":
+        qc["scale_fmt"] = "ue8m0"
+    return qc
+
+
 def quantized_config(config: dict | None, opts: QuantizeOptions, skipped: list[str]) -> dict:
     out = dict(config or {})
     bm, bn = opts.block_size
     if opts.format == "fp8":
-        qc: dict = {
-            "quant_method": "fp8",
-            "fmt": "e4m3",
-            "activation_scheme": "dynamic",
-            "weight_block_size": [bm, bn],
-            "modules_to_not_convert": skipped,
-        }
-        if opts.scale_fmt == "ue8m0":
-            qc["scale_fmt"] = "ue8m0"
+        qc = native_fp8_config((bm, bn), skipped, opts.scale_fmt)
     else:
         qc = {
             "quant_method": "compressed-tensors",

@@ -249,6 +249,21 @@ def _act_quant_kernel(
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (tile row, tile column) in grouped order: GROUP_M row tiles sweep the N tiles
+    together, so B tiles stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_in = pid - group_id * num_in_group
+    return first_m + pid_in % group_size, pid_in // group_size
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     a_ptr,
     b_ptr,
@@ -269,17 +284,7 @@ def _fp8_gemm_kernel(
     """C[M, N] = A[M, K] @ B[N, K]^T with A scales [M, KB] (1 x 128) and B scales [ceil(N/128), KB]
     (128 x 128). Per 128-wide K block: fp32 dot of the fp8 tiles, then acc += dot * a_s * b_s.
     M, N, K are runtime values (no recompiles per shape); M_BUCKET only keys the autotuner."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped tile order: GROUP_M row tiles sweep the N tiles together, so B tiles stay in L2.
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_in = pid - group_id * num_in_group
-    pid_m = first_m + pid_in % group_size
-    pid_n = pid_in // group_size
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -335,16 +340,7 @@ def _fp8_gemm_tma_kernel(
 ):
     """_fp8_gemm_kernel with A and B tiles fetched by the TMA engine (Hopper) through tensor
     descriptors; out-of-bounds rows and K columns arrive as zeros, so no masks on A and B."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_in = pid - group_id * num_in_group
-    pid_m = first_m + pid_in % group_size
-    pid_n = pid_in // group_size
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
