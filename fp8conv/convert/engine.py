@@ -1,11 +1,12 @@
 """Runs a conversion plan: shard by shard, tensor piece by tensor piece, read / convert / write overlapped.
 
 Memory is bounded by pieces, not tensors or shards: each tensor is cut into row bands of whole tiles
-(at most PIECE_ELEMS elements, or one tile row if that is larger), and at most POOL pieces are in
-flight on each side. One thread reads the next pieces with positional reads, the calling thread
-converts (torch on the CPU with its intra-op threads, or Triton on the GPU through pinned buffers), one
-thread writes with positional writes; tensors copied as they are go file-to-file in the kernel
-(copy_file_range). Each output shard is written into DST/.fp8conv/tmp/ and renamed when complete.
+(at most PIECE_ELEMS elements, or one tile row if that is larger), and a fixed pool of piece buffers
+is in flight. One thread reads the next pieces with positional reads; converter threads turn them
+into output bytes (on the CPU one per core, each with single-threaded torch ops; on the GPU one,
+through pinned buffers and the Triton kernels); one thread writes with positional writes. Tensors kept
+as they are go file to file in the kernel (copy_file_range). Each output shard is written into
+DST/.fp8conv/tmp/ and fsynced and renamed into place while the next shard converts.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import torch
 
 from fp8conv.checkpoint.layout import CONFIG_NAME, INDEX_NAME, Checkpoint
 from fp8conv.checkpoint.output import OutputDir, check_paths, copy_range, io_error
-from fp8conv.checkpoint.safetensors_io import ITEMSIZE, ShardReader, build_header
-from fp8conv.convert.plan import Plan, ShardPlan, TensorJob, torch_dtype_of
+from fp8conv.checkpoint.safetensors_io import DTYPES, ITEMSIZE, ShardReader, build_header
+from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
 from fp8conv.errors import Interrupted, NonFiniteError, ResourceError
 from fp8conv.kernels import resolve_device, scale_to_float32, weight_dequant, weight_quant
 from fp8conv.kernels.reference import weight_dequant_torch, weight_quant_torch
@@ -298,6 +299,12 @@ def _align(job: TensorJob) -> int:
     return bm if bm < job.src.shape[-2] else 1
 
 
+def _rows_per_piece(job: TensorJob) -> int:
+    """Whole tile rows (any rows when one tile spans the matrix) worth about PIECE_ELEMS elements."""
+    align = _align(job)
+    return max(align, (PIECE_ELEMS // max(job.src.shape[-1], 1)) // align * align)
+
+
 def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
     for job in sp.jobs:
         dst0 = offsets[job.name][0]
@@ -310,8 +317,7 @@ def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
         src = job.src
         *lead, m, n = src.shape
         experts = math.prod(lead)
-        align = _align(job)
-        step = max(align, (PIECE_ELEMS // max(n, 1)) // align * align)
+        step = _rows_per_piece(job)
         in_item, out_item = ITEMSIZE[src.dtype], ITEMSIZE[job.out_dtype]
         for e in range(experts):
             for r0 in range(0, m, step):
@@ -333,8 +339,7 @@ def _max_piece_bytes(sp: ShardPlan) -> tuple[int, int]:
     for job in sp.jobs:
         if job.action in ("dequant", "quant"):
             n = job.src.shape[-1]
-            align = _align(job)
-            rows = min(job.src.shape[-2], max(align, (PIECE_ELEMS // max(n, 1)) // align * align))
+            rows = min(job.src.shape[-2], _rows_per_piece(job))
             mi = max(mi, rows * n * ITEMSIZE[job.src.dtype])
             mo = max(mo, rows * n * ITEMSIZE[job.out_dtype])
     return mi, mo
@@ -396,7 +401,7 @@ class _Converter:
         n = job.src.shape[-1]
         src = buf[: piece.length].view(job.src.torch_dtype).view(r1 - r0, n)
         nbytes_out = (r1 - r0) * n * ITEMSIZE[job.out_dtype]
-        dst = out[:nbytes_out].view(torch_dtype_of(job.out_dtype)).view(r1 - r0, n)
+        dst = out[:nbytes_out].view(DTYPES[job.out_dtype]).view(r1 - r0, n)
         bm = job.block[0]
         i0, i1 = r0 // bm, math.ceil(r1 / bm)
         if job.action == "dequant":

@@ -7,8 +7,6 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import torch
-
 from fp8conv.checkpoint.layout import Checkpoint
 from fp8conv.checkpoint.safetensors_io import (
     DTYPE_NAMES,
@@ -341,9 +339,3 @@ def quantized_config(config: dict | None, opts: QuantizeOptions, skipped: list[s
         }
     out["quantization_config"] = qc
     return out
-
-
-def torch_dtype_of(name: str) -> torch.dtype:
-    from fp8conv.checkpoint.safetensors_io import DTYPES
-
-    return DTYPES[name]
