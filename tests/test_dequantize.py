@@ -222,3 +222,27 @@ def test_large_tensor_is_split_into_pieces(tmp_path, monkeypatch):
     r = cli("dequantize", src, tmp_path / "o", "-q")
     assert r.exit_code == 0, r.output
     assert torch.equal(load_file(tmp_path / "o" / "model.safetensors")["w.weight"], formula(q, s))
+
+
+def test_hugging_face_cache_snapshot_with_links_into_blobs(sample, tmp_path):
+    """A cache snapshot is links into the repo's blobs/ folder: accepted; a link elsewhere is not."""
+    src = sample(DS)
+    repo = tmp_path / "models--org--name"
+    snap = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, p in enumerate(sorted(q for q in src.rglob("*") if q.is_file())):
+        blob = repo / "blobs" / f"blob{i}"
+        blob.write_bytes(p.read_bytes())
+        link = snap / p.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    r = cli("dequantize", snap, tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "model-00001-of-00003.safetensors").is_file()
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text("{}")
+    (snap / "tokenizer.json").unlink()
+    (snap / "tokenizer.json").symlink_to(outside)
+    r = cli("dequantize", snap, tmp_path / "out2", "-q")
+    assert r.exit_code == 3 and "outside" in r.output

@@ -65,11 +65,19 @@ def _load_json(path: Path, what: str) -> object:
 
 
 def _inside(root: Path, path: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
+    """Whether `path`, links followed, stays in the checkpoint. A Hugging Face cache snapshot
+    (`<repo>/snapshots/<rev>/`) is made of links into `<repo>/blobs/`: that folder counts as inside."""
+    target = path.resolve()
+    allowed = [root.resolve()]
+    if allowed[0].parent.name == "snapshots":
+        allowed.append(allowed[0].parent.parent / "blobs")
+    for a in allowed:
+        try:
+            target.relative_to(a)
+            return True
+        except ValueError:
+            pass
+    return False
 
 
 def _check_shard_name(root: Path, index_path: Path, name: object, tensor: str) -> None:
