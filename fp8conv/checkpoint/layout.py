@@ -54,7 +54,7 @@ def find_quantization_config(config: dict | None) -> dict | None:
     return None
 
 
-def _load_json(path: Path, what: str) -> object:
+def load_json(path: Path, what: str) -> object:
     try:
         with open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
@@ -80,7 +80,7 @@ def _inside(root: Path, path: Path) -> bool:
     return False
 
 
-def _check_shard_name(root: Path, index_path: Path, name: object, tensor: str) -> None:
+def check_shard_name(root: Path, index_path: Path, name: object, tensor: str) -> None:
     if not isinstance(name, str) or not name:
         raise InvalidCheckpoint("weight_map value must be a shard file name", file=index_path, tensor=tensor)
     p = Path(name)
@@ -102,6 +102,30 @@ def _check_shard_name(root: Path, index_path: Path, name: object, tensor: str) -
         )
 
 
+def index_disagreements(root: Path, weight_map: dict[str, str], shards: dict[str, ShardHeader]):
+    """Each place where the index and the shard headers disagree, as an InvalidCheckpoint, in a fixed
+    order: tensors the index places in a shard that lacks them, then tensors a shard holds that the
+    index puts elsewhere or nowhere. Shards missing from `shards` (unreadable) are skipped."""
+    index_path = root / INDEX_NAME
+    for tensor, shard in weight_map.items():
+        if shard in shards and tensor not in shards[shard].tensors:
+            yield InvalidCheckpoint(
+                f"the index places this tensor in {shard}, but that shard does not hold it",
+                file=index_path,
+                tensor=tensor,
+            )
+    for shard, header in shards.items():
+        for tensor in header.tensors:
+            placed = weight_map.get(tensor)
+            if placed != shard:
+                rule = (
+                    "tensor is in this shard but missing from the index"
+                    if placed is None
+                    else f"tensor is present in two shards (the index says {placed})"
+                )
+                yield InvalidCheckpoint(rule, file=root / shard, tensor=tensor)
+
+
 def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
     """Read every header and the index, check that they agree; raise InvalidCheckpoint if not."""
     root = Path(src)
@@ -113,13 +137,13 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
         )
     index_path = root / INDEX_NAME
     if index_path.exists():
-        index = _load_json(index_path, "index")
+        index = load_json(index_path, "index")
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
             raise InvalidCheckpoint("index has no weight_map object", file=index_path)
         weight_map: dict[str, str] = index["weight_map"]
         metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
         for tensor, shard in weight_map.items():
-            _check_shard_name(root, index_path, shard, tensor)
+            check_shard_name(root, index_path, shard, tensor)
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (root / n).is_file()]
         if missing:
@@ -128,23 +152,8 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
                 file=index_path,
             )
         shards = {n: read_header(root / n) for n in names}
-        for tensor, shard in weight_map.items():
-            if tensor not in shards[shard].tensors:
-                raise InvalidCheckpoint(
-                    f"the index places this tensor in {shard}, but that shard does not hold it",
-                    file=index_path,
-                    tensor=tensor,
-                )
-        for shard, header in shards.items():
-            for tensor in header.tensors:
-                placed = weight_map.get(tensor)
-                if placed != shard:
-                    rule = (
-                        "tensor is in this shard but missing from the index"
-                        if placed is None
-                        else f"tensor is present in two shards (the index says {placed})"
-                    )
-                    raise InvalidCheckpoint(rule, file=root / shard, tensor=tensor)
+        for problem in index_disagreements(root, weight_map, shards):
+            raise problem
         has_index = True
     elif (root / SINGLE_NAME).is_file():
         header = read_header(root / SINGLE_NAME)
@@ -159,7 +168,7 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
         )
     config = None
     if (root / CONFIG_NAME).is_file():
-        config = _load_json(root / CONFIG_NAME, "config")
+        config = load_json(root / CONFIG_NAME, "config")
         if not isinstance(config, dict):
             raise InvalidCheckpoint("config.json is not a JSON object", file=root / CONFIG_NAME)
     return Checkpoint(

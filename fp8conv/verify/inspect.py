@@ -19,10 +19,11 @@ from fp8conv.checkpoint.layout import (
     INDEX_NAME,
     SINGLE_NAME,
     Checkpoint,
-    _check_shard_name,
-    _load_json,
+    check_shard_name,
     find_quantization_config,
+    index_disagreements,
     list_other_files,
+    load_json,
     open_checkpoint,
 )
 from fp8conv.checkpoint.safetensors_io import (
@@ -132,7 +133,7 @@ def _lenient_scan(root: Path) -> Scan:
         valid: dict[str, str] = {}
         for tensor, shard in raw_map.items():
             try:
-                _check_shard_name(root, index_path, shard, tensor)
+                check_shard_name(root, index_path, shard, tensor)
             except InvalidCheckpoint as e:
                 findings.append(_fail("index", e.rule, e.file, e.tensor))
                 continue
@@ -166,41 +167,9 @@ def _lenient_scan(root: Path) -> Scan:
                     )
                 )
                 unreadable.update({t: name for t in held[name]})
-        for tensor, shard in valid.items():
-            if shard not in shards:
-                continue
-            if tensor in shards[shard].tensors:
-                weight_map[tensor] = shard
-            else:
-                findings.append(
-                    _fail(
-                        "index",
-                        f"the index places this tensor in {shard}, but that shard does not hold it",
-                        index_path,
-                        tensor,
-                    )
-                )
-        for shard, header in shards.items():
-            for tensor in header.tensors:
-                placed = valid.get(tensor)
-                if placed is None:
-                    findings.append(
-                        _fail(
-                            "index",
-                            "tensor is in this shard but missing from the index",
-                            root / shard,
-                            tensor,
-                        )
-                    )
-                elif placed != shard:
-                    findings.append(
-                        _fail(
-                            "index",
-                            f"tensor is present in two shards (the index says {placed})",
-                            root / shard,
-                            tensor,
-                        )
-                    )
+        weight_map = {t: s for t, s in valid.items() if s in shards and t in shards[s].tensors}
+        for e in index_disagreements(root, valid, shards):
+            findings.append(_fail("index", e.rule, e.file, e.tensor))
     else:
         known_files = {SINGLE_NAME}
         try:
@@ -228,7 +197,7 @@ def _lenient_scan(root: Path) -> Scan:
     config = None
     if (root / CONFIG_NAME).is_file():
         try:
-            config = _load_json(root / CONFIG_NAME, "config")
+            config = load_json(root / CONFIG_NAME, "config")
             if not isinstance(config, dict):
                 findings.append(_fail("config", "config.json is not a JSON object", root / CONFIG_NAME))
                 config = None
