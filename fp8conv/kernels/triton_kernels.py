@@ -264,6 +264,37 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
+def _scale_ptrs(as_ptr, bs_ptr, offs_m, offs_n, pid_n, KB, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row pointers into the A scales [M, KB] and B scales [ceil(N/128), KB] for this tile."""
+    as_ptrs = as_ptr + offs_m.to(tl.int64) * KB
+    if BLOCK_N <= BLOCK_K:
+        # The tile lies inside one 128-row block of B: one B scale per K step.
+        bs_ptrs = bs_ptr + ((pid_n * BLOCK_N) // BLOCK_K) * KB
+    else:
+        bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * KB
+    return as_ptrs, bs_ptrs
+
+
+@triton.jit
+def _scaled_dot(acc, a, b, as_ptrs, bs_ptrs, kb, m_ok, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + (A block . B block^T) * a_s * b_s for K block kb (fp32 dot, then the two scales)."""
+    a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
+    if BLOCK_N <= BLOCK_K:
+        b_s = tl.load(bs_ptrs + kb)
+        acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
+    else:
+        b_s = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
+    return acc
+
+
+@triton.jit
+def _store_c(c_ptr, acc, offs_m, offs_n, m_ok, n_ok, N):
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     a_ptr,
     b_ptr,
@@ -293,12 +324,7 @@ def _fp8_gemm_kernel(
     n_ok = offs_n < N
     a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
     b_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-    as_ptrs = as_ptr + offs_m.to(tl.int64) * KB
-    if BLOCK_N <= BLOCK_K:
-        # The tile lies inside one 128-row block of B: one B scale per K step.
-        bs_ptrs = bs_ptr + ((pid_n * BLOCK_N) // BLOCK_K) * KB
-    else:
-        bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * KB
+    as_ptrs, bs_ptrs = _scale_ptrs(as_ptr, bs_ptr, offs_m, offs_n, pid_n, KB, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, KB):
         if EVEN_K:
@@ -308,17 +334,10 @@ def _fp8_gemm_kernel(
             k_ok = offs_k < K - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
-        if BLOCK_N <= BLOCK_K:
-            b_s = tl.load(bs_ptrs + kb)
-            acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
-        else:
-            b_s = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
-            acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
+        acc = _scaled_dot(acc, a, b, as_ptrs, bs_ptrs, kb, m_ok, n_ok, BLOCK_N, BLOCK_K)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _store_c(c_ptr, acc, offs_m, offs_n, m_ok, n_ok, N)
 
 
 @triton.jit
@@ -346,24 +365,13 @@ def _fp8_gemm_tma_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    as_ptrs = as_ptr + offs_m.to(tl.int64) * KB
-    if BLOCK_N <= BLOCK_K:
-        bs_ptrs = bs_ptr + ((pid_n * BLOCK_N) // BLOCK_K) * KB
-    else:
-        bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * KB
+    as_ptrs, bs_ptrs = _scale_ptrs(as_ptr, bs_ptr, offs_m, offs_n, pid_n, KB, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, KB):
         a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
         b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
-        a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
-        if BLOCK_N <= BLOCK_K:
-            b_s = tl.load(bs_ptrs + kb)
-            acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
-        else:
-            b_s = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
-            acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        acc = _scaled_dot(acc, a, b, as_ptrs, bs_ptrs, kb, m_ok, n_ok, BLOCK_N, BLOCK_K)
+    _store_c(c_ptr, acc, offs_m, offs_n, m_ok, n_ok, N)
 
 
 # ----------------------------------------------------------------------------------------------
