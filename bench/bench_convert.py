@@ -4,10 +4,13 @@ Builds a synthetic DeepSeek-V3-shaped FP8 checkpoint (real layer shapes, random 
 576-row tiles, scales in float32) of --gb gigabytes, then times, each in a fresh process:
   floor-deq   read the FP8 input and write a bf16-sized file with `cat` (+ fsync), the I/O floor
   dequantize  fp8conv dequantize (--device)
+  no-wb       the same with FP8CONV_WRITEBACK=0 (no early-writeback hints), into another folder
   floor-q     read the bf16 output and write an FP8-sized file with `cat` (+ fsync)
   quantize    fp8conv quantize of that bf16 output
-  reference   DeepSeek's fp8_cast_bf16.py, when --reference-script PATH is given (GPU only)
-and prints one table: seconds, ratio to the I/O floor, peak RSS over the largest tensor.
+  reference   DeepSeek's fp8_cast_bf16.py, when --reference-script PATH is given (GPU only), as it
+              is and followed by `sync` (fp8conv fsyncs its output, the script does not)
+and prints one table: seconds, ratio to the I/O floor, peak RSS over the largest tensor; then, for
+each fp8conv run, the seconds per stage from its --json summary (summed over threads).
 Usage: python bench/bench_convert.py [--gb 1.0] [--device cpu|cuda] [--dir bench-out] [--keep]
 """
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -103,9 +107,11 @@ def shard_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.glob("*.safetensors"))
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Seconds and peak RSS (GB) of a command run in a fresh process, after flushing earlier writes
-    (background writeback of the previous step would otherwise be charged to this one)."""
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Seconds, peak RSS (GB) and stdout of a command run in a fresh process (with `env` added to
+    the environment), after flushing earlier writes (background writeback of the previous step would
+    otherwise be charged to this one). The child writes to the wrapper's stdout; the wrapper's own
+    JSON line comes last."""
     os.sync()
     wrapper = (
         "import resource,subprocess,sys,time,json;t=time.perf_counter();"
@@ -113,11 +119,22 @@ def timed(cmd: list[str]) -> tuple[float, float]:
         "r=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss*1024;"
         "print(json.dumps([rc,dt,r]))"
     )
-    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
-    rc, dt, rss = json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env} if env else None,
+    )
+    *child, last = out.stdout.rstrip("\n").split("\n")
+    rc, dt, rss = json.loads(last)
     if rc != 0:
         raise SystemExit(f"failed ({rc}): {' '.join(cmd)}\n{out.stderr[-2000:]}")
-    return dt, rss / 1e9
+    return dt, rss / 1e9, "\n".join(child)
+
+
+def stage_seconds(stdout: str) -> dict[str, float]:
+    """stage_seconds from the JSON summary an fp8conv command printed (--json -)."""
+    return json.loads(stdout)["stage_seconds"]
 
 
 def floor_cmd(src: Path, out_bytes: int, dst_file: Path) -> list[str]:
@@ -157,34 +174,55 @@ def main() -> None:
     out_bf16 = int(in_fp8 * 2)  # close enough for the floor; measured size replaces it below
     # warm the page cache equally for the floor and the tool
     subprocess.run(["bash", "-c", f"cat {work}/fp8/*.safetensors > /dev/null"])
-    fl, _ = timed(floor_cmd(work / "fp8", out_bf16, work / "floor.bin"))
-    dq, dq_rss = timed(
-        [*fp8, "dequantize", str(work / "fp8"), str(work / "bf16"), "--quiet", "--device", args.device]
-    )
+    stages: list[tuple[str, dict[str, float]]] = []  # (row, stage_seconds) per fp8conv run
+    fl, _, _ = timed(floor_cmd(work / "fp8", out_bf16, work / "floor.bin"))
+
+    def dequantize(dst: Path, env: dict[str, str] | None = None) -> tuple[float, float, dict]:
+        cmd = [*fp8, "dequantize", str(work / "fp8"), str(dst), "--quiet", "--json", "-"]
+        dt, rss, stdout = timed([*cmd, "--device", args.device], env)
+        return dt, rss, stage_seconds(stdout)
+
+    dq, dq_rss, dq_st = dequantize(work / "bf16")
     out_bf16 = shard_bytes(work / "bf16")
     rows.append(("I/O floor: FP8 in, bf16-sized out (cat)", fl, None, None))
-    rows.append((f"fp8conv dequantize ({args.device})", dq, dq / fl, dq_rss))
+    what = f"fp8conv dequantize ({args.device})"
+    rows.append((what, dq, dq / fl, dq_rss))
+    stages.append((what, dq_st))
+    # A/B of the early-writeback hint in the same run, on the same disk
+    nowb, nowb_rss, nowb_st = dequantize(work / "bf16-nowb", {"FP8CONV_WRITEBACK": "0"})
+    shutil.rmtree(work / "bf16-nowb", ignore_errors=True)
+    what = f"  same, FP8CONV_WRITEBACK=0 ({args.device})"
+    rows.append((what, nowb, nowb / fl, nowb_rss))
+    stages.append((what, nowb_st))
     if args.reference_script:
-        ref, ref_rss = timed(
-            [
-                sys.executable,
-                args.reference_script,
-                "--input-fp8-hf-path",
-                str(work / "fp8"),
-                "--output-bf16-hf-path",
-                str(work / "ref"),
-            ]
-        )
+        ref_cmd = [
+            sys.executable,
+            args.reference_script,
+            "--input-fp8-hf-path",
+            str(work / "fp8"),
+            "--output-bf16-hf-path",
+            str(work / "ref"),
+        ]
+        ref, ref_rss, _ = timed(ref_cmd)
+        shutil.rmtree(work / "ref", ignore_errors=True)
+        # fp8conv's time includes the fsync of every file it writes; the script leaves its output in
+        # the page cache, so this row charges it the same durability
+        ref_s, ref_s_rss, _ = timed(["bash", "-c", f"{shlex.join(ref_cmd)} && sync"])
+        shutil.rmtree(work / "ref", ignore_errors=True)
         rows.append(("DeepSeek fp8_cast_bf16.py (GPU)", ref, ref / fl, ref_rss))
         rows.append(("  speed-up of fp8conv over it", ref / dq, None, None))
-        shutil.rmtree(work / "ref", ignore_errors=True)
+        rows.append(("DeepSeek fp8_cast_bf16.py + sync", ref_s, ref_s / fl, ref_s_rss))
+        rows.append(("  speed-up of fp8conv over it (+ sync)", ref_s / dq, None, None))
     out_q = in_fp8
-    flq, _ = timed(floor_cmd(work / "bf16", out_q, work / "floor.bin"))
-    q, q_rss = timed(
-        [*fp8, "quantize", str(work / "bf16"), str(work / "q"), "--quiet", "--device", args.device]
+    flq, _, _ = timed(floor_cmd(work / "bf16", out_q, work / "floor.bin"))
+    q, q_rss, q_out = timed(
+        [*fp8, "quantize", str(work / "bf16"), str(work / "q"), "--quiet", "--json", "-"]
+        + ["--device", args.device]
     )
     rows.append(("I/O floor: bf16 in, FP8-sized out (cat)", flq, None, None))
-    rows.append((f"fp8conv quantize ({args.device})", q, q / flq, q_rss))
+    what = f"fp8conv quantize ({args.device})"
+    rows.append((what, q, q / flq, q_rss))
+    stages.append((what, stage_seconds(q_out)))
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core CPU"
     print(
         f"\n{in_fp8 / 1e9:.2f} GB FP8 <-> {out_bf16 / 1e9:.2f} GB bf16 on {dev}, "
@@ -196,6 +234,9 @@ def main() -> None:
         m = f"{rss:.2f}" if rss is not None else ""
         rl = f"{rss * 1e9 / largest:.2f}" if rss is not None else ""
         print(f"{what:<44}{sec:>9.2f}{r:>9}{m:>13}{rl:>13}")
+    print("\nseconds per stage, summed over threads (read, convert and write overlap):")
+    for what, st in stages:
+        print(f"  {what.strip():<42}" + "  ".join(f"{k} {v:.2f}" for k, v in st.items()))
     if not args.keep:
         shutil.rmtree(work)
 

@@ -6,7 +6,10 @@ is in flight. One thread reads the next pieces with positional reads; converter 
 into output bytes (on the CPU one per core, each with single-threaded torch ops; on the GPU one,
 through pinned buffers and the Triton kernels); one thread writes with positional writes. Tensors kept
 as they are go file to file in the kernel (copy_file_range). Each output shard is written into
-DST/.fp8conv/tmp/ and fsynced and renamed into place while the next shard converts.
+DST/.fp8conv/tmp/ and fsynced and renamed into place while the next shard converts; every ~64 MiB
+written, the writer asks the kernel to start writing that range back (start_writeback), so the disk
+is busy during the conversion rather than only in the final fsync. Summary.stage_seconds adds up
+the time spent in each stage (read, convert, write, commit) over the threads that run it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from pathlib import Path
 import torch
 
 from fp8conv.checkpoint.layout import CONFIG_NAME, INDEX_NAME, Checkpoint
-from fp8conv.checkpoint.output import OutputDir, check_paths, copy_range, io_error
+from fp8conv.checkpoint.output import (
+    WRITEBACK_CHUNK,
+    OutputDir,
+    check_paths,
+    copy_range,
+    io_error,
+    start_writeback,
+)
 from fp8conv.checkpoint.safetensors_io import DTYPES, ITEMSIZE, ShardReader, build_header
 from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
 from fp8conv.errors import Interrupted, NonFiniteError, ResourceError
@@ -92,9 +102,37 @@ class Summary:
     complete: bool = False
     part: list[int] | None = None
     notes: list[str] = field(default_factory=list)
+    # Seconds per stage summed over the threads that run it (so a stage may exceed "wall"): read
+    # (positional reads of piece inputs), convert (the converter threads), write (pwrite and
+    # copy_file_range into temporary files, writeback hints included), commit (fsync + rename).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["stage_seconds"] = {k: round(v, 3) for k, v in self.stage_seconds.items()}
+        return d
+
+
+class _Stages:
+    """Thread-safe accumulation of seconds per stage into a Summary's stage_seconds."""
+
+    NAMES = ("read", "convert", "write", "commit")
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.seconds = into
+        for name in self.NAMES:
+            into.setdefault(name, 0.0)
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t
+            with self.lock:
+                self.seconds[stage] += dt
 
 
 @dataclass
@@ -211,6 +249,7 @@ def run(
     check_paths(ckpt.root, dst)
     device, note = resolve_device(device_spec)
     summary = Summary(command, str(ckpt.root), str(dst), str(device), part=list(part) if part else None)
+    stages = _Stages(summary.stage_seconds)
     if note:
         summary.notes.append(note)
         progress.note(note)
@@ -218,7 +257,7 @@ def run(
     out = OutputDir(dst)
     if out.read_job() == job and out.is_complete(job, _final_names(ckpt, plan)):
         summary.already_complete = summary.complete = True
-        summary.seconds = time.perf_counter() - t0
+        summary.seconds = summary.stage_seconds["wall"] = time.perf_counter() - t0
         return summary
     mine = [s for i, s in enumerate(plan.shards) if part is None or i % part[1] == part[0] - 1]
     with _Signals(), _single_threaded_ops(device):
@@ -232,10 +271,10 @@ def run(
         try:
             for sp in mine:
                 if sp in todo:
-                    tmp = _write_shard(ckpt, sp, out, device, scale_fmt, summary, progress, pending)
+                    tmp = _write_shard(ckpt, sp, out, device, scale_fmt, summary, progress, pending, stages)
                     if pending is not None:
                         pending.result()  # at most one commit in flight; its errors surface here
-                    pending = committer.submit(_commit_shard, ckpt, out, tmp, sp.name, progress)
+                    pending = committer.submit(_commit_shard, ckpt, out, tmp, sp.name, progress, stages)
                     summary.shards_written += 1
                 else:
                     summary.shards_skipped += 1
@@ -250,7 +289,7 @@ def run(
         if all(out.is_done(s.name) for s in plan.shards):
             out.mark_complete(job)
             summary.complete = True
-    summary.seconds = time.perf_counter() - t0
+    summary.seconds = summary.stage_seconds["wall"] = time.perf_counter() - t0
     progress.close()
     return summary
 
@@ -484,9 +523,16 @@ class _ShardWriter:
     """One output shard through the read -> convert -> write pipeline, into a temporary file."""
 
     def __init__(
-        self, ckpt: Checkpoint, sp: ShardPlan, out: OutputDir, conv: _Converter, progress: Progress
+        self,
+        ckpt: Checkpoint,
+        sp: ShardPlan,
+        out: OutputDir,
+        conv: _Converter,
+        progress: Progress,
+        stages: _Stages | None = None,
     ) -> None:
         self.ckpt, self.sp, self.out, self.conv, self.progress = ckpt, sp, out, conv, progress
+        self.stages = stages or _Stages({})
         self.reader = conv._reader(sp.name)
         pin = conv.device.type == "cuda"
         # CPU: one single-threaded converter per core beats torch's intra-op threads on pieces this
@@ -503,24 +549,51 @@ class _ShardWriter:
         self.converting: deque[tuple[_Piece, torch.Tensor, torch.Tensor, Future]] = deque()
         self.writes: deque[tuple[Future, torch.Tensor | None]] = deque()
         self.fd = -1
+        # Bytes written since the last writeback hint, and the file range they lie in (writes are
+        # nearly in file order; a scale tensor emitted after its weight may lie before it).
+        self.unhinted = 0
+        self.hint_lo = self.hint_hi = 0
 
-    # -- the two I/O threads' work
+    # -- the two I/O threads' work (the header's pwrite runs before the writer thread starts)
+    def _read(self, buf: torch.Tensor, offset: int, tensor: str) -> None:
+        with self.stages("read"):
+            self.reader.read_into(buf, offset, tensor)
+
+    def _convert(self, piece: _Piece, buf: torch.Tensor, out: torch.Tensor, s: torch.Tensor) -> int:
+        with self.stages("convert"):
+            return self.conv.convert(piece, buf, out, s)
+
+    def _written(self, off: int, n: int) -> None:
+        """Count n bytes written at off; past WRITEBACK_CHUNK, hint the range to the kernel."""
+        if self.unhinted == 0:
+            self.hint_lo, self.hint_hi = off, off + n
+        else:
+            self.hint_lo, self.hint_hi = min(self.hint_lo, off), max(self.hint_hi, off + n)
+        self.unhinted += n
+        if self.unhinted >= WRITEBACK_CHUNK:
+            start_writeback(self.fd, self.hint_lo, self.hint_hi - self.hint_lo)
+            self.unhinted = 0
+
     def _pwrite(self, data, dst_off: int, job: TensorJob | None, advance: int = 0) -> None:
         view = memoryview(data).cast("B")
         pos = 0
-        try:
-            while pos < len(view):
-                pos += os.pwrite(self.fd, view[pos:], dst_off + pos)
-        except OSError as e:
-            raise io_error(e, self.out.root / self.sp.name, "writing", job.name if job else None) from e
+        with self.stages("write"):
+            try:
+                while pos < len(view):
+                    pos += os.pwrite(self.fd, view[pos:], dst_off + pos)
+            except OSError as e:
+                raise io_error(e, self.out.root / self.sp.name, "writing", job.name if job else None) from e
+            self._written(dst_off, len(view))
         if advance:
             self.progress.advance(advance)
 
     def _copy(self, piece: _Piece) -> None:
-        try:
-            copy_range(self.reader._fd, self.fd, piece.src_off, piece.length, piece.dst_off)
-        except OSError as e:
-            raise io_error(e, self.out.root / self.sp.name, "copying tensor data", piece.job.name) from e
+        with self.stages("write"):
+            try:
+                copy_range(self.reader._fd, self.fd, piece.src_off, piece.length, piece.dst_off)
+            except OSError as e:
+                raise io_error(e, self.out.root / self.sp.name, "copying tensor data", piece.job.name) from e
+            self._written(piece.dst_off, piece.length)
         self.progress.advance(piece.length)
 
     # -- bookkeeping on the calling thread
@@ -538,7 +611,7 @@ class _ShardWriter:
     def _submit_read(self, piece: _Piece) -> None:
         if piece.kind == "convert":
             buf = self.in_pool.pop()
-            f = self.rd.submit(self.reader.read_into, buf[: piece.length], piece.src_off, piece.job.name)
+            f = self.rd.submit(self._read, buf[: piece.length], piece.src_off, piece.job.name)
             self.reads.append((piece, buf, f))
         else:
             self.reads.append((piece, None, None))
@@ -570,7 +643,7 @@ class _ShardWriter:
             self._reclaim()
         obuf = self.out_pool.pop()
         state = self.conv.prepare(piece)
-        self.converting.append((piece, buf, obuf, self.cv.submit(self.conv.convert, piece, buf, obuf, state)))
+        self.converting.append((piece, buf, obuf, self.cv.submit(self._convert, piece, buf, obuf, state)))
         self.weight_job = job
 
     def run(self, summary: Summary) -> None:
@@ -634,11 +707,12 @@ def _write_shard(
     summary: Summary,
     progress: Progress,
     previous: Future | None = None,
+    stages: _Stages | None = None,
 ) -> Path:
     """Write one shard completely into its temporary file; the caller commits it (`previous` is the
     commit still running for the shard before)."""
     conv = _Converter(ckpt, device, scale_fmt)
-    writer = _ShardWriter(ckpt, sp, out, conv, progress)
+    writer = _ShardWriter(ckpt, sp, out, conv, progress, stages)
     writer.settle = (lambda: previous.result()) if previous is not None else None
     try:
         return writer.run(summary)
@@ -646,10 +720,18 @@ def _write_shard(
         conv.close()
 
 
-def _commit_shard(ckpt: Checkpoint, out: OutputDir, tmp: Path, name: str, progress: Progress) -> None:
+def _commit_shard(
+    ckpt: Checkpoint,
+    out: OutputDir,
+    tmp: Path,
+    name: str,
+    progress: Progress,
+    stages: _Stages | None = None,
+) -> None:
     """fsync + rename + record; runs beside the next shard's conversion (the fsync of a 1 GB shard
     is seconds of disk time that the pipeline would otherwise wait out)."""
-    out.commit(tmp, name)
+    with (stages or _Stages({}))("commit"):
+        out.commit(tmp, name)
     out.mark_done(name)
     progress.shard_done(name)
     _fault_point("after_shard", _shard_no(ckpt, name))
