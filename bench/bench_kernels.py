@@ -34,7 +34,7 @@ from fp8conv.kernels import triton_kernels as tk  # noqa: E402
 
 MEM_SHAPES = [(7168, 18432), (16384, 7168), (576, 7168), (7000, 1000)]
 GEMM_NK = [(7168, 18432), (24576, 1536), (4096, 7168), (7168, 2048)]
-SWEEP_SHAPES = [(7168, 18432), (7000, 1000)]
+SWEEP_SHAPES = MEM_SHAPES
 
 
 def bench(fn, quick: bool) -> float:
@@ -144,15 +144,20 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: bool) ->
             row(f"  dequant tile {bm}x{bn} w{nw}", b_dq, dequant)
         tk.DEQUANT_TILE.update(saved)
         saved = dict(tk.ACT_QUANT_TILE)
-        for elems, nw in ((4096, 4), (16384, 16), (8192, 16)):
-            tk.ACT_QUANT_TILE.update(ELEMS=elems, num_warps=nw)
-            row(f"  act_quant {elems} el w{nw}", b_aq, aquant)
-        tk.ACT_QUANT_TILE.update(saved)
-        saved_w = tk.WEIGHT_QUANT_WARPS
-        for nw in (8, 32):
-            tk.WEIGHT_QUANT_WARPS = nw
-            row(f"  weight_quant w{nw}", b_wq, wquant)
-        tk.WEIGHT_QUANT_WARPS = saved_w
+        for key in ("ELEMS", "small_ELEMS"):  # whichever this shape uses
+            for elems, nw in ((2048, 4), (4096, 4), (8192, 8)):
+                for div in (0, 2):
+                    tk.ACT_QUANT_TILE[key] = elems
+                    tk.ACT_QUANT_TILE[key.replace("ELEMS", "num_warps")] = nw
+                    tk.ACT_QUANT_TILE[key.replace("ELEMS", "div")] = div
+                    row(f"  act_quant {key} {elems} w{nw} div{div}", b_aq, aquant)
+                tk.ACT_QUANT_TILE.update(saved)
+        saved = dict(tk.WEIGHT_QUANT)
+        for nw in (4, 8, 16):
+            for div in (0, 1, 2):
+                tk.WEIGHT_QUANT.update(num_warps=nw, div=div)
+                row(f"  weight_quant w{nw} div{div}", b_wq, wquant)
+        tk.WEIGHT_QUANT.update(saved)
     rows.append(("(same-size copy, graph)", f"{m}x{n}", "", "", "", "", f"{same_copy:5.0f}", "", ""))
     return rows
 
@@ -291,13 +296,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
     ap.add_argument("--sweep", action="store_true", help="also time tile variants")
+    ap.add_argument("--only", choices=("mem", "gemm"), help="only the memory-bound kernels or only fp8_gemm")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth(args.quick)
-    mem = mem_rows(args.quick, copy_gbs, args.sweep)
-    gemm, notes = gemm_rows(args.quick, args.sweep)
+    mem = mem_rows(args.quick, copy_gbs, args.sweep) if args.only != "gemm" else []
+    gemm, notes = gemm_rows(args.quick, args.sweep) if args.only != "mem" else ([], [])
     for line in notes:
         print(line)
     print()

@@ -51,8 +51,19 @@ _SINGLE_PASS_MAX = 16384
 
 # Tile shapes of the memory-bound kernels (module-level so bench/bench_kernels.py can try variants).
 DEQUANT_TILE = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 4}
-ACT_QUANT_TILE = {"ELEMS": 8192, "num_warps": 8}
-WEIGHT_QUANT_WARPS = 16  # for tiles of >= 8192 elements (a 128 x 128 tile)
+# act_quant: rows x group elements per program, warps and division (see _quotient) for tensors of >=
+# LARGE elements, and the small_ ones below that. weight_quant: warps for tiles of >= 8192 elements
+# (a 128 x 128 tile) and division. From bench/bench_kernels.py --sweep on an H100 (2026-11-25).
+ACT_QUANT_TILE = {
+    "ELEMS": 8192,
+    "num_warps": 8,
+    "div": 0,
+    "small_ELEMS": 2048,
+    "small_num_warps": 4,
+    "small_div": 2,
+    "LARGE": 1 << 24,
+}
+WEIGHT_QUANT = {"num_warps": 8, "div": 1}
 
 
 def _interpreting() -> bool:
@@ -85,12 +96,51 @@ def _scale_from_amax(amax, FMAX: tl.constexpr, UE8M0: tl.constexpr):
     return s, inv
 
 
+# The quotient x / s of the quantizers, correctly rounded, without a div.rn.f32 per element
+# (DIV = 1 or 2; DIV = 0 is plain div_rn). s is the same for a whole tile (or row), so its correctly
+# rounded reciprocal r = RN(1/s) is computed once; then q = RN(x r), the exact remainder
+# rem = x - q s (one fma), and q' = RN(q + rem r) is RN(x / s) (Markstein's correction step). Checked
+# exhaustively on an H100 against div.rn.f32 for every pair of float32 significands (2^46 pairs; by
+# scaling, that covers every x and s whose intermediate values stay normal: bench/div_check.py).
+# Where s lies outside [2^-90, 2^100] (tiles of tiny or huge values, or inf / NaN), DIV = 1 falls back
+# to div_rn for that tile; DIV = 2 first scales x and s by 2^64 or 2^-64 (exact where it matters).
+# x = +-0 keeps its sign through a select (q + rem r would turn -0 into +0).
+_DIV_LO = tl.constexpr(2.0**-90)
+_DIV_HI = tl.constexpr(2.0**100)
+
+
 @triton.jit
-def _encode(x, s, inv, FMAX: tl.constexpr, UE8M0: tl.constexpr, OUT_TY: tl.constexpr):
+def _markstein(x, s, r):
+    q = x * r
+    y = tl.fma(tl.fma(-q, s, x), r, q)
+    return tl.where(x == 0, x, y)
+
+
+@triton.jit
+def _quotient(x, s, inv, UE8M0: tl.constexpr, DIV: tl.constexpr):
+    """RN(x / s) in float32; DIV = 1 needs a scalar s."""
     if UE8M0:
         y = x * inv  # exact: inv is a power of two, same value as the correctly rounded x / s
-    else:
+    elif DIV == 0:
         y = tl.math.div_rn(x, s)
+    elif DIV == 1:
+        if (s >= _DIV_LO) & (s <= _DIV_HI):
+            y = _markstein(x, s, tl.math.div_rn(1.0, s))
+        else:
+            y = tl.math.div_rn(x, s)
+    else:
+        f = tl.where(s < _DIV_LO, 18446744073709551616.0, tl.where(s > _DIV_HI, 5.421010862427522e-20, 1.0))
+        ss = s * f
+        r = tl.math.div_rn(1.0, ss)
+        xs = x * f
+        # s = inf: r = 0 and x / inf is x * 0 (+-0, or NaN for an infinite x)
+        y = tl.where(r == 0, xs * r, _markstein(xs, ss, r))
+    return y
+
+
+@triton.jit
+def _encode(x, s, inv, FMAX: tl.constexpr, UE8M0: tl.constexpr, DIV: tl.constexpr, OUT_TY: tl.constexpr):
+    y = _quotient(x, s, inv, UE8M0, DIV)
     y = tl.clamp(y, -FMAX, FMAX, propagate_nan=tl.PropagateNan.ALL)
     return y.to(OUT_TY, fp_downcast_rounding="rtne")
 
@@ -164,6 +214,7 @@ def _weight_quant_kernel(
     SINGLE: tl.constexpr,
     FMAX: tl.constexpr,
     UE8M0: tl.constexpr,
+    DIV: tl.constexpr,
 ):
     """One program per scale tile (bm x BN) of matrix e. SINGLE: the tile (padded to BM_P x BN_P) is
     held in registers, one pass; else two passes over BM_P x BN_P chunks (amax, then encode).
@@ -187,7 +238,7 @@ def _weight_quant_kernel(
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         amax = tl.reduce(tl.abs(x), None, _max_nan)
         s, inv = _scale_from_amax(amax, FMAX, UE8M0)
-        tl.store(q_ptr + offs, _encode(x, s, inv, FMAX, UE8M0, OUT_TY), mask=mask)
+        tl.store(q_ptr + offs, _encode(x, s, inv, FMAX, UE8M0, DIV, OUT_TY), mask=mask)
     else:
         amax = tl.zeros((BM_P, BN_P), dtype=tl.float32)
         for i in range(0, bm, BM_P):
@@ -209,7 +260,7 @@ def _weight_quant_kernel(
                 mask = rmask[:, None] & (((j + ac) < BN) & (cols < N))[None, :]
                 offs = roffs[:, None] + cols[None, :]
                 x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(q_ptr + offs, _encode(x, s, inv, FMAX, UE8M0, OUT_TY), mask=mask)
+                tl.store(q_ptr + offs, _encode(x, s, inv, FMAX, UE8M0, DIV, OUT_TY), mask=mask)
     tl.store(s_ptr + e * sm * sn + pid, s)
 
 
@@ -227,6 +278,7 @@ def _act_quant_kernel(
     G_P: tl.constexpr,
     FMAX: tl.constexpr,
     UE8M0: tl.constexpr,
+    DIV: tl.constexpr,
 ):
     """x [R, K] -> codes [R, K], scales [R, n_groups]: one program quantizes BLOCK_R rows of one
     group column (each row of the tile is its own 1 x g group)."""
@@ -243,7 +295,7 @@ def _act_quant_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.reduce(tl.abs(x), 1, _max_nan)
     s, inv = _scale_from_amax(amax, FMAX, UE8M0)
-    q = _encode(x, s[:, None], inv[:, None], FMAX, UE8M0, q_ptr.dtype.element_ty)
+    q = _encode(x, s[:, None], inv[:, None], FMAX, UE8M0, DIV, q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs, q, mask=mask)
     tl.store(s_ptr + rows.to(tl.int64) * n_groups + gi, s, mask=row_ok)
 
@@ -486,9 +538,10 @@ def _act_quant_2d(
     if n_groups == 1:
         g = _pow2(k)  # one group per row: any width >= k is the same (g is constexpr)
     g_p = _pow2(min(g, k))
-    block_r = max(1, min(_pow2(r), ACT_QUANT_TILE["ELEMS"] // g_p))
+    small = r * k < ACT_QUANT_TILE["LARGE"]
+    block_r = max(1, min(_pow2(r), ACT_QUANT_TILE["small_ELEMS" if small else "ELEMS"] // g_p))
     elems = block_r * g_p
-    num_warps = ACT_QUANT_TILE["num_warps"] if elems >= 4096 else 4
+    num_warps = ACT_QUANT_TILE["small_num_warps" if small else "num_warps"] if elems >= 2048 else 4
     align = _align(k)
     grid = (triton.cdiv(r, block_r) * n_groups,)
     _act_quant_kernel[grid](
@@ -504,6 +557,7 @@ def _act_quant_2d(
         G_P=g_p,
         FMAX=fmax,
         UE8M0=ue8m0,
+        DIV=ACT_QUANT_TILE["small_div" if small else "div"],
         num_warps=num_warps,
     )
 
@@ -543,7 +597,7 @@ def weight_quant_triton(
         bn_p = min(bn_p, 256)
         bm_p = min(bm_p, max(1, 8192 // bn_p))
     elems = bm_p * bn_p
-    num_warps = WEIGHT_QUANT_WARPS if elems >= 8192 else 4
+    num_warps = WEIGHT_QUANT["num_warps"] if elems >= 8192 else 4
     align = _align(n)
     _weight_quant_kernel[(sm * sn, e)](
         x,
@@ -561,6 +615,7 @@ def weight_quant_triton(
         SINGLE=single,
         FMAX=fmax,
         UE8M0=ue8m0,
+        DIV=WEIGHT_QUANT["div"],
         num_warps=num_warps,
     )
     return q, s

@@ -102,6 +102,22 @@ def test_gpu_quantize_refuses_nan(tmp_path):
     assert r.exit_code == 4 and "[131, 5]" in r.output
 
 
+@pytest.mark.parametrize(
+    "code, fp8", [(0x7F, torch.float8_e4m3fn), (0xFF, torch.float8_e4m3fn), (0x7C, torch.float8_e5m2)]
+)
+def test_gpu_dequantize_refuses_nan_codes(tmp_path, code, fp8):
+    """The code check runs on the card for --device cuda: same exit code and element as on the CPU."""
+    src = tmp_path / "src"
+    src.mkdir()
+    q = torch.randint(0, 0x70, (300, 260), dtype=torch.uint8)
+    q[211, 7] = code
+    s = torch.rand(3, 3) + 0.5
+    save_file({"a.weight": q.view(fp8), "a.weight_scale_inv": s}, src / "model.safetensors")
+    for dev in ("cuda", "cpu"):
+        r = runner.invoke(app, ["dequantize", str(src), str(tmp_path / dev), "--device", dev])
+        assert r.exit_code == 4 and "[211, 7]" in r.output and "a.weight" in r.output, (dev, r.output)
+
+
 def test_gpu_pieces_of_a_large_tensor(tmp_path, monkeypatch):
     from fp8conv.convert import engine
 

@@ -400,3 +400,79 @@ def test_fp8_gemm_validates(tk):
         tk.fp8_gemm_triton(aq, as_, bq[:, :128].contiguous(), bs)
     with pytest.raises(ValueError, match="dtype"):
         tk.fp8_gemm_triton(aq.view(torch.uint8), as_, bq, bs)
+
+
+# ---- the quantizers' division ----------------------------------------------------------------
+
+
+def test_division_exhaustive_bf16_fp16(tk):
+    """Markstein's quotient equals div.rn.f32 for every bf16 and fp16 significand against every
+    float32 significand of s (the float32 x sweep, 2^46 pairs, is bench/div_check.py)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    from div_check import exhaustive
+
+    for bits in (7, 10):
+        bad, done, total, _ = exhaustive(bits)
+        assert done == total == (1 << 23) * (1 << bits)
+        assert bad == 0, f"{bad} pairs differ for {bits}-bit significands"
+    # the checker sees a difference where there is one: the plain product x * RN(1/s) is not RN(x/s)
+    bad, _, total, _ = exhaustive(7, naive=True)
+    assert 0 < bad < total
+
+
+def assert_same_bytes_but_nan_sign(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """assert_same_bytes, except that a NaN may carry either sign bit (an x86 CPU makes inf / inf
+    and NaN arithmetic negative NaNs, a GPU positive ones): NaN where want is NaN, same bytes elsewhere."""
+    got, want = got.detach().cpu(), want.detach().cpu()
+    nan = want.float().isnan()
+    assert nan.sum() < want.numel(), f"{what}: the test data should not be all NaN"
+    assert got.float().isnan().equal(nan), f"{what}: NaN at different places"
+    iv = _INT_VIEW[got.element_size()]
+    g, w = got.view(iv)[~nan], want.view(iv)[~nan]
+    bad = (g != w).nonzero()
+    assert bad.numel() == 0, f"{what}: {bad.numel()} elements differ, first bits {g[bad[0]]} != {w[bad[0]]}"
+
+
+def extreme_tiles(dtype) -> torch.Tensor:
+    """128 x 128 tiles, one kind each: ordinary, tiny (scale < 2^-90), subnormal only, huge (scale >
+    2^100), with an inf, with a NaN, all +-0, ordinary with tiny and subnormal members."""
+    g = _gen()
+    tiles = [torch.randn(128, 128, generator=g) for _ in range(8)]
+    tiles[1] *= 1e-30
+    tiles[2] = torch.randn(128, 128, generator=g) * 1e-39
+    tiles[3] *= 1e35
+    tiles[4][3, 4] = float("inf")
+    tiles[4][5, 6] = -float("inf")
+    tiles[5][7, 8] = float("nan")
+    tiles[6] = torch.where(torch.rand(128, 128, generator=g) < 0.5, 0.0, -0.0)
+    tiles[7][:, :64] *= 1e-38
+    x = torch.cat(tiles, dim=1)
+    if dtype == torch.float16:
+        x = torch.cat([tiles[0], tiles[4], tiles[5], tiles[6], tiles[7]], dim=1).clamp(-6e4, 6e4)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("div", [0, 1, 2])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: _DT[d])
+def test_weight_quant_division_paths(tk, monkeypatch, div, dtype):
+    """Every division path of weight_quant gives the torch reference's bytes, special tiles included."""
+    monkeypatch.setitem(tk.WEIGHT_QUANT, "div", div)
+    x = extreme_tiles(dtype)
+    q, s = tk.weight_quant_triton(x.cuda())
+    qr, sr = ref.weight_quant_torch(x)
+    assert_same_bytes_but_nan_sign(s, sr, f"scales div={div} {dtype}")
+    assert_same_bytes_but_nan_sign(q, qr, f"codes div={div} {dtype}")
+
+
+@pytest.mark.parametrize("div", [0, 2])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: _DT[d])
+def test_act_quant_division_paths(tk, monkeypatch, div, dtype):
+    monkeypatch.setitem(tk.ACT_QUANT_TILE, "div", div)
+    monkeypatch.setitem(tk.ACT_QUANT_TILE, "small_div", div)
+    x = extreme_tiles(dtype)
+    q, s = tk.act_quant_triton(x.cuda())
+    qr, sr = ref.act_quant_torch(x)
+    assert_same_bytes_but_nan_sign(s, sr, f"act scales div={div} {dtype}")
+    assert_same_bytes_but_nan_sign(q, qr, f"act codes div={div} {dtype}")
