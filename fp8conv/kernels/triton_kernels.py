@@ -23,7 +23,9 @@ Launch notes:
   FP8CONV_GEMM_AUTOTUNE=1 autotunes the pointer kernel instead, keyed on (M bucket, N, K) (never
   under the CPU interpreter, where autotune fails). On Hopper, when K % 16 == 0, A and B tiles come
   through TMA tensor descriptors (_fp8_gemm_tma_kernel; FP8CONV_GEMM_TMA=0 turns that off), whose
-  out-of-bounds zero fill handles ragged M, N and K without masks.
+  out-of-bounds zero fill handles ragged M, N and K without masks. From M = GEMM_WGMMA_MIN_M up,
+  Hopper takes the warp-specialized Gluon kernel of gluon_gemm.py (FP8CONV_GEMM_WGMMA=0 turns it
+  off).
 """
 
 from __future__ import annotations
@@ -676,6 +678,22 @@ GEMM_TMA_CONFIGS = {
 }
 
 
+# The warp-specialized Gluon kernel (gluon_gemm.py) from this M bucket up, on Hopper (measured at
+# M = 2048 and 4096; below, the TMA kernel's smaller tiles fill the card better at M = 128);
+# FP8CONV_GEMM_WGMMA=0 turns it off (then the TMA or pointer kernel runs).
+GEMM_WGMMA_MIN_M = 2048
+
+
+def _use_wgmma(a2: torch.Tensor, b: torch.Tensor, m_bucket: int, k: int) -> bool:
+    if _interpreting() or os.environ.get("FP8CONV_GEMM_WGMMA", "1") == "0" or m_bucket < GEMM_WGMMA_MIN_M:
+        return False
+    try:
+        from fp8conv.kernels import gluon_gemm
+    except ImportError:  # a Triton without Gluon's Hopper API
+        return False
+    return gluon_gemm.usable(a2, b, k)
+
+
 def _use_tma(a2: torch.Tensor, b: torch.Tensor, m_bucket: int, k: int) -> bool:
     if _interpreting() or os.environ.get("FP8CONV_GEMM_TMA", "1") == "0" or not a2.is_cuda:
         return False
@@ -779,6 +797,11 @@ def fp8_gemm_triton(
     if k == 0:
         return c.zero_()
     a2 = a.view(m, k)
+    if _use_wgmma(a2, b, mb, k):
+        from fp8conv.kernels.gluon_gemm import fp8_gemm_wgmma
+
+        fp8_gemm_wgmma(a2, a_scale, b, b_scale, c.view(m, n))
+        return c
     tma = _use_tma(a2, b, mb, k)
     cfg = _gemm_config(mb, n, k, tma)
     if tma and (m < cfg["BLOCK_M"] or n < cfg["BLOCK_N"] or k < BLOCK):

@@ -378,12 +378,23 @@ def test_fp8_gemm_model_shapes(tk, nk):
     _check_gemm(tk, aq, as_, bq, bs, torch.bfloat16, f"gemm 128x{n}x{k}")
 
 
-@pytest.mark.parametrize("tma", ["1", "0"])
-def test_fp8_gemm_both_kernels(tk, monkeypatch, tma):
-    """The pointer kernel and the TMA kernel on the same ragged problem (M, N ragged, K % 128 != 0)."""
-    monkeypatch.setenv("FP8CONV_GEMM_TMA", tma)
-    aq, as_, bq, bs = _gemm_operands(300, 1000, 1040, _gen())
-    _check_gemm(tk, aq, as_, bq, bs, torch.float32, f"gemm 300x1000x1040 tma={tma}")
+@pytest.mark.parametrize("kernel", ["wgmma", "tma", "pointer"])
+@pytest.mark.parametrize("mnk", [(300, 1000, 1040), (4096, 384, 7168), (257, 7168, 2048)], ids=str)
+def test_fp8_gemm_each_kernel(tk, monkeypatch, kernel, mnk):
+    """The Gluon (warp-specialized), TMA and pointer kernels on the same problems: M and N ragged,
+    K % 128 != 0, and model shapes."""
+    monkeypatch.setenv("FP8CONV_GEMM_WGMMA", "1" if kernel == "wgmma" else "0")
+    monkeypatch.setattr(tk, "GEMM_WGMMA_MIN_M", 0)  # the Gluon kernel at any M it accepts
+    monkeypatch.setenv("FP8CONV_GEMM_TMA", "0" if kernel == "pointer" else "1")
+    if kernel == "wgmma":
+        from fp8conv.kernels import gluon_gemm
+
+        assert gluon_gemm.usable(
+            torch.empty(mnk[0], mnk[2], device="cuda"), torch.empty(mnk[1], 1, device="cuda"), mnk[2]
+        )
+    aq, as_, bq, bs = _gemm_operands(*mnk, _gen())
+    for out_dtype in (torch.float32, torch.bfloat16):
+        _check_gemm(tk, aq, as_, bq, bs, out_dtype, f"gemm {mnk} {kernel} {out_dtype}")
 
 
 def test_fp8_gemm_batched_leading_dims(tk):
