@@ -138,13 +138,15 @@ def stage_seconds(stdout: str) -> dict[str, float]:
 
 
 def floor_cmd(src: Path, out_bytes: int, dst_file: Path) -> list[str]:
-    """cat the input shards (twice if the output is larger), keep out_bytes, fsync the file."""
+    """cat the input shards (twice if the output is larger), keep out_bytes, fsync the file. `tee -p`
+    drains the whole input after head has its bytes: without it, an output smaller than the input
+    (quantize) would stop cat halfway and the floor would read only part of the input."""
     shards = " ".join(str(p) for p in sorted(src.glob("*.safetensors")))
     reps = max(1, math.ceil(out_bytes / shard_bytes(src)))
     return [
         "bash",
         "-c",
-        f"cat {' '.join([shards] * reps)} | head -c {out_bytes} > {dst_file} "
+        f"cat {' '.join([shards] * reps)} | tee -p /dev/null | head -c {out_bytes} > {dst_file} "
         f"&& sync {dst_file} && rm {dst_file}",
     ]
 

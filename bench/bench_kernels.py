@@ -1,6 +1,6 @@
 """Benchmark of fp8conv's Triton kernels on a CUDA GPU; prints one table.
 
-    python bench/bench_kernels.py [--quick] [--sweep]
+    python bench/bench_kernels.py [--quick] [--sweep [KERNEL]] [--only mem|gemm]
 
 Rows: the device-to-device copy ceiling (bytes read + written, a large buffer), then weight_dequant
 (fp8 -> bf16), weight_quant (bf16 -> fp8) and act_quant (bf16 -> fp8, 1 x 128 groups) in GB/s
@@ -13,7 +13,7 @@ Two timings. `triton.testing.do_bench` medians (it zeroes a 256 MB buffer before
 the L2; for kernels of a few microseconds its dirty lines and the host launch overhead can add tens of
 microseconds, so small shapes read low there). And CUDA-graph replay of a round of calls over
 rotating buffers (>= 256 MB per round, so inputs come from memory, not the L2): the GPU time of the
-kernels. --sweep also times tile variants of every kernel (for choosing defaults).
+kernels. --sweep also times tile variants of every kernel, or of one (for choosing defaults).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def graph_ms(calls: list, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: bool) -> list[tuple]:
+def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: str | None) -> list[tuple]:
     rows = []
     sm, sn = triton.cdiv(m, 128), triton.cdiv(n, 128)
     b_dq = m * n * 1 + sm * sn * 4 + m * n * 2
@@ -137,12 +137,13 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: bool) ->
     row("weight_dequant torch eager", b_dq, lambda i: (qs[i].float() * s_exp[i]).to(torch.bfloat16))
     row("weight_quant triton", b_wq, wquant)
     row("act_quant triton", b_aq, aquant)
-    if sweep:
+    if sweep in ("all", "dequant"):
         saved = dict(tk.DEQUANT_TILE)
         for bm, bn, nw in ((64, 128, 4), (32, 256, 4), (16, 256, 4)):
             tk.DEQUANT_TILE.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
             row(f"  dequant tile {bm}x{bn} w{nw}", b_dq, dequant)
         tk.DEQUANT_TILE.update(saved)
+    if sweep in ("all", "act_quant"):
         saved = dict(tk.ACT_QUANT_TILE)
         for key in ("ELEMS", "small_ELEMS"):  # whichever this shape uses
             for elems, nw in ((2048, 4), (4096, 4), (8192, 8)):
@@ -152,6 +153,7 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: bool) ->
                     tk.ACT_QUANT_TILE[key.replace("ELEMS", "div")] = div
                     row(f"  act_quant {key} {elems} w{nw} div{div}", b_aq, aquant)
                 tk.ACT_QUANT_TILE.update(saved)
+    if sweep in ("all", "weight_quant"):
         saved = dict(tk.WEIGHT_QUANT)
         for nw in (4, 8, 16):
             for div in (0, 1, 2):
@@ -162,11 +164,11 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: bool) ->
     return rows
 
 
-def mem_rows(quick: bool, copy_gbs: float, sweep: bool) -> list[tuple]:
+def mem_rows(quick: bool, copy_gbs: float, sweep: str | None) -> list[tuple]:
     rows = []
     shapes = MEM_SHAPES[:1] + MEM_SHAPES[2:] if quick else MEM_SHAPES
     for m, n in shapes:
-        rows += mem_shape_rows(m, n, quick, copy_gbs, sweep and (m, n) in SWEEP_SHAPES)
+        rows += mem_shape_rows(m, n, quick, copy_gbs, sweep if (m, n) in SWEEP_SHAPES else None)
         torch.cuda.empty_cache()
     return rows
 
@@ -295,7 +297,13 @@ def table(header: tuple, rows: list[tuple]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
-    ap.add_argument("--sweep", action="store_true", help="also time tile variants")
+    ap.add_argument(
+        "--sweep",
+        nargs="?",
+        const="all",
+        choices=("all", "dequant", "act_quant", "weight_quant", "gemm"),
+        help="also time tile variants (of one kernel)",
+    )
     ap.add_argument("--only", choices=("mem", "gemm"), help="only the memory-bound kernels or only fp8_gemm")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -303,7 +311,7 @@ def main() -> None:
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth(args.quick)
     mem = mem_rows(args.quick, copy_gbs, args.sweep) if args.only != "gemm" else []
-    gemm, notes = gemm_rows(args.quick, args.sweep) if args.only != "mem" else ([], [])
+    gemm, notes = gemm_rows(args.quick, args.sweep in ("all", "gemm")) if args.only != "mem" else ([], [])
     for line in notes:
         print(line)
     print()
