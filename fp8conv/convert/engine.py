@@ -4,12 +4,13 @@ Memory is bounded by pieces, not tensors or shards: each tensor is cut into row 
 (at most PIECE_ELEMS elements, or one tile row if that is larger), and a fixed pool of piece buffers
 is in flight. One thread reads the next pieces with positional reads; converter threads turn them
 into output bytes (on the CPU one per core, each with single-threaded torch ops; on the GPU one,
-through pinned buffers and the Triton kernels); one thread writes with positional writes. Tensors kept
-as they are go file to file in the kernel (copy_file_range). Each output shard is written into
-DST/.fp8conv/tmp/ and fsynced and renamed into place while the next shard converts; every ~64 MiB
-written, the writer asks the kernel to start writing that range back (start_writeback), so the disk
-is busy during the conversion rather than only in the final fsync. Summary.stage_seconds adds up
-the time spent in each stage (read, convert, write, commit) over the threads that run it.
+through pinned buffers and the Triton kernels); writer threads (one on the CPU, GPU_WRITERS beside a
+GPU) write with positional writes to disjoint ranges. Tensors kept as they are go file to file in
+the kernel (copy_file_range). Each output shard is written into DST/.fp8conv/tmp/ and fsynced and
+renamed into place while the next shard converts; every ~64 MiB written, the writer asks the kernel
+to start writing that range back (start_writeback), so the disk is busy during the conversion rather
+than only in the final fsync. Summary.stage_seconds adds up the time spent in each stage (read,
+convert, write, commit) over the threads that run it.
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ from fp8conv.kernels.reference import weight_dequant_torch, weight_quant_torch
 
 PIECE_ELEMS = 8 << 20  # 8 Mi elements: 8 MiB of FP8, 16 MiB of bf16 per piece
 POOL = 3  # pieces in flight on each side of the converter
-CPU_WORKERS = min(
-    4, max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-)
+_CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+CPU_WORKERS = min(4, _CORES)
+# Writer threads with a GPU converting: one thread's pwrite into the page cache ran at ~2 GB/s and
+# was the longest stage of a GPU dequantize (measured on an H100 machine); positional writes to
+# disjoint ranges parallelize. On the CPU the cores are busy converting, so one writer.
+GPU_WRITERS = min(4, max(1, _CORES // 4))
+CPU_WRITERS = 1
 
 # Test hook (tests/test_resume.py), read once: FP8CONV_FAULT=POINT[:N][=SIG] stops the process there.
 _FAULT = os.environ.get("FP8CONV_FAULT", "")
@@ -537,12 +542,15 @@ class _ShardWriter:
         # CPU: one single-threaded converter per core beats torch's intra-op threads on pieces this
         # size (OpenMP fork/join per elementwise op); GPU: one, the card does the work.
         self.workers = 1 if pin else CPU_WORKERS
+        self.writers = GPU_WRITERS if pin else CPU_WRITERS
+        self.max_writes = max(POOL, self.writers)
         in_size, out_size = _max_piece_bytes(sp)
         self.in_pool = [
             torch.empty(in_size, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL + self.workers)
         ]
         self.out_pool = [
-            torch.empty(out_size, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL + self.workers)
+            torch.empty(out_size, dtype=torch.uint8, pin_memory=pin)
+            for _ in range(self.max_writes + self.workers)
         ]
         self.reads: deque[tuple[_Piece, torch.Tensor | None, Future | None]] = deque()
         self.converting: deque[tuple[_Piece, torch.Tensor, torch.Tensor, Future]] = deque()
@@ -552,6 +560,7 @@ class _ShardWriter:
         # nearly in file order; a scale tensor emitted after its weight may lie before it).
         self.unhinted = 0
         self.hint_lo = self.hint_hi = 0
+        self.hint_lock = threading.Lock()
 
     # -- the two I/O threads' work (the header's pwrite runs before the writer thread starts)
     def _read(self, buf: torch.Tensor, offset: int, tensor: str) -> None:
@@ -564,14 +573,17 @@ class _ShardWriter:
 
     def _written(self, off: int, n: int) -> None:
         """Count n bytes written at off; past WRITEBACK_CHUNK, hint the range to the kernel."""
-        if self.unhinted == 0:
-            self.hint_lo, self.hint_hi = off, off + n
-        else:
-            self.hint_lo, self.hint_hi = min(self.hint_lo, off), max(self.hint_hi, off + n)
-        self.unhinted += n
-        if self.unhinted >= WRITEBACK_CHUNK:
-            start_writeback(self.fd, self.hint_lo, self.hint_hi - self.hint_lo)
+        with self.hint_lock:  # the writer threads share the count
+            if self.unhinted == 0:
+                self.hint_lo, self.hint_hi = off, off + n
+            else:
+                self.hint_lo, self.hint_hi = min(self.hint_lo, off), max(self.hint_hi, off + n)
+            self.unhinted += n
+            if self.unhinted < WRITEBACK_CHUNK:
+                return
+            lo, hi = self.hint_lo, self.hint_hi
             self.unhinted = 0
+        start_writeback(self.fd, lo, hi - lo)
 
     def _pwrite(self, data, dst_off: int, job: TensorJob | None, advance: int = 0) -> None:
         view = memoryview(data).cast("B")
@@ -603,7 +615,7 @@ class _ShardWriter:
             self.out_pool.append(b)
 
     def _submit_write(self, fn, *args, buf=None) -> None:
-        while len(self.writes) >= POOL:
+        while len(self.writes) >= self.max_writes:
             self._reclaim()
         self.writes.append((self.wr.submit(fn, *args), buf))
 
@@ -650,7 +662,7 @@ class _ShardWriter:
         prefix, offsets = build_header(entries, self.sp.metadata)
         self.fd, tmp = self.out.open_tmp(self.sp.name)
         self.rd = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-read")
-        self.wr = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-write")
+        self.wr = ThreadPoolExecutor(self.writers, thread_name_prefix="fp8conv-write")
         self.cv = ThreadPoolExecutor(self.workers, thread_name_prefix="fp8conv-convert")
         ok = False
         try:
