@@ -562,7 +562,7 @@ class _ShardWriter:
         self.hint_lo = self.hint_hi = 0
         self.hint_lock = threading.Lock()
 
-    # -- the two I/O threads' work (the header's pwrite runs before the writer thread starts)
+    # -- the I/O threads' work (the header's pwrite runs before the writer threads start)
     def _read(self, buf: torch.Tensor, offset: int, tensor: str) -> None:
         with self.stages("read"):
             self.reader.read_into(buf, offset, tensor)
