@@ -3,6 +3,7 @@ timings in the summary (stage_seconds): what is timed, what is hinted, and that 
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -15,7 +16,16 @@ from fp8conv.checkpoint.layout import STATE_DIR
 from fp8conv.checkpoint.output import SYNC_FILE_RANGE_WRITE, OutputDir, start_writeback
 from fp8conv.checkpoint.safetensors_io import ShardReader
 from fp8conv.convert import engine
-from tests.faultlib import clean_run, cli, final_files, make_bf16, make_fp8
+from tests.faultlib import (
+    assert_clean_error,
+    assert_no_partial,
+    clean_run,
+    cli,
+    final_files,
+    make_bf16,
+    make_fp8,
+    tmp_leftovers,
+)
 
 DS = "deepseek-tiny-fp8"
 STAGES = ("read", "convert", "write", "commit")
@@ -262,3 +272,36 @@ def test_several_writer_threads_same_bytes(tmp_path, monkeypatch, recorder, kind
     assert final_files(dst) == clean
     assert len({w for w in writers if w.startswith("fp8conv-write")}) >= 2, writers
     assert len(recorder) > 0
+
+
+@pytest.mark.parametrize("kind", ["dequantize", "quantize"])
+def test_write_failure_with_several_writers_then_resume(tmp_path, monkeypatch, kind):
+    """A disk-full error in one of several writer threads: exit 5 naming the shard, no partial file
+    under a final name, no temporary file left; the rerun resumes to the clean run's bytes."""
+    clean = clean_run(kind)
+    monkeypatch.setattr(engine, "CPU_WRITERS", 4)
+    monkeypatch.setattr(engine, "PIECE_ELEMS", 128 * 128)
+    real_pwrite = engine.os.pwrite
+    count = {"n": 0}
+    lock = threading.Lock()
+
+    def pwrite(fd, data, off):
+        if threading.current_thread().name.startswith("fp8conv-write"):
+            with lock:
+                count["n"] += 1
+                fail = count["n"] == 3
+            if fail:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, off)
+
+    monkeypatch.setattr(engine.os, "pwrite", pwrite)
+    src, dst = (make_fp8 if kind == "dequantize" else make_bf16)(tmp_path / "src"), tmp_path / "dst"
+    r = cli(kind, src, dst, *CPU)
+    assert count["n"] >= 3  # the failing write happened
+    assert_clean_error(r, 5, "No space left on device", ".safetensors")
+    assert_no_partial(dst, clean)
+    assert tmp_leftovers(dst) == []
+    monkeypatch.setattr(engine.os, "pwrite", real_pwrite)
+    r = cli(kind, src, dst, *CPU)
+    assert r.code == 0, r
+    assert final_files(dst) == clean
