@@ -32,7 +32,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 __all__ = ["fp8_gemm_wgmma", "WGMMA_CONFIG"]
 
-# BLOCK_N is 128: one B scale per K block and tile. From the sweep in bench/bench_kernels.py.
+# BLOCK_N is 128: one B scale per K block and tile. BLOCK_M 128 = two consumer warpgroups, the
+# configuration the GPU tests ran. BLOCK_M 192 (three consumers, CONSUMER_REGS 160, PRODUCER_REGS 24)
+# measured faster in a sweep on an H100 (0.75-0.82x vs 0.74-0.78x cuBLAS at M = 4096, bench/NOTES.md)
+# but has not been through the GPU tests (ragged M leaves a whole 64-row TMA box out of bounds there).
 WGMMA_CONFIG = {
     "BLOCK_M": 128,
     "BLOCK_N": 128,
@@ -45,14 +48,14 @@ WGMMA_CONFIG = {
 
 @gluon.jit
 def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, KB):
-    """One warp: TMA loads of each K block (A as two 64-row halves, one per consumer) into the ring."""
+    """One warp: TMA loads of each K block (A in 64-row parts, one per consumer) into the ring."""
     HALF: gl.constexpr = a_bufs.type.shape[1]
     STAGES: gl.constexpr = b_bufs.type.shape[0]
     NC: gl.constexpr = a_bufs.type.shape[0] // STAGES  # consumers
     nbytes: gl.constexpr = NC * a_desc.block_type.nbytes + b_desc.block_type.nbytes
     for kb in range(KB):
         s = kb % STAGES
-        # wait for both consumers to release the stage (passes at once in the first round)
+        # wait for every consumer to release the stage (passes at once in the first round)
         mbarrier.wait(empty.index(s), ((kb // STAGES) & 1) ^ 1)
         bar = ready.index(s)
         mbarrier.expect(bar, nbytes)
@@ -68,8 +71,8 @@ def _consumer(
     a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, M, N, KB, off_m, off_n, pid_n, HALF_ID: gl.constexpr
 ):
     """One warpgroup: 64 rows of the tile. Per K block: its wgmma from zero, wait, release the
-    stage, then scale into the float32 accumulator. The two consumers are separate partitions with
-    no barrier between them, so one promotes while the other's wgmma runs."""
+    stage, then scale into the float32 accumulator. The consumers are separate partitions with no
+    barrier between them, so one promotes while another's wgmma runs."""
     HALF: gl.constexpr = a_bufs.type.shape[1]
     BLOCK_N: gl.constexpr = b_bufs.type.shape[1]
     STAGES: gl.constexpr = b_bufs.type.shape[0]
