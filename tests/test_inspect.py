@@ -155,7 +155,8 @@ def test_cli(tmp_path):
     info = json.loads(r.stdout)
     assert info["format"] == "fp8" and info["shards"] == 3
     r = runner.invoke(app, ["inspect", str(SAMPLES / "llama-tiny-bf16")])
-    assert r.exit_code == 0 and "plain bf16" in r.output
+    # the table title holds SRC's path, so rich may wrap it anywhere on a deep checkout: compare words
+    assert r.exit_code == 0 and "plain bf16" in " ".join(r.output.split())
     target = tmp_path / "i.json"
     r = runner.invoke(app, ["inspect", str(SAMPLES / "llama-tiny-fp8"), "--json", str(target)])
     assert r.exit_code == 0 and json.loads(target.read_text())["by_role"]["fp8_weight"]["tensors"] == 14
