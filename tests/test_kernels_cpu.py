@@ -214,6 +214,25 @@ def test_act_quant_groups_and_zero_groups():
     assert_bits_equal(s, ws)
 
 
+@pytest.mark.parametrize("shape", [(5, 300), (2, 3, 256), (1, 128), (0, 256)])
+def test_act_quant_mn_major(shape):
+    """mn_major=True: the same codes and scale values, the scales stored with stride 1 along the rows
+    (the group index outermost), and fp8_gemm gives the same result from either layout."""
+    x = torch.randn(shape) * 3
+    q, s = kernels.act_quant(x)
+    q2, s2 = kernels.act_quant(x, mn_major=True)
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
+    assert s2.shape == s.shape and torch.equal(s2, s)
+    assert s2.movedim(-1, 0).is_contiguous()
+    rows = math.prod(shape[:-1])
+    if rows > 1:
+        assert s2.stride(-1) == rows and not s2.is_contiguous()
+    if rows:
+        wq, ws = kernels.weight_quant(torch.randn(130, shape[-1]))
+        got = kernels.fp8_gemm(q2, s2, wq, ws, torch.float32)
+        assert torch.equal(got, kernels.fp8_gemm(q, s, wq, ws, torch.float32))
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 128, 128), (7, 300, 257), (16, 1000, 300), (64, 256, 512)])
 def test_fp8_gemm_torch_matches_float64(m, n, k):
     gen = torch.Generator().manual_seed(m * n + k)

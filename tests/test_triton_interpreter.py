@@ -152,6 +152,17 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
         qr, sr = ref.act_quant_torch(x, 128, fmt)
         s_full = sr.repeat_interleave(128, dim=-1)[..., : x.shape[-1]]
         check_quant(f"act {shape} {dtype} {fmt}", x, q, s, qr, sr, s_full)
+    # MN-major scales (stride 1 along the rows): the same values, written through the kernel's strides
+    for shape in [(129, 257), (2, 130, 140), (1, 5)]:
+        x = rand_x(shape, torch.float32)
+        q, s = tk.act_quant_triton(x, 128, "float", mn_major=True)
+        sr = ref.act_quant_torch(x, 128, "float")[1]
+        layout_ok = s.shape == sr.shape and s.movedim(-1, 0).is_contiguous()
+        emit(
+            f"act mn-major {shape}",
+            layout_ok and torch.equal(s.contiguous().view(torch.int32), sr.view(torch.int32)),
+            f"strides {s.stride()} " + first_diff(s.contiguous().view(torch.int32), sr.view(torch.int32)),
+        )
     # the two-pass (looped) quantization path: a block larger than one register tile
     x = torch.randn(2, 100, 300, generator=gen)
     x[1, 50, 100] = 1e4
@@ -169,6 +180,17 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
         want = ref.fp8_gemm_torch(aq, a_s, bq, b_s, torch.float64, acc_dtype=torch.float64)
         err = ((c.double() - want).norm() / want.norm()).item()
         emit(f"gemm {m}x{n}x{k}", err < 1e-5 and not c.isnan().any(), err)
+        # MN-major A scales: the same products (the Triton kernels take a row-major copy)
+        c_mn = tk.fp8_gemm_triton(aq, ref.to_mn_major(a_s), bq, b_s, torch.float32)
+        emit(f"gemm mn-major {m}x{n}x{k}", torch.equal(c_mn, c), first_diff(c_mn, c))
+    # a scale tensor that is neither row-major nor MN-major is refused, not misread
+    aq, a_s = ref.act_quant_torch(torch.randn(6, 256, generator=gen), 128)
+    bq, b_s = ref.weight_quant_torch(torch.randn(130, 256, generator=gen), (128, 128))
+    try:
+        tk.fp8_gemm_triton(aq, torch.empty(6, 4)[:, ::2].copy_(a_s), bq, b_s)
+        emit("gemm refuses strided a_scale", False, "no error")
+    except ValueError as ex:
+        emit("gemm refuses strided a_scale", "MN-major" in str(ex), ex)
 
 
 @pytest.fixture(scope="module")

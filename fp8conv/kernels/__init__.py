@@ -6,8 +6,12 @@ Public functions take tensors on any device: CUDA tensors go to the Triton kerne
 
     weight_dequant(q, s, block_size=(128, 128), out_dtype=torch.bfloat16) -> y
     weight_quant(x, block_size=(128, 128), scale_fmt="float") -> (q, s)
-    act_quant(x, group_size=128, scale_fmt="float") -> (q, s)
+    act_quant(x, group_size=128, scale_fmt="float", mn_major=False) -> (q, s)
     fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> a @ b.T, dequantized
+
+fp8_gemm takes a_scale row-major (as act_quant returns it by default) or MN-major
+(act_quant(..., mn_major=True), the layout cuBLAS's blockwise GEMM takes); on Hopper the MN-major
+one is faster to read (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -109,12 +113,13 @@ def weight_quant(x, block_size=(BLOCK, BLOCK), scale_fmt="float"):
     return mod.weight_quant_triton(x, tuple(block_size), scale_fmt)
 
 
-def act_quant(x, group_size=BLOCK, scale_fmt="float"):
-    """Quantize activations [..., K] per 1 x group_size group (an all-zero group gets a finite scale)."""
+def act_quant(x, group_size=BLOCK, scale_fmt="float", mn_major=False):
+    """Quantize activations [..., K] per 1 x group_size group (an all-zero group gets a finite scale).
+    mn_major=True stores the scales [..., G] with stride 1 along the leading dimensions (same values)."""
     mod, _ = _backend(x)
     if mod is None:
-        return act_quant_torch(x, group_size, scale_fmt)
-    return mod.act_quant_triton(x, group_size, scale_fmt)
+        return act_quant_torch(x, group_size, scale_fmt, mn_major=mn_major)
+    return mod.act_quant_triton(x, group_size, scale_fmt, mn_major=mn_major)
 
 
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):

@@ -1,5 +1,5 @@
-"""fp8_gemm for Hopper in Gluon (Triton's lower-level language), warp-specialized so that the
-promotion of each 128-wide K block on the CUDA cores overlaps tensor-core work.
+"""fp8_gemm for Hopper in Gluon (Triton's lower-level language): persistent and warp-specialized,
+so that the promotion of each 128-wide K block on the CUDA cores overlaps tensor-core work.
 
 Why not plain Triton: with per-K-block scales, each K block's product has to leave the tensor cores
 (wgmma) and be scaled into the float32 accumulator. Triton 3.6 makes every such dot wait for its
@@ -9,16 +9,28 @@ issue), so the tensor cores idle while all warps scale. Keeping one wgmma in fli
 the previous block inside one warpgroup does not help either: ptxas then serializes the wgmmas
 ("non wgmma instructions reading accumulator registers", C7514).
 
-Here, as in DeepGEMM: one producer warp issues the TMA loads into a ring of STAGES shared-memory
-stages (ready / empty mbarriers); 2 or 3 consumer warpgroups, each a separate partition with its own
-64 rows of the tile and no barrier between them, run per K block: wgmma from zero (use_acc=False),
-wait, release the stage, acc += product * a_s * b_s. While one consumer promotes, another's wgmma
-runs. Numerics are those of the Triton kernels (each 128-long K block summed in the tensor core,
-then scaled and added in float32).
+Here, as in DeepGEMM: one producer warp fills a ring of STAGES shared-memory stages (ready / empty
+mbarriers) with, per K block, the A and B tiles (TMA) and their scales (cp.async, tracked by the
+same ready barrier); two consumer warpgroups, each a separate partition with its own 64 rows of the
+128-row tile and no barrier between them, run per K block: wgmma from zero (use_acc=False), wait,
+release the stage, acc += product * a_s * b_s. While one consumer promotes, the other's wgmma runs.
+The grid is persistent (one program per multiprocessor, tiles in grouped order), so the producer
+loads the next tile while the consumers store the last one.
 
-Operands as fp8_gemm_triton's: A [M, K] e4m3 with scales [M, ceil(K/128)], B [N, K] e4m3 with scales
-[ceil(N/128), ceil(K/128)]; needs Hopper, K % 16 == 0 and 16-byte aligned rows (TMA), M >= BLOCK_M,
-N >= 128. Out-of-bounds rows and K columns arrive as zeros from TMA; the store is masked.
+Why the producer copies the scales: loaded by the consumers with plain loads, their latency sits
+before each wgmma (the scale product is computed before it) or before the stage's release (an
+mbarrier arrive waits for the thread's earlier loads), and fp8_gemm ran at 0.73-0.77x cuBLAS;
+through the stage, at 0.80-0.93x (bench/NOTES.md). MN-major A scales (stride 1 along M, as
+`act_quant(..., mn_major=True)` writes them and cuBLAS requires) are read as 256-byte rows instead of
+one 32-byte sector per row, which is faster again; row-major ones work at the lower speed.
+
+Numerics are those of the Triton kernels (each 128-long K block summed in the tensor core, then
+scaled and added in float32), so the kernels agree bit for bit.
+
+Operands as fp8_gemm_triton's: A [M, K] e4m3 with scales [M, ceil(K/128)] of any strides, B [N, K]
+e4m3 with contiguous scales [ceil(N/128), ceil(K/128)]; needs Hopper, K % 16 == 0 and 16-byte
+aligned rows (TMA). Out-of-bounds rows and K columns arrive as zeros from TMA (and from cp.async
+for the scales); the store is masked.
 """
 
 from __future__ import annotations
@@ -27,101 +39,155 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["fp8_gemm_wgmma", "WGMMA_CONFIG"]
+__all__ = ["fp8_gemm_wgmma", "usable", "block_n_for", "WGMMA_CONFIG"]
 
-# BLOCK_N is 128: one B scale per K block and tile. BLOCK_M 128 = two consumer warpgroups, the
-# configuration the GPU tests ran. BLOCK_M 192 (three consumers, CONSUMER_REGS 160, PRODUCER_REGS 24)
-# measured faster in a sweep on an H100 (0.75-0.82x vs 0.74-0.78x cuBLAS at M = 4096, bench/NOTES.md)
-# but has not been through the GPU tests (ragged M leaves a whole 64-row TMA box out of bounds there).
+# 128-row tiles (two consumer warpgroups of 64 rows). BLOCK_N 128, or 64 where 128-wide tiles would
+# leave multiprocessors idle (block_n_for). Measured on an H100 (bench/NOTES.md): a 192-row tile with
+# three consumers was no faster once the scales went through the stages; a 128 x 256 tile (two
+# 128-column halves per consumer) spills registers in ptxas and ran at 0.66x.
 WGMMA_CONFIG = {
     "BLOCK_M": 128,
-    "BLOCK_N": 128,
     "GROUP_M": 8,
-    "STAGES": 4,
+    "STAGES": {128: 4, 64: 6},  # per BLOCK_N: 32 KB and 24 KB of tiles per stage
     "CONSUMER_REGS": 232,
     "PRODUCER_REGS": 40,
+    # a 64-wide tile does this much of a 128-wide one's work per unit time (sweep at M = 256-4096)
+    "N64_EFFICIENCY": 0.85,
 }
 
 
 @gluon.jit
-def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, KB):
-    """One warp: TMA loads of each K block (A in 64-row parts, one per consumer) into the ring."""
+def _tile(t, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """Tile t in grouped order: GROUP_M row tiles sweep the N tiles together, so B tiles stay in
+    L2 (the order of triton_kernels._grouped_tile; a Gluon function cannot call a triton.jit one)."""
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = t // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = gl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_in = t - group_id * num_in_group
+    return (first_m + pid_in % group_size) * BLOCK_M, (pid_in // group_size) * BLOCK_N
+
+
+@gluon.jit
+def _producer(
+    a_desc,
+    b_desc,
+    a_bufs,
+    b_bufs,
+    as_bufs,
+    bs_bufs,
+    ready,
+    empty,
+    as_ptr,
+    bs_ptr,
+    M,
+    N,
+    KB,
+    sam,
+    sak,
+    GROUP_M: gl.constexpr,
+):
+    """One warp: per K block, the scales by cp.async and the A (two 64-row boxes) and B tiles by
+    TMA into the next free stage; the stage's ready barrier completes when all have landed."""
     HALF: gl.constexpr = a_bufs.type.shape[1]
+    BLOCK_N: gl.constexpr = b_bufs.type.shape[1]
     STAGES: gl.constexpr = b_bufs.type.shape[0]
-    NC: gl.constexpr = a_bufs.type.shape[0] // STAGES  # consumers
-    nbytes: gl.constexpr = NC * a_desc.block_type.nbytes + b_desc.block_type.nbytes
-    for kb in range(KB):
-        s = kb % STAGES
-        # wait for every consumer to release the stage (passes at once in the first round)
-        mbarrier.wait(empty.index(s), ((kb // STAGES) & 1) ^ 1)
-        bar = ready.index(s)
-        mbarrier.expect(bar, nbytes)
-        for i in gl.static_range(NC):
-            tma.async_copy_global_to_shared(
-                a_desc, [off_m + i * HALF, kb * 128], bar, a_bufs.index(NC * s + i)
-            )
-        tma.async_copy_global_to_shared(b_desc, [off_n, kb * 128], bar, b_bufs.index(s))
+    nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    lane = gl.arange(0, HALF, layout=gl.BlockedLayout([HALF // 32], [32], [1], [0]))
+    num_tiles = gl.cdiv(M, 2 * HALF) * gl.cdiv(N, BLOCK_N)
+    it = 0
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        off_m, off_n = _tile(t, M, N, 2 * HALF, BLOCK_N, GROUP_M)
+        bs_lane = bs_ptr + (off_n // 128) * KB + lane * 0  # one B scale, copied to every lane
+        for kb in range(KB):
+            s = it % STAGES
+            # wait for both consumers to release the stage (passes at once in the first round)
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            bar = ready.index(s)
+            for i in gl.static_range(2):
+                rows = off_m + i * HALF + lane
+                async_copy.async_copy_global_to_shared(
+                    as_bufs.index(2 * s + i), as_ptr + rows.to(gl.int64) * sam + kb * sak, mask=rows < M
+                )
+            async_copy.async_copy_global_to_shared(bs_bufs.index(s), bs_lane + kb)
+            # the barrier also waits for these copies (counted before the TMA's arrive below)
+            async_copy.mbarrier_arrive(bar)
+            mbarrier.expect(bar, nbytes)
+            for i in gl.static_range(2):
+                tma.async_copy_global_to_shared(
+                    a_desc, [off_m + i * HALF, kb * 128], bar, a_bufs.index(2 * s + i)
+                )
+            tma.async_copy_global_to_shared(b_desc, [off_n, kb * 128], bar, b_bufs.index(s))
+            it += 1
 
 
 @gluon.jit
 def _consumer(
-    a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, M, N, KB, off_m, off_n, pid_n, HALF_ID: gl.constexpr
+    a_bufs,
+    b_bufs,
+    as_bufs,
+    bs_bufs,
+    ready,
+    empty,
+    c_ptr,
+    M,
+    N,
+    KB,
+    HALF_ID: gl.constexpr,
+    GROUP_M: gl.constexpr,
 ):
-    """One warpgroup: 64 rows of the tile. Per K block: its wgmma from zero, wait, release the
-    stage, then scale into the float32 accumulator. The consumers are separate partitions with no
-    barrier between them, so one promotes while another's wgmma runs."""
+    """One warpgroup: 64 rows of each tile. Per K block: its wgmma from zero, wait, release the
+    stage, then scale into the float32 accumulator."""
     HALF: gl.constexpr = a_bufs.type.shape[1]
     BLOCK_N: gl.constexpr = b_bufs.type.shape[1]
     STAGES: gl.constexpr = b_bufs.type.shape[0]
-    NC: gl.constexpr = a_bufs.type.shape[0] // STAGES
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
     )
-    off = off_m + HALF_ID * HALF
-    rows = off + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
-    m_ok = rows < M
-    as_row = as_ptr + rows.to(gl.int64) * KB
-    bs_row = bs_ptr + pid_n * KB
-    zero = gl.zeros((HALF, BLOCK_N), gl.float32, mma)
-    acc = gl.zeros((HALF, BLOCK_N), gl.float32, mma)
-    for kb in range(KB):
-        s = kb % STAGES
-        sc = gl.load(as_row + kb, mask=m_ok, other=0.0) * gl.load(bs_row + kb)
-        mbarrier.wait(ready.index(s), (kb // STAGES) & 1)
-        tok = warpgroup_mma(
-            a_bufs.index(NC * s + HALF_ID),
-            b_bufs.index(s).permute((1, 0)),
-            zero,
-            use_acc=False,
-            is_async=True,
-        )
-        p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-        mbarrier.arrive(empty.index(s))
-        acc = acc + p * sc[:, None]
-    out: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-    c = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out)
-    r = off + gl.arange(0, HALF, layout=gl.SliceLayout(1, out))
-    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out))
-    ptrs = c_ptr + r.to(gl.int64)[:, None] * N + cols[None, :]
-    gl.store(ptrs, c, mask=(r < M)[:, None] & (cols < N)[None, :])
+    rowl: gl.constexpr = gl.SliceLayout(1, mma)
+    out: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8], [4, 1], [1, 0])
+    num_tiles = gl.cdiv(M, 2 * HALF) * gl.cdiv(N, BLOCK_N)
+    it = 0
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        off_m, off_n = _tile(t, M, N, 2 * HALF, BLOCK_N, GROUP_M)
+        zero = gl.zeros((HALF, BLOCK_N), gl.float32, mma)
+        acc = gl.zeros((HALF, BLOCK_N), gl.float32, mma)
+        for _ in range(KB):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            sc = as_bufs.index(2 * s + HALF_ID).load(rowl) * bs_bufs.index(s).load(rowl)
+            tok = warpgroup_mma(
+                a_bufs.index(2 * s + HALF_ID),
+                b_bufs.index(s).permute((1, 0)),
+                zero,
+                use_acc=False,
+                is_async=True,
+            )
+            p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+            mbarrier.arrive(empty.index(s))
+            acc = acc + p * sc[:, None]
+            it += 1
+        c = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out)
+        r = off_m + HALF_ID * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out))
+        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out))
+        ptrs = c_ptr + r.to(gl.int64)[:, None] * N + cols[None, :]
+        gl.store(ptrs, c, mask=(r < M)[:, None] & (cols < N)[None, :])
 
 
 @gluon.jit
-def _consumer_0(a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, M, N, KB, off_m, off_n, pid_n):
-    _consumer(a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, M, N, KB, off_m, off_n, pid_n, 0)
+def _consumer_0(a_bufs, b_bufs, as_bufs, bs_bufs, ready, empty, c_ptr, M, N, KB, GROUP_M: gl.constexpr):
+    _consumer(a_bufs, b_bufs, as_bufs, bs_bufs, ready, empty, c_ptr, M, N, KB, 0, GROUP_M)
 
 
 @gluon.jit
-def _consumer_1(a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, M, N, KB, off_m, off_n, pid_n):
-    _consumer(a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, M, N, KB, off_m, off_n, pid_n, 1)
-
-
-@gluon.jit
-def _consumer_2(a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, M, N, KB, off_m, off_n, pid_n):
-    _consumer(a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, M, N, KB, off_m, off_n, pid_n, 2)
+def _consumer_1(a_bufs, b_bufs, as_bufs, bs_bufs, ready, empty, c_ptr, M, N, KB, GROUP_M: gl.constexpr):
+    _consumer(a_bufs, b_bufs, as_bufs, bs_bufs, ready, empty, c_ptr, M, N, KB, 1, GROUP_M)
 
 
 @gluon.jit
@@ -134,89 +200,112 @@ def _fp8_gemm_wgmma_kernel(
     M,
     N,
     KB,
-    BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr,
+    sam,
+    sak,
     GROUP_M: gl.constexpr,
     STAGES: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
 ):
-    gl.static_assert(BLOCK_N == 128)
-    gl.static_assert(BLOCK_M == 128 or BLOCK_M == 192)
-    # grouped tile order: GROUP_M row tiles sweep the N tiles together, so B tiles stay in L2
-    pid = gl.program_id(0)
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = gl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_in = pid - group_id * num_in_group
-    pid_m = first_m + pid_in % group_size
-    pid_n = pid_in // group_size
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-
-    HALF: gl.constexpr = 64  # rows per consumer warpgroup
-    NC: gl.constexpr = BLOCK_M // HALF
-    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [NC * STAGES, HALF, 128], a_desc.layout)
+    HALF: gl.constexpr = a_desc.block_type.shape[0]  # rows per consumer warpgroup
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    gl.static_assert(HALF == 64)
+    gl.static_assert(BLOCK_N == 64 or BLOCK_N == 128)  # one B scale per K block and tile
+    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, HALF, 128], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, 128], b_desc.layout)
+    slay: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    as_bufs = gl.allocate_shared_memory(gl.float32, [2 * STAGES, HALF], slay)
+    bs_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, HALF], slay)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=NC)
-    cargs = (a_bufs, b_bufs, ready, empty, c_ptr, as_ptr, bs_ptr, M, N, KB, off_m, off_n, pid_n)
-    pargs = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, off_m, off_n, KB)
-    if NC == 2:
-        gl.warp_specialize(
-            [(_consumer_0, cargs), (_consumer_1, cargs), (_producer, pargs)],
-            [4, 1],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
-    else:
-        gl.warp_specialize(
-            [(_consumer_0, cargs), (_consumer_1, cargs), (_consumer_2, cargs), (_producer, pargs)],
-            [4, 4, 1],
-            [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
-        )
+        mbarrier.init(empty.index(i), count=2)
+    cargs = (a_bufs, b_bufs, as_bufs, bs_bufs, ready, empty, c_ptr, M, N, KB, GROUP_M)
+    pargs = (
+        a_desc,
+        b_desc,
+        a_bufs,
+        b_bufs,
+        as_bufs,
+        bs_bufs,
+        ready,
+        empty,
+        as_ptr,
+        bs_ptr,
+        M,
+        N,
+        KB,
+        sam,
+        sak,
+        GROUP_M,
+    )
+    gl.warp_specialize(
+        [(_consumer_0, cargs), (_consumer_1, cargs), (_producer, pargs)],
+        [4, 1],
+        [CONSUMER_REGS, PRODUCER_REGS],
+    )
 
 
 def usable(a2: torch.Tensor, b: torch.Tensor, k: int) -> bool:
-    """Whether this kernel takes the problem (Hopper, TMA-compatible operands, big enough)."""
+    """Whether this kernel takes the problem (Hopper, TMA-compatible operands)."""
     if not a2.is_cuda or torch.cuda.get_device_capability(a2.device)[0] != 9:
         return False
     if k % 16 or k < 128 or a2.data_ptr() % 16 or b.data_ptr() % 16:
         return False
-    return a2.shape[0] >= WGMMA_CONFIG["BLOCK_M"] and b.shape[0] >= WGMMA_CONFIG["BLOCK_N"]
+    return a2.shape[0] >= 1 and b.shape[0] >= 64
 
 
-def fp8_gemm_wgmma(a2, a_scale, b, b_scale, c, cfg: dict | None = None) -> torch.Tensor:
-    """c[M, N] = (a2 * a_scale) @ (b * b_scale)^T, operands as fp8_gemm_triton's (checked there)."""
-    cfg = dict(WGMMA_CONFIG, **(cfg or {}))
+_SMS: dict[int, int] = {}
+
+
+def _sms(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def block_n_for(m: int, n: int, sms: int) -> int:
+    """64 or 128: the tile width that keeps more of the machine busy, counting the last, partly
+    filled wave of tiles and a 64-wide tile's lower efficiency (WGMMA_CONFIG["N64_EFFICIENCY"])."""
+    if n < 128:
+        return 64
+
+    def busy(bn: int) -> float:
+        tiles = triton.cdiv(m, WGMMA_CONFIG["BLOCK_M"]) * triton.cdiv(n, bn)
+        return tiles / (triton.cdiv(tiles, sms) * sms)
+
+    return 64 if busy(64) * WGMMA_CONFIG["N64_EFFICIENCY"] > busy(128) else 128
+
+
+def fp8_gemm_wgmma(a2, a_scale2, b, b_scale, c, block_n: int | None = None) -> torch.Tensor:
+    """c[M, N] = (a2 * a_scale2) @ (b * b_scale)^T, operands as fp8_gemm_triton's (checked there);
+    a_scale2 is [M, ceil(K/128)] with any strides."""
     m, k = a2.shape
     n = b.shape[0]
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    sms = _sms(a2.device)
+    bn = block_n or block_n_for(m, n, sms)
     lay_a = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
     lay_b = gl.NVMMASharedLayout.get_default_for([bn, 128], gl.float8e4nv)
     a_desc = TensorDescriptor.from_tensor(a2, [64, 128], lay_a)
     b_desc = TensorDescriptor.from_tensor(b, [bn, 128], lay_b)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _fp8_gemm_wgmma_kernel[grid](
+    tiles = triton.cdiv(m, WGMMA_CONFIG["BLOCK_M"]) * triton.cdiv(n, bn)
+    _fp8_gemm_wgmma_kernel[(min(tiles, sms),)](
         a_desc,
         b_desc,
         c,
-        a_scale,
+        a_scale2,
         b_scale,
         m,
         n,
         triton.cdiv(k, 128),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        GROUP_M=cfg["GROUP_M"],
-        STAGES=cfg["STAGES"],
-        CONSUMER_REGS=cfg["CONSUMER_REGS"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"],
+        a_scale2.stride(0),
+        a_scale2.stride(1),
+        GROUP_M=WGMMA_CONFIG["GROUP_M"],
+        STAGES=WGMMA_CONFIG["STAGES"][bn],
+        CONSUMER_REGS=WGMMA_CONFIG["CONSUMER_REGS"],
+        PRODUCER_REGS=WGMMA_CONFIG["PRODUCER_REGS"],
         num_warps=4,
     )
     return c

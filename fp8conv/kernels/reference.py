@@ -65,7 +65,8 @@ def round_scale_ue8m0(s: torch.Tensor) -> torch.Tensor:
 
 
 def _as_3d(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-2], t.shape[-1])
+    # the leading size spelled out: reshape(-1, ...) is ambiguous for a tensor with no elements
+    return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1])
 
 
 # Elements per chunk: the ~9 elementwise passes of a chunk then run on int16/fp32 temporaries that
@@ -77,6 +78,8 @@ CHUNK_ELEMS = 1 << 18
 def _chunks(m: int, n: int, bm: int, bn: int):
     """(r0, r1, c0, c1) covering an [m, n] matrix: whole tiles, about CHUNK_ELEMS elements each;
     a chunk spans several tile rows only when they are all complete, else it is one tile row."""
+    if m == 0 or n == 0:
+        return
     bme, bne = min(bm, m), min(bn, n)
     if bme * n <= CHUNK_ELEMS:
         rows, cols = max(1, CHUNK_ELEMS // (n * bme)) * bme, n
@@ -245,16 +248,37 @@ def weight_quant_torch(
     return q, s
 
 
+def empty_scales(
+    lead: tuple[int, ...], n_groups: int, device, mn_major: bool = False, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """An uninitialised scale tensor [*lead, n_groups]: row-major, or MN-major (stride 1 along the
+    flattened leading dimensions, the group index outermost), the layout cuBLAS's blockwise FP8
+    GEMM requires for A and in which fp8_gemm reads the scales of one K block as one run."""
+    if not mn_major:
+        return torch.empty((*lead, n_groups), dtype=dtype, device=device)
+    rows = math.prod(lead)
+    return torch.empty((n_groups, rows), dtype=dtype, device=device).t().reshape(*lead, n_groups)
+
+
+def to_mn_major(s: torch.Tensor) -> torch.Tensor:
+    """The same scales [..., G] stored MN-major (see empty_scales)."""
+    out = empty_scales(tuple(s.shape[:-1]), s.shape[-1], s.device, True, s.dtype)
+    return out.copy_(s)
+
+
 def act_quant_torch(
     x: torch.Tensor,
     group_size: int = BLOCK,
     scale_fmt: str = "float",
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    mn_major: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize activations [..., K] per 1 x group_size group: codes [..., K], scales [..., ceil(K/g)]."""
+    """Quantize activations [..., K] per 1 x group_size group: codes [..., K], scales [..., ceil(K/g)]
+    (row-major, or MN-major with mn_major=True: same values, see empty_scales)."""
     k = x.shape[-1]
     q, s = weight_quant_torch(x.reshape(-1, k), (1, group_size), scale_fmt, fp8_dtype)
-    return q.reshape(x.shape), s.reshape(*x.shape[:-1], s.shape[-1])
+    s = s.reshape(*x.shape[:-1], s.shape[-1])
+    return q.reshape(x.shape), to_mn_major(s) if mn_major else s
 
 
 def expand_scales(s: torch.Tensor, shape: tuple[int, ...], block_size: Block) -> torch.Tensor:

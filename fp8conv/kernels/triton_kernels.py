@@ -24,8 +24,9 @@ Launch notes:
   under the CPU interpreter, where autotune fails). On Hopper, when K % 16 == 0, A and B tiles come
   through TMA tensor descriptors (_fp8_gemm_tma_kernel; FP8CONV_GEMM_TMA=0 turns that off), whose
   out-of-bounds zero fill handles ragged M, N and K without masks. From M = GEMM_WGMMA_MIN_M up,
-  Hopper takes the warp-specialized Gluon kernel of gluon_gemm.py (FP8CONV_GEMM_WGMMA=0 turns it
-  off).
+  Hopper takes the persistent warp-specialized Gluon kernel of gluon_gemm.py (FP8CONV_GEMM_WGMMA=0
+  turns it off). a_scale may be row-major or MN-major (act_quant(..., mn_major=True)); the Gluon
+  kernel reads either in place, the Triton kernels take a row-major copy.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8conv.kernels.reference import BLOCK, FP8_MAX, scale_grid
+from fp8conv.kernels.reference import BLOCK, FP8_MAX, empty_scales, scale_grid, to_mn_major
 
 __all__ = [
     "act_quant_triton",
@@ -274,6 +275,8 @@ def _act_quant_kernel(
     R,
     K_div,
     n_groups,
+    s_stride_r,
+    s_stride_g,
     G: tl.constexpr,
     ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -282,8 +285,9 @@ def _act_quant_kernel(
     UE8M0: tl.constexpr,
     DIV: tl.constexpr,
 ):
-    """x [R, K] -> codes [R, K], scales [R, n_groups]: one program quantizes BLOCK_R rows of one
-    group column (each row of the tile is its own 1 x g group)."""
+    """x [R, K] -> codes [R, K], scales [R, n_groups] (strides s_stride_r, s_stride_g: row-major or
+    MN-major): one program quantizes BLOCK_R rows of one group column (each row of the tile is its
+    own 1 x g group)."""
     pid = tl.program_id(0)
     K = K_div * ALIGN
     pid_r = pid // n_groups
@@ -299,7 +303,7 @@ def _act_quant_kernel(
     s, inv = _scale_from_amax(amax, FMAX, UE8M0)
     q = _encode(x, s[:, None], inv[:, None], FMAX, UE8M0, DIV, q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs, q, mask=mask)
-    tl.store(s_ptr + rows.to(tl.int64) * n_groups + gi, s, mask=row_ok)
+    tl.store(s_ptr + rows.to(tl.int64) * s_stride_r + gi * s_stride_g, s, mask=row_ok)
 
 
 @triton.jit
@@ -553,6 +557,8 @@ def _act_quant_2d(
         r,
         k // align,
         n_groups,
+        s2.stride(0),
+        s2.stride(1),
         G=g,
         ALIGN=align,
         BLOCK_R=block_r,
@@ -628,8 +634,10 @@ def act_quant_triton(
     group_size: int = BLOCK,
     scale_fmt: str = "float",
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    mn_major: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize activations [..., K] per 1 x group_size group: codes [..., K], scales [..., ceil(K/g)]."""
+    """Quantize activations [..., K] per 1 x group_size group: codes [..., K], scales [..., ceil(K/g)]
+    (row-major, or MN-major with mn_major=True: same values, see reference.empty_scales)."""
     ue8m0 = _check_scale_fmt(scale_fmt)
     _check_tensor("x", x, _FLOAT_DTYPES)
     if fp8_dtype not in _FP8_DTYPES:
@@ -642,9 +650,10 @@ def act_quant_triton(
     k = x.shape[-1]
     if k == 0 or _pow2(min(g, k)) > _SINGLE_PASS_MAX:
         q, s = weight_quant_triton(x.reshape(-1, k), (1, g), scale_fmt, fp8_dtype)
-        return q.reshape(x.shape), s.reshape(*x.shape[:-1], s.shape[-1])
+        s = s.reshape(*x.shape[:-1], s.shape[-1])
+        return q.reshape(x.shape), to_mn_major(s) if mn_major else s
     q = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
-    s = torch.empty((*x.shape[:-1], triton.cdiv(k, g)), dtype=torch.float32, device=x.device)
+    s = empty_scales(tuple(x.shape[:-1]), triton.cdiv(k, g), x.device, mn_major)
     if x.numel() == 0:
         return q, s
     r = x.numel() // k
@@ -678,20 +687,33 @@ GEMM_TMA_CONFIGS = {
 }
 
 
-# The warp-specialized Gluon kernel (gluon_gemm.py) from this M bucket up, on Hopper (measured at
-# M = 2048 and 4096; below, the TMA kernel's smaller tiles fill the card better at M = 128);
+# The persistent warp-specialized Gluon kernel (gluon_gemm.py) from this M bucket up, on Hopper: it
+# matched the TMA kernel at M = 37 and beat it from M = 128 on in a sweep on an H100 (bench/NOTES.md).
 # FP8CONV_GEMM_WGMMA=0 turns it off (then the TMA or pointer kernel runs).
-GEMM_WGMMA_MIN_M = 2048
+GEMM_WGMMA_MIN_M = 64
 
 
-def _use_wgmma(a2: torch.Tensor, b: torch.Tensor, m_bucket: int, k: int) -> bool:
+def _wgmma_launcher(a2: torch.Tensor, b: torch.Tensor, m_bucket: int, k: int):
+    """gluon_gemm.fp8_gemm_wgmma where it takes the problem, else None."""
     if _interpreting() or os.environ.get("FP8CONV_GEMM_WGMMA", "1") == "0" or m_bucket < GEMM_WGMMA_MIN_M:
-        return False
+        return None
     try:
         from fp8conv.kernels import gluon_gemm
     except ImportError:  # a Triton without Gluon's Hopper API
-        return False
-    return gluon_gemm.usable(a2, b, k)
+        return None
+    return gluon_gemm.fp8_gemm_wgmma if gluon_gemm.usable(a2, b, k) else None
+
+
+def _scale_rows(a_scale: torch.Tensor, m: int, kb: int) -> torch.Tensor:
+    """a_scale [..., KB] as a 2-D view [M, KB]; it must be row-major or MN-major (empty_scales)."""
+    if a_scale.is_contiguous():
+        return a_scale.view(m, kb)
+    if a_scale.movedim(-1, 0).is_contiguous():
+        return a_scale.movedim(-1, 0).reshape(kb, m).t()
+    raise ValueError(
+        "a_scale must be row-major (contiguous) or MN-major (act_quant(..., mn_major=True)); "
+        f"got strides {a_scale.stride()} for shape {tuple(a_scale.shape)}"
+    )
 
 
 def _use_tma(a2: torch.Tensor, b: torch.Tensor, m_bucket: int, k: int) -> bool:
@@ -765,7 +787,11 @@ def fp8_gemm_triton(
     b_scale [ceil(N/128), ceil(K/128)] (float32). Returns [..., N] in out_dtype."""
     _check_tensor("a", a, (torch.float8_e4m3fn,))
     _check_tensor("b", b, (torch.float8_e4m3fn,), a.device)
-    _check_tensor("a_scale", a_scale, (torch.float32,), a.device)
+    if not isinstance(a_scale, torch.Tensor) or a_scale.dtype != torch.float32:
+        got = getattr(a_scale, "dtype", type(a_scale).__name__)
+        raise ValueError(f"a_scale must be a float32 torch.Tensor, not {got}")
+    if a_scale.device != a.device:
+        raise ValueError(f"a_scale is on {a_scale.device} but the other operand is on {a.device}")
     _check_tensor("b_scale", b_scale, (torch.float32,), a.device)
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be bfloat16, float16 or float32, not {out_dtype}")
@@ -786,7 +812,14 @@ def fp8_gemm_triton(
         return c
     mb = _m_bucket(m)
     even_k = k % BLOCK == 0
-    args = (a, b, c, a_scale, b_scale, m, n, k, kb, mb)
+    as2 = _scale_rows(a_scale, m, kb)
+    a2 = a.view(m, k)
+    wgmma = None if k == 0 else _wgmma_launcher(a2, b, mb, k)
+    if wgmma is not None:
+        wgmma(a2, as2, b, b_scale, c.view(m, n))
+        return c
+    # the Triton kernels read row-major A scales
+    args = (a, b, c, as2.contiguous(), b_scale, m, n, k, kb, mb)
     if os.environ.get("FP8CONV_GEMM_AUTOTUNE") == "1" and not _interpreting():
 
         def grid(meta):
@@ -796,12 +829,6 @@ def fp8_gemm_triton(
         return c
     if k == 0:
         return c.zero_()
-    a2 = a.view(m, k)
-    if _use_wgmma(a2, b, mb, k):
-        from fp8conv.kernels.gluon_gemm import fp8_gemm_wgmma
-
-        fp8_gemm_wgmma(a2, a_scale, b, b_scale, c.view(m, n))
-        return c
     tma = _use_tma(a2, b, mb, k)
     cfg = _gemm_config(mb, n, k, tma)
     if tma and (m < cfg["BLOCK_M"] or n < cfg["BLOCK_N"] or k < BLOCK):

@@ -324,6 +324,23 @@ def test_act_quant_all_zero_is_finite(tk):
     assert (s[0] == 2.0**-126).all() and (q[0].view(torch.uint8) == 0).all()
 
 
+@pytest.mark.parametrize(
+    "shape_group",
+    [((1, 7168), 128), ((37, 300), 128), ((4, 5, 1040), 128), ((0, 256), 128), ((3, 33000), 32768)],
+    ids=str,
+)
+def test_act_quant_mn_major_bit_exact(tk, shape_group):
+    """mn_major=True: the torch path's codes and scale bytes, the scales written with stride 1 along
+    the rows by the kernel (group 32768 takes the two-pass path and is re-laid out)."""
+    shape, group = shape_group
+    x = random_activations(shape, torch.bfloat16, _gen())
+    q, s = tk.act_quant_triton(x.cuda(), group, mn_major=True)
+    qr, sr = ref.act_quant_torch(x, group)
+    assert s.shape == sr.shape and s.movedim(-1, 0).is_contiguous()
+    assert_same_bytes(s.contiguous(), sr, f"act scales mn-major {shape}")
+    assert_same_bytes(q, qr, f"act codes mn-major {shape}")
+
+
 # ---- fp8_gemm --------------------------------------------------------------------------------
 #
 # Error bound. Dequantized operands are A = qa * sa, B = qb * sb with e4m3 codes; the reference is
@@ -395,6 +412,52 @@ def test_fp8_gemm_each_kernel(tk, monkeypatch, kernel, mnk):
     aq, as_, bq, bs = _gemm_operands(*mnk, _gen())
     for out_dtype in (torch.float32, torch.bfloat16):
         _check_gemm(tk, aq, as_, bq, bs, out_dtype, f"gemm {mnk} {kernel} {out_dtype}")
+
+
+@pytest.mark.parametrize(
+    "mnk",
+    [
+        (1, 256, 256),
+        (7, 1000, 1040),
+        (33, 7168, 2048),
+        (200, 130, 256),
+        (300, 1000, 1040),
+        (1000, 4096, 7168),
+        (4096, 384, 7168),
+    ],
+    ids=str,
+)
+def test_fp8_gemm_gluon_scale_layouts_and_tile_widths(tk, monkeypatch, mnk):
+    """The Gluon kernel with row-major and MN-major A scales and with 64- and 128-wide tiles: the same
+    bits every way (the same block sums in the same order), within the bound of the float64 reference;
+    the public call with MN-major scales matches too, also through the Triton kernels."""
+    from fp8conv.kernels import gluon_gemm
+
+    m, n, k = mnk
+    aq, as_, bq, bs = (t.cuda() for t in _gemm_operands(m, n, k, _gen()))
+    assert gluon_gemm.usable(aq, bq, k)
+    as_mn = ref.to_mn_major(as_)
+    assert as_mn.stride() == (1, m) or m == 1
+    outs = {}
+    for bn in (64, 128):
+        for name, sc in (("row", as_), ("mn", as_mn)):
+            c = torch.full((m, n), float("nan"), dtype=torch.float32, device="cuda")
+            outs[bn, name] = gluon_gemm.fp8_gemm_wgmma(aq, sc, bq, bs, c, block_n=bn).cpu()
+    first = outs[64, "row"]
+    for key, c in outs.items():
+        same = torch.equal(c.view(torch.int32), first.view(torch.int32))
+        assert same, f"gemm {mnk} {key} differs from (64, row)"
+    want = ref.fp8_gemm_torch(aq.cpu(), as_.cpu(), bq.cpu(), bs.cpu(), torch.float64, acc_dtype=torch.float64)
+    err = ((first.double() - want).norm() / want.norm()).item()
+    assert err <= GEMM_TOL[torch.float32], f"gemm {mnk}: relative error {err:.2e}"
+    for wgmma in ("1", "0"):
+        monkeypatch.setenv("FP8CONV_GEMM_WGMMA", wgmma)
+        c = tk.fp8_gemm_triton(aq, as_mn, bq, bs, torch.float32).cpu()
+        err = ((c.double() - want).norm() / want.norm()).item()
+        assert err <= GEMM_TOL[torch.float32], f"gemm {mnk} public, WGMMA={wgmma}: error {err:.2e}"
+        if wgmma == "1" and m >= 33:
+            same = torch.equal(c.view(torch.int32), first.view(torch.int32))
+            assert same, f"gemm {mnk}: public call differs from the kernel called directly"
 
 
 def test_fp8_gemm_batched_leading_dims(tk):
