@@ -21,8 +21,9 @@ Why the producer copies the scales: loaded by the consumers with plain loads, th
 before each wgmma (the scale product is computed before it) or before the stage's release (an
 mbarrier arrive waits for the thread's earlier loads), and fp8_gemm ran at 0.73-0.77x cuBLAS;
 through the stage, at 0.80-0.93x (bench/NOTES.md). MN-major A scales (stride 1 along M, as
-`act_quant(..., mn_major=True)` writes them and cuBLAS requires) are read as 256-byte rows instead of
-one 32-byte sector per row, which is faster again; row-major ones work at the lower speed.
+`act_quant(..., mn_major=True)` writes them and cuBLAS requires) are read as 256-byte runs instead
+of one 32-byte sector per row (faster on five of the eight benchmark shapes, slower by up to 8% on
+three); row-major ones are read in place too.
 
 Numerics are those of the Triton kernels (each 128-long K block summed in the tensor core, then
 scaled and added in float32), so the kernels agree bit for bit.
