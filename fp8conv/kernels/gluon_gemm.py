@@ -44,6 +44,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from fp8conv.kernels.triton_kernels import _grouped_tile
+
 __all__ = ["fp8_gemm_wgmma", "usable", "block_n_for", "WGMMA_CONFIG"]
 
 # 128-row tiles (two consumer warpgroups of 64 rows). BLOCK_N 128, or 64 where 128-wide tiles would
@@ -63,16 +65,10 @@ WGMMA_CONFIG = {
 
 @gluon.jit
 def _tile(t, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """Tile t in grouped order: GROUP_M row tiles sweep the N tiles together, so B tiles stay in
-    L2 (the order of triton_kernels._grouped_tile; a Gluon function cannot call a triton.jit one)."""
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = t // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = gl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_in = t - group_id * num_in_group
-    return (first_m + pid_in % group_size) * BLOCK_M, (pid_in // group_size) * BLOCK_N
+    """Tile t's (row, column) offsets in the Triton kernels' grouped order (GROUP_M row tiles sweep
+    the N tiles together, so B tiles stay in L2)."""
+    pid_m, pid_n = _grouped_tile(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
 
 
 @gluon.jit

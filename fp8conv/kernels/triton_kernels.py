@@ -307,10 +307,9 @@ def _act_quant_kernel(
 
 
 @triton.jit
-def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's (tile row, tile column) in grouped order: GROUP_M row tiles sweep the N tiles
-    together, so B tiles stay in L2."""
-    pid = tl.program_id(0)
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile number pid's (tile row, tile column) in grouped order: GROUP_M row tiles sweep the N tiles
+    together, so B tiles stay in L2. (Also called from the persistent Gluon kernel in gluon_gemm.py.)"""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_in_group = GROUP_M * num_pid_n
@@ -373,7 +372,7 @@ def _fp8_gemm_kernel(
     """C[M, N] = A[M, K] @ B[N, K]^T with A scales [M, KB] (1 x 128) and B scales [ceil(N/128), KB]
     (128 x 128). Per 128-wide K block: fp32 dot of the fp8 tiles, then acc += dot * a_s * b_s.
     M, N, K are runtime values (no recompiles per shape); M_BUCKET only keys the autotuner."""
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -417,7 +416,7 @@ def _fp8_gemm_tma_kernel(
 ):
     """_fp8_gemm_kernel with A and B tiles fetched by the TMA engine (Hopper) through tensor
     descriptors; out-of-bounds rows and K columns arrive as zeros, so no masks on A and B."""
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -459,12 +458,12 @@ def _check_block(block_size) -> tuple[int, int]:
     return bm, bn
 
 
-def _check_tensor(name: str, t, dtypes, device=None) -> None:
+def _check_tensor(name: str, t, dtypes, device=None, contiguous: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, not {type(t).__name__}")
     if t.dtype not in dtypes:
         raise ValueError(f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]}")
-    if not t.is_contiguous():
+    if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other operand is on {device}")
@@ -708,8 +707,9 @@ def _scale_rows(a_scale: torch.Tensor, m: int, kb: int) -> torch.Tensor:
     """a_scale [..., KB] as a 2-D view [M, KB]; it must be row-major or MN-major (empty_scales)."""
     if a_scale.is_contiguous():
         return a_scale.view(m, kb)
-    if a_scale.movedim(-1, 0).is_contiguous():
-        return a_scale.movedim(-1, 0).reshape(kb, m).t()
+    groups_first = a_scale.movedim(-1, 0)
+    if groups_first.is_contiguous():
+        return groups_first.reshape(kb, m).t()
     raise ValueError(
         "a_scale must be row-major (contiguous) or MN-major (act_quant(..., mn_major=True)); "
         f"got strides {a_scale.stride()} for shape {tuple(a_scale.shape)}"
@@ -787,11 +787,7 @@ def fp8_gemm_triton(
     b_scale [ceil(N/128), ceil(K/128)] (float32). Returns [..., N] in out_dtype."""
     _check_tensor("a", a, (torch.float8_e4m3fn,))
     _check_tensor("b", b, (torch.float8_e4m3fn,), a.device)
-    if not isinstance(a_scale, torch.Tensor) or a_scale.dtype != torch.float32:
-        got = getattr(a_scale, "dtype", type(a_scale).__name__)
-        raise ValueError(f"a_scale must be a float32 torch.Tensor, not {got}")
-    if a_scale.device != a.device:
-        raise ValueError(f"a_scale is on {a_scale.device} but the other operand is on {a.device}")
+    _check_tensor("a_scale", a_scale, (torch.float32,), a.device, contiguous=False)  # layout: _scale_rows
     _check_tensor("b_scale", b_scale, (torch.float32,), a.device)
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be bfloat16, float16 or float32, not {out_dtype}")
