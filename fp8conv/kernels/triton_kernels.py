@@ -51,6 +51,8 @@ _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Largest tile (elements) a quantization program keeps in registers in one pass.
 _SINGLE_PASS_MAX = 16384
+# weight_quant's in-tile offsets are int32 while rows x row length stays below this (else int64).
+_OFFS32_LIMIT = 2**31
 
 # Tile shapes of the memory-bound kernels (module-level so bench/bench_kernels.py can try variants).
 DEQUANT_TILE = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 4}
@@ -66,7 +68,11 @@ ACT_QUANT_TILE = {
     "small_div": 2,
     "LARGE": 1 << 24,
 }
-WEIGHT_QUANT = {"num_warps": 8, "div": 1}
+WEIGHT_QUANT = {"num_warps": 8, "div": 1, "maxnreg_narrow": 128}
+# "maxnreg_narrow": a register cap for the one-pass 128 x 128 build where rows are only 8- or 4-element
+# aligned (n % 16 != 0, e.g. 7000 x 1000). Its narrower fp8 stores need more address registers: ptxas
+# gave 134-150 per thread, so one program of 256 threads per multiprocessor instead of two; capped at
+# 128 it fits two without spilling (sm_90a build; with 16-aligned rows it needs 127 uncapped).
 
 
 def _interpreting() -> bool:
@@ -148,7 +154,10 @@ def _encode(x, s, inv, FMAX: tl.constexpr, UE8M0: tl.constexpr, DIV: tl.constexp
     return y.to(OUT_TY, fp_downcast_rounding="rtne")
 
 
-@triton.jit
+# The memory-bound kernels' shape arguments are not specialized (Triton would compile a variant per
+# combination of "divisible by 16" and "== 1" over them: five for a DeepSeek-shaped dequantize, about
+# 0.6 s each on a fresh machine). Alignment comes in through the ALIGN constexpr instead.
+@triton.jit(do_not_specialize=["M", "bm", "bn", "sm", "sn", "n_tiles_n"])
 def _weight_dequant_kernel(
     q_ptr,
     s_ptr,
@@ -200,7 +209,7 @@ def _weight_dequant_kernel(
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "bm", "sm", "sn"])
 def _weight_quant_kernel(
     x_ptr,
     q_ptr,
@@ -215,6 +224,7 @@ def _weight_quant_kernel(
     BM_P: tl.constexpr,
     BN_P: tl.constexpr,
     SINGLE: tl.constexpr,
+    OFFS64: tl.constexpr,
     FMAX: tl.constexpr,
     UE8M0: tl.constexpr,
     DIV: tl.constexpr,
@@ -237,11 +247,16 @@ def _weight_quant_kernel(
         rows = r0 + ar
         cols = c0 + ac
         mask = ((ar < bm) & (rows < M))[:, None] & ((ac < BN) & (cols < N))[None, :]
-        offs = base + rows.to(tl.int64)[:, None] * N + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # offsets within the tile in int32 where they fit (fewer registers: see WEIGHT_QUANT)
+        t0 = base + r0.to(tl.int64) * N + c0
+        if OFFS64:
+            offs = ar.to(tl.int64)[:, None] * N + ac[None, :]
+        else:
+            offs = ar[:, None] * N + ac[None, :]
+        x = tl.load(x_ptr + t0 + offs, mask=mask, other=0.0).to(tl.float32)
         amax = tl.reduce(tl.abs(x), None, _max_nan)
         s, inv = _scale_from_amax(amax, FMAX, UE8M0)
-        tl.store(q_ptr + offs, _encode(x, s, inv, FMAX, UE8M0, DIV, OUT_TY), mask=mask)
+        tl.store(q_ptr + t0 + offs, _encode(x, s, inv, FMAX, UE8M0, DIV, OUT_TY), mask=mask)
     else:
         amax = tl.zeros((BM_P, BN_P), dtype=tl.float32)
         for i in range(0, bm, BM_P):
@@ -267,7 +282,7 @@ def _weight_quant_kernel(
     tl.store(s_ptr + e * sm * sn + pid, s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "n_groups"])
 def _act_quant_kernel(
     x_ptr,
     q_ptr,
@@ -606,6 +621,8 @@ def weight_quant_triton(
     elems = bm_p * bn_p
     num_warps = WEIGHT_QUANT["num_warps"] if elems >= 8192 else 4
     align = _align(n)
+    narrow = single and elems >= 8192 and align in (4, 8) and WEIGHT_QUANT["maxnreg_narrow"]
+    cap = {"maxnreg": WEIGHT_QUANT["maxnreg_narrow"]} if narrow else {}
     _weight_quant_kernel[(sm * sn, e)](
         x,
         q,
@@ -620,10 +637,12 @@ def weight_quant_triton(
         BM_P=bm_p,
         BN_P=bn_p,
         SINGLE=single,
+        OFFS64=bm_p * n >= _OFFS32_LIMIT,
         FMAX=fmax,
         UE8M0=ue8m0,
         DIV=WEIGHT_QUANT["div"],
         num_warps=num_warps,
+        **cap,
     )
     return q, s
 

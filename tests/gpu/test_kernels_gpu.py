@@ -238,6 +238,29 @@ def test_weight_quant_block_sizes(tk, shape, block):
     assert_same_bytes(q, qr, f"quant codes {shape} block {block}")
 
 
+@pytest.mark.parametrize("shape", [(7000, 1000), (576, 7168), (4, 300, 260)], ids=str)
+def test_weight_quant_int64_offsets(tk, monkeypatch, shape):
+    """The int64 in-tile offsets (for rows x row length >= 2**31, forced here) give the same bytes."""
+    monkeypatch.setattr(tk, "_OFFS32_LIMIT", 0)
+    x = random_weights(shape, torch.bfloat16, _gen())
+    q, s = tk.weight_quant_triton(x.cuda())
+    qr, sr = ref.weight_quant_torch(x)
+    assert_same_bytes(s, sr, f"quant scales {shape} int64 offsets")
+    assert_same_bytes(q, qr, f"quant codes {shape} int64 offsets")
+
+
+@pytest.mark.parametrize("cap", [None, 128])
+def test_weight_quant_register_cap(tk, monkeypatch, cap):
+    """With and without the register cap of the 8-aligned build, the torch reference's bytes."""
+    monkeypatch.setitem(tk.WEIGHT_QUANT, "maxnreg_narrow", cap)
+    for dtype in FLOAT_DTYPES:
+        x = random_weights((7000, 1000), dtype, _gen())
+        q, s = tk.weight_quant_triton(x.cuda())
+        qr, sr = ref.weight_quant_torch(x)
+        assert_same_bytes(s, sr, f"quant scales {dtype} cap {cap}")
+        assert_same_bytes(q, qr, f"quant codes {dtype} cap {cap}")
+
+
 def test_weight_quant_e5m2_and_saturation(tk):
     g = _gen()
     x = random_weights((300, 260), torch.float32, g)
