@@ -46,6 +46,12 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from fp8conv.kernels.triton_kernels import _grouped_tile
 
+# The TMA tile load and the cp.async copy are tma / async_copy.async_copy_global_to_shared in Triton
+# 3.6 (the version this kernel is measured and tested with); later versions call them async_load and
+# make the old names raise.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+
 __all__ = ["fp8_gemm_wgmma", "usable", "block_n_for", "WGMMA_CONFIG"]
 
 # 128-row tiles (two consumer warpgroups of 64 rows). BLOCK_N 128, or 64 where 128-wide tiles would
@@ -109,18 +115,16 @@ def _producer(
             bar = ready.index(s)
             for i in gl.static_range(2):
                 rows = off_m + i * HALF + lane
-                async_copy.async_copy_global_to_shared(
+                _cp_async_load(
                     as_bufs.index(2 * s + i), as_ptr + rows.to(gl.int64) * sam + kb * sak, mask=rows < M
                 )
-            async_copy.async_copy_global_to_shared(bs_bufs.index(s), bs_lane + kb)
+            _cp_async_load(bs_bufs.index(s), bs_lane + kb)
             # the barrier also waits for these copies (counted before the TMA's arrive below)
             async_copy.mbarrier_arrive(bar)
             mbarrier.expect(bar, nbytes)
             for i in gl.static_range(2):
-                tma.async_copy_global_to_shared(
-                    a_desc, [off_m + i * HALF, kb * 128], bar, a_bufs.index(2 * s + i)
-                )
-            tma.async_copy_global_to_shared(b_desc, [off_n, kb * 128], bar, b_bufs.index(s))
+                _tma_load(a_desc, [off_m + i * HALF, kb * 128], bar, a_bufs.index(2 * s + i))
+            _tma_load(b_desc, [off_n, kb * 128], bar, b_bufs.index(s))
             it += 1
 
 

@@ -18,14 +18,16 @@ Launch notes:
 - Row strides are passed as `N_div * ALIGN` where ALIGN (constexpr) is the largest power of two <= 16
   dividing the row length: Triton only learns "divisible by 16" on its own, so without this a ragged
   row length (7000 x 1000) would make every access a single byte; with it accesses stay 8-16 bytes.
-- Offsets of rows and matrices are int64, so tensors past 2**31 elements index correctly.
+- Offsets of rows and matrices are int64, so tensors past 2**31 elements index correctly (weight_quant
+  adds int32 offsets within a tile where rows x row length < 2**31).
 - fp8_gemm uses shipped per-M-bucket tile configurations (no autotuning pass on the first call);
   FP8CONV_GEMM_AUTOTUNE=1 autotunes the pointer kernel instead, keyed on (M bucket, N, K) (never
   under the CPU interpreter, where autotune fails). On Hopper, when K % 16 == 0, A and B tiles come
   through TMA tensor descriptors (_fp8_gemm_tma_kernel; FP8CONV_GEMM_TMA=0 turns that off), whose
   out-of-bounds zero fill handles ragged M, N and K without masks. From M = GEMM_WGMMA_MIN_M up,
   Hopper takes the persistent warp-specialized Gluon kernel of gluon_gemm.py (FP8CONV_GEMM_WGMMA=0
-  turns it off). a_scale may be row-major or MN-major (act_quant(..., mn_major=True)); the Gluon
+  turns it off; a Triton whose Gluon API it does not compile with falls back to the Triton kernels,
+  with a warning). a_scale may be row-major or MN-major (act_quant(..., mn_major=True)); the Gluon
   kernel reads either in place, the Triton kernels take a row-major copy.
 """
 
@@ -33,10 +35,12 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 from fp8conv.kernels.reference import BLOCK, FP8_MAX, empty_scales, scale_grid, to_mn_major
 
@@ -711,9 +715,15 @@ GEMM_TMA_CONFIGS = {
 GEMM_WGMMA_MIN_M = 64
 
 
+# Why the Gluon kernel is off in this process, once a Triton version failed to compile it.
+_WGMMA_BROKEN: list[str] = []
+
+
 def _wgmma_launcher(a2: torch.Tensor, b: torch.Tensor, m_bucket: int, k: int):
     """gluon_gemm.fp8_gemm_wgmma where it takes the problem, else None."""
     if _interpreting() or os.environ.get("FP8CONV_GEMM_WGMMA", "1") == "0" or m_bucket < GEMM_WGMMA_MIN_M:
+        return None
+    if _WGMMA_BROKEN:
         return None
     try:
         from fp8conv.kernels import gluon_gemm
@@ -831,8 +841,22 @@ def fp8_gemm_triton(
     a2 = a.view(m, k)
     wgmma = None if k == 0 else _wgmma_launcher(a2, b, mb, k)
     if wgmma is not None:
-        wgmma(a2, as2, b, b_scale, c.view(m, n))
-        return c
+        try:
+            wgmma(a2, as2, b, b_scale, c.view(m, n))
+            return c
+        except CompilationError as ex:
+            # Gluon's API still moves between Triton releases: a version this kernel was not written
+            # for fails here, before anything runs; the Triton kernels below give the same bits.
+            root = ex
+            while root.__cause__ is not None or root.__context__ is not None:
+                root = root.__cause__ or root.__context__
+            _WGMMA_BROKEN.append(f"{type(root).__name__}: {str(root).strip()[-200:]}")
+            warnings.warn(
+                f"fp8conv: the Hopper fp8_gemm kernel does not compile with Triton {triton.__version__} "
+                f"({_WGMMA_BROKEN[0]}); using the portable Triton kernels",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     # the Triton kernels read row-major A scales
     args = (a, b, c, as2.contiguous(), b_scale, m, n, k, kb, mb)
     if os.environ.get("FP8CONV_GEMM_AUTOTUNE") == "1" and not _interpreting():

@@ -437,6 +437,43 @@ def test_fp8_gemm_each_kernel(tk, monkeypatch, kernel, mnk):
         _check_gemm(tk, aq, as_, bq, bs, out_dtype, f"gemm {mnk} {kernel} {out_dtype}")
 
 
+def test_fp8_gemm_falls_back_when_gluon_does_not_compile(tk, monkeypatch):
+    """A Triton whose Gluon API the Hopper kernel does not compile with: fp8_gemm warns once and
+    gives the Triton kernels' bits."""
+    import ast
+
+    from triton.compiler.errors import CompilationError
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel runs on Hopper only")
+    from fp8conv.kernels import gluon_gemm
+
+    g = _gen()
+    a, a_s = ref.act_quant_torch(torch.randn(300, 1024, generator=g))
+    b, b_s = ref.weight_quant_torch(torch.randn(512, 1024, generator=g))
+    args = (a.cuda(), a_s.cuda(), b.cuda(), b_s.cuda())
+    monkeypatch.setenv("FP8CONV_GEMM_WGMMA", "0")
+    want = tk.fp8_gemm_triton(*args)
+    monkeypatch.setenv("FP8CONV_GEMM_WGMMA", "1")
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        try:
+            raise RuntimeError("async_copy_global_to_shared has been removed")
+        except RuntimeError as inner:
+            raise CompilationError("x = 1", ast.parse("x = 1").body[0], None) from inner
+
+    monkeypatch.setattr(gluon_gemm, "fp8_gemm_wgmma", broken)
+    monkeypatch.setattr(tk, "_WGMMA_BROKEN", [])
+    with pytest.warns(RuntimeWarning, match="has been removed"):
+        got = tk.fp8_gemm_triton(*args)
+    assert_same_bytes(got, want, "fallback after a Gluon compile failure")
+    got2 = tk.fp8_gemm_triton(*args)  # no second attempt
+    assert_same_bytes(got2, want, "second call")
+    assert calls == [1]
+
+
 @pytest.mark.parametrize(
     "mnk",
     [
