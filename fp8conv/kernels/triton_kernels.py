@@ -721,9 +721,9 @@ _WGMMA_BROKEN: list[str] = []
 
 def _wgmma_launcher(a2: torch.Tensor, b: torch.Tensor, m_bucket: int, k: int):
     """gluon_gemm.fp8_gemm_wgmma where it takes the problem, else None."""
-    if _interpreting() or os.environ.get("FP8CONV_GEMM_WGMMA", "1") == "0" or m_bucket < GEMM_WGMMA_MIN_M:
+    if _interpreting() or os.environ.get("FP8CONV_GEMM_WGMMA", "1") == "0" or _WGMMA_BROKEN:
         return None
-    if _WGMMA_BROKEN:
+    if m_bucket < GEMM_WGMMA_MIN_M:
         return None
     try:
         from fp8conv.kernels import gluon_gemm
