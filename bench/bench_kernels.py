@@ -235,11 +235,11 @@ def gemm_shape(m: int, n: int, k: int, quick: bool, sweep: bool, notes: list[str
                 b_desc = TensorDescriptor.from_tensor(wq, [bn, 128])
 
                 def run(grid=grid, kw=kw, a_desc=a_desc, b_desc=b_desc):
-                    tk._fp8_gemm_tma_kernel[grid](a_desc, b_desc, *tail, **kw)
+                    tk._fp8_gemm_tma_kernel[grid](a_desc, b_desc, *tail, **kw, **tk.LAUNCH_OPTS)
             else:
 
                 def run(grid=grid, kw=kw):
-                    tk._fp8_gemm_kernel[grid](xq, wq, *tail, EVEN_K=k % 128 == 0, **kw)
+                    tk._fp8_gemm_kernel[grid](xq, wq, *tail, EVEN_K=k % 128 == 0, **kw, **tk.LAUNCH_OPTS)
 
             try:
                 t = bench(run, True)

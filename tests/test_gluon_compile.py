@@ -50,7 +50,8 @@ def _compile(block_n: int):
     src = GluonASTSource(
         fn=G._fp8_gemm_wgmma_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in cons.items()}
     )
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    opts = {"num_warps": 4, **G.LAUNCH_OPTS}  # as fp8_gemm_wgmma launches it
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from fp8conv.kernels.triton_kernels import _grouped_tile
+from fp8conv.kernels.triton_kernels import LAUNCH_OPTS, _grouped_tile
 
 # The TMA tile load and the cp.async copy are tma / async_copy.async_copy_global_to_shared in Triton
 # 3.6 (the version this kernel is measured and tested with); later versions call them async_load and
@@ -308,5 +308,6 @@ def fp8_gemm_wgmma(a2, a_scale2, b, b_scale, c, block_n: int | None = None) -> t
         CONSUMER_REGS=WGMMA_CONFIG["CONSUMER_REGS"],
         PRODUCER_REGS=WGMMA_CONFIG["PRODUCER_REGS"],
         num_warps=4,
+        **LAUNCH_OPTS,
     )
     return c
