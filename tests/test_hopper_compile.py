@@ -10,17 +10,37 @@ import torch
 triton = pytest.importorskip("triton")
 
 
-def _compile_gluon(block_n: int):
-    # Private entry points of Triton's compiler, as its own tests use them; if they move, this test
-    # is skipped rather than failed (the kernel itself is not what broke).
+def _compile(source_cls, kernel, sig: dict, cons: dict, **opts):
+    """kernel compiled for sm_90a as its launcher would: sig the runtime arguments' types, cons the
+    constexprs, pointers 16-byte aligned (as torch allocates them), fp8conv's launch options."""
+    GPUTarget = _private("triton.backends.compiler.GPUTarget")
+    from fp8conv.kernels import triton_kernels as tk
+
+    sig = {**sig, **{k: "constexpr" for k in cons}}
+    names = list(sig)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(names) if sig[k].startswith("*")}
+    src = source_cls(
+        fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in cons.items()}, attrs=attrs
+    )
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={**opts, **tk.LAUNCH_OPTS})
+
+
+def _private(what: str):
+    """Private entry points of Triton's compiler, as its own tests use them; if they move, the test
+    is skipped rather than failed (the kernels are not what broke)."""
+    import importlib
+
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon._runtime import GluonASTSource
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-        from triton.runtime.jit import mangle_type
-    except ImportError as ex:
-        pytest.skip(f"Triton {triton.__version__} lacks the entry points this test uses: {ex}")
+        mod, name = what.rsplit(".", 1)
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as ex:
+        pytest.skip(f"Triton {triton.__version__} lacks {what}: {ex}")
+
+
+def _compile_gluon(block_n: int):
+    gl = _private("triton.experimental.gluon.language")
+    TensorDescriptor = _private("triton.experimental.gluon.nvidia.hopper.TensorDescriptor")
+    mangle_type = _private("triton.runtime.jit.mangle_type")
     from fp8conv.kernels import gluon_gemm as G
 
     t = torch.empty(256, 256, dtype=torch.float8_e4m3fn)
@@ -32,11 +52,7 @@ def _compile_gluon(block_n: int):
         "c_ptr": "*bf16",
         "as_ptr": "*fp32",
         "bs_ptr": "*fp32",
-        "M": "i32",
-        "N": "i32",
-        "KB": "i32",
-        "sam": "i32",
-        "sak": "i32",
+        **dict.fromkeys(("M", "N", "KB", "sam", "sak"), "i32"),
     }
     cfg = G.WGMMA_CONFIG
     cons = {
@@ -45,31 +61,12 @@ def _compile_gluon(block_n: int):
         "CONSUMER_REGS": cfg["CONSUMER_REGS"],
         "PRODUCER_REGS": cfg["PRODUCER_REGS"],
     }
-    sig.update({k: "constexpr" for k in cons})
-    names = list(sig)
-    src = GluonASTSource(
-        fn=G._fp8_gemm_wgmma_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in cons.items()}
-    )
-    opts = {"num_warps": 4, **G.LAUNCH_OPTS}  # as fp8_gemm_wgmma launches it
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    source = _private("triton.experimental.gluon._runtime.GluonASTSource")
+    return _compile(source, G._fp8_gemm_wgmma_kernel, sig, cons, num_warps=4)  # as fp8_gemm_wgmma
 
 
 def _compile_triton(kernel, sig: dict, cons: dict, **opts):
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler.compiler import ASTSource
-    except ImportError as ex:
-        pytest.skip(f"Triton {triton.__version__} lacks the entry points this test uses: {ex}")
-    from fp8conv.kernels import triton_kernels as tk
-
-    sig = {**sig, **{k: "constexpr" for k in cons}}
-    names = list(sig)
-    # pointers 16-byte aligned, as torch allocates them (what the launcher specializes on)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(names) if sig[k].startswith("*")}
-    src = ASTSource(
-        fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in cons.items()}, attrs=attrs
-    )
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={**opts, **tk.LAUNCH_OPTS})
+    return _compile(_private("triton.compiler.compiler.ASTSource"), kernel, sig, cons, **opts)
 
 
 def _triton_cases():
