@@ -2,7 +2,9 @@
 
 Builds a synthetic DeepSeek-V3-shaped FP8 checkpoint (real layer shapes, random finite codes, ragged
 576-row tiles, scales in float32) of --gb gigabytes, then times, each in a fresh process:
-  floor-deq   read the FP8 input and write a bf16-sized file with `cat` (+ fsync), the I/O floor
+  floor-deq   read the FP8 input and write a bf16-sized file with `cat` (+ fsync), the I/O floor;
+              beside it the disk's write ceiling (in this process: fp8conv's way of writing, no
+              reading or converting) and the start-up of a Python process that imports torch
   dequantize  fp8conv dequantize (--device)
   no-wb       the same with FP8CONV_WRITEBACK=0 (no early-writeback hints), into another folder
   floor-q     read the bf16 output and write an FP8-sized file with `cat` (+ fsync)
@@ -24,6 +26,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fp8conv.checkpoint.output import start_writeback  # noqa: E402
 from fp8conv.checkpoint.safetensors_io import save_file  # noqa: E402
 from fp8conv.convert.plan import native_fp8_config  # noqa: E402
 
@@ -137,6 +141,38 @@ def stage_seconds(stdout: str) -> dict[str, float]:
     return json.loads(stdout)["stage_seconds"]
 
 
+def write_ceiling(dst_file: Path, nbytes: int, writers: int = 4, chunk: int = 64 << 20) -> float:
+    """Seconds to put nbytes on disk the way fp8conv writes (positional writes from `writers`
+    threads to disjoint 64 MiB ranges, a writeback hint after each, fsync): what this disk allows an
+    output of that size, with no reading or converting. (On the GPU machines: 1.65-1.71 GB/s with 1,
+    4 or 8 writers, buffered or O_DIRECT alike; bench/NOTES.md.)"""
+    block = os.urandom(1 << 20) * (chunk >> 20)
+    os.sync()
+    t = time.perf_counter()
+    fd = os.open(dst_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+
+        def work(k: int) -> None:
+            view = memoryview(block)
+            for off in range(k * chunk, nbytes, writers * chunk):
+                n, pos = min(chunk, nbytes - off), 0
+                while pos < n:
+                    pos += os.pwrite(fd, view[pos:n], off + pos)
+                start_writeback(fd, off, n)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(writers)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dt = time.perf_counter() - t
+    dst_file.unlink()
+    return dt
+
+
 def floor_cmd(src: Path, out_bytes: int, dst_file: Path) -> list[str]:
     """cat the input shards (twice if the output is larger), keep out_bytes, fsync the file. `tee -p`
     drains the whole input after head has its bytes: without it, an output smaller than the input
@@ -187,6 +223,11 @@ def main() -> None:
     dq, dq_rss, dq_st = dequantize(work / "bf16")
     out_bf16 = shard_bytes(work / "bf16")
     rows.append(("I/O floor: FP8 in, bf16-sized out (cat)", fl, None, None))
+    # what neither tool can beat: the disk's write speed, and starting Python with torch
+    ceil = write_ceiling(work / "ceiling.bin", out_bf16)
+    rows.append(("  disk write ceiling, bf16-sized (4 writers)", ceil, ceil / fl, None))
+    start, _, _ = timed([sys.executable, "-c", "import torch"])
+    rows.append(("  start-up: python -c 'import torch'", start, None, None))
     what = f"fp8conv dequantize ({args.device})"
     rows.append((what, dq, dq / fl, dq_rss))
     stages.append((what, dq_st))
