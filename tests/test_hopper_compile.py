@@ -103,8 +103,15 @@ def _triton_cases():
         "act_quant": (
             tk._act_quant_kernel,
             {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", **aq},
-            dict(G=128, ALIGN=16, BLOCK_R=16, G_P=128, FMAX=448.0, UE8M0=False, DIV=2),
+            dict(G=128, ALIGN=16, BLOCK_R=16, G_P=128, NG_B=1, FMAX=448.0, UE8M0=False, DIV=2),
             {"num_warps": 4},
+            ["cvt.rn.satfinite.e4m3x2.f32"],
+        ),
+        "act_quant whole rows": (
+            tk._act_quant_kernel,
+            {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", **aq},
+            dict(G=128, ALIGN=8, BLOCK_R=1, G_P=128, NG_B=8, FMAX=448.0, UE8M0=False, DIV=2),
+            {"num_warps": tk.ACT_QUANT_TILE["row_num_warps"]},
             ["cvt.rn.satfinite.e4m3x2.f32"],
         ),
         "fp8_gemm pointers": (

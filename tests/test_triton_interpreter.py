@@ -146,6 +146,8 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
         ((2, 130, 140), torch.bfloat16, "ue8m0"),
         ((1, 5), torch.float32, "float"),
         ((127, 300), torch.float32, "ue8m0"),
+        ((37, 1000), torch.bfloat16, "float"),  # whole rows per program (8 groups)
+        ((3, 4, 256), torch.float32, "ue8m0"),
     ]:
         x = rand_x(shape, dtype)
         q, s = tk.act_quant_triton(x, 128, fmt)
@@ -153,7 +155,7 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
         s_full = sr.repeat_interleave(128, dim=-1)[..., : x.shape[-1]]
         check_quant(f"act {shape} {dtype} {fmt}", x, q, s, qr, sr, s_full)
     # MN-major scales (stride 1 along the rows): the same values, written through the kernel's strides
-    for shape in [(129, 257), (2, 130, 140), (1, 5)]:
+    for shape in [(129, 257), (2, 130, 140), (1, 5), (37, 1000)]:
         x = rand_x(shape, torch.float32)
         q, s = tk.act_quant_triton(x, 128, "float", mn_major=True)
         sr = ref.act_quant_torch(x, 128, "float")[1]

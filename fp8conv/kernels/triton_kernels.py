@@ -65,8 +65,11 @@ _OFFS32_LIMIT = 2**31
 # Tile shapes of the memory-bound kernels (module-level so bench/bench_kernels.py can try variants).
 DEQUANT_TILE = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 4}
 # act_quant: rows x group elements per program, warps and division (see _quotient) for tensors of >=
-# LARGE elements, and the small_ ones below that. weight_quant: warps for tiles of >= 8192 elements
-# (a 128 x 128 tile) and division. From bench/bench_kernels.py --sweep on an H100 (2026-11-25).
+# LARGE elements, and the small_ ones below that; row_: below LARGE, rows whose groups are a power of
+# two in number and fit row_ELEMS (k <= 1024 at g = 128) go whole, row_ELEMS per program (7000x1000:
+# 69-71% -> 76% of copy bandwidth, 4096x1000 60% -> 62-64%; not faster at 576x7168 or large sizes).
+# weight_quant: warps for tiles of >= 8192 elements (a 128 x 128 tile) and division. From
+# bench/bench_kernels.py --sweep and lab runs on H100s (2026-11-25).
 ACT_QUANT_TILE = {
     "ELEMS": 8192,
     "num_warps": 8,
@@ -75,6 +78,8 @@ ACT_QUANT_TILE = {
     "small_num_warps": 4,
     "small_div": 2,
     "LARGE": 1 << 24,
+    "row_ELEMS": 1024,
+    "row_num_warps": 2,
 }
 WEIGHT_QUANT = {"num_warps": 8, "div": 1, "maxnreg_narrow": 128}
 # "maxnreg_narrow": a register cap for the one-pass 128 x 128 build where rows are only 8- or 4-element
@@ -304,29 +309,48 @@ def _act_quant_kernel(
     ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr,
     G_P: tl.constexpr,
+    NG_B: tl.constexpr,
     FMAX: tl.constexpr,
     UE8M0: tl.constexpr,
     DIV: tl.constexpr,
 ):
     """x [R, K] -> codes [R, K], scales [R, n_groups] (strides s_stride_r, s_stride_g: row-major or
-    MN-major): one program quantizes BLOCK_R rows of one group column (each row of the tile is its
-    own 1 x g group)."""
+    MN-major): one program quantizes BLOCK_R rows of one group column (NG_B == 1; each row of the
+    tile is its own 1 x g group), or of NG_B adjacent group columns (short rows: one contiguous load
+    per row instead of one per group)."""
     pid = tl.program_id(0)
     K = K_div * ALIGN
-    pid_r = pid // n_groups
-    gi = pid - pid_r * n_groups
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     ac = tl.arange(0, G_P)
-    cols = gi * G + ac
-    row_ok = rows < R
-    mask = row_ok[:, None] & ((ac < G) & (cols < K))[None, :]
-    offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.reduce(tl.abs(x), 1, _max_nan)
-    s, inv = _scale_from_amax(amax, FMAX, UE8M0)
-    q = _encode(x, s[:, None], inv[:, None], FMAX, UE8M0, DIV, q_ptr.dtype.element_ty)
-    tl.store(q_ptr + offs, q, mask=mask)
-    tl.store(s_ptr + rows.to(tl.int64) * s_stride_r + gi * s_stride_g, s, mask=row_ok)
+    if NG_B == 1:
+        pid_r = pid // n_groups
+        gi = pid - pid_r * n_groups
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = gi * G + ac
+        row_ok = rows < R
+        mask = row_ok[:, None] & ((ac < G) & (cols < K))[None, :]
+        offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.reduce(tl.abs(x), 1, _max_nan)
+        s, inv = _scale_from_amax(amax, FMAX, UE8M0)
+        q = _encode(x, s[:, None], inv[:, None], FMAX, UE8M0, DIV, q_ptr.dtype.element_ty)
+        tl.store(q_ptr + offs, q, mask=mask)
+        tl.store(s_ptr + rows.to(tl.int64) * s_stride_r + gi * s_stride_g, s, mask=row_ok)
+    else:
+        n_gb = tl.cdiv(n_groups, NG_B)
+        pid_r = pid // n_gb
+        gis = (pid - pid_r * n_gb) * NG_B + tl.arange(0, NG_B)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = gis[:, None] * G + ac[None, :]  # [NG_B, G_P]
+        row_ok = rows < R
+        mask = row_ok[:, None, None] & ((ac < G)[None, :] & (cols < K))[None, :, :]
+        offs = rows.to(tl.int64)[:, None, None] * K + cols[None, :, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.reduce(tl.abs(x), 2, _max_nan)  # [BLOCK_R, NG_B]
+        s, inv = _scale_from_amax(amax, FMAX, UE8M0)
+        q = _encode(x, s[:, :, None], inv[:, :, None], FMAX, UE8M0, DIV, q_ptr.dtype.element_ty)
+        tl.store(q_ptr + offs, q, mask=mask)
+        s_offs = rows.to(tl.int64)[:, None] * s_stride_r + gis[None, :] * s_stride_g
+        tl.store(s_ptr + s_offs, s, mask=row_ok[:, None] & (gis < n_groups)[None, :])
 
 
 @triton.jit
@@ -568,11 +592,18 @@ def _act_quant_2d(
         g = _pow2(k)  # one group per row: any width >= k is the same (g is constexpr)
     g_p = _pow2(min(g, k))
     small = r * k < ACT_QUANT_TILE["LARGE"]
-    block_r = max(1, min(_pow2(r), ACT_QUANT_TILE["small_ELEMS" if small else "ELEMS"] // g_p))
-    elems = block_r * g_p
-    num_warps = ACT_QUANT_TILE["small_num_warps" if small else "num_warps"] if elems >= 2048 else 4
+    ng_b = 1
+    if small and 1 < n_groups == _pow2(n_groups) and n_groups * g_p <= ACT_QUANT_TILE["row_ELEMS"]:
+        # short rows (k <= 1024 at g = 128): whole rows per program
+        ng_b = n_groups
+        block_r = max(1, min(_pow2(r), ACT_QUANT_TILE["row_ELEMS"] // (ng_b * g_p)))
+        num_warps = ACT_QUANT_TILE["row_num_warps"]
+    else:
+        block_r = max(1, min(_pow2(r), ACT_QUANT_TILE["small_ELEMS" if small else "ELEMS"] // g_p))
+        elems = block_r * g_p
+        num_warps = ACT_QUANT_TILE["small_num_warps" if small else "num_warps"] if elems >= 2048 else 4
     align = _align(k)
-    grid = (triton.cdiv(r, block_r) * n_groups,)
+    grid = (triton.cdiv(r, block_r) * (n_groups // ng_b),)
     _act_quant_kernel[grid](
         x2,
         q2,
@@ -586,6 +617,7 @@ def _act_quant_2d(
         ALIGN=align,
         BLOCK_R=block_r,
         G_P=g_p,
+        NG_B=ng_b,
         FMAX=fmax,
         UE8M0=ue8m0,
         DIV=ACT_QUANT_TILE["small_div" if small else "div"],

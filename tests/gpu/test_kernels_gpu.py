@@ -310,7 +310,17 @@ def random_activations(shape, dtype, g) -> torch.Tensor:
     return x.to(dtype)
 
 
-ACT_SHAPES = SHAPES + [(2, 3, 7168), (4096, 300)]
+# (7000, 1000), (4096, 1000), (37, 1000), (1, 1024), (3, 4, 256), (2, 130, 140): whole short rows per
+# program (a power-of-two count of groups)
+ACT_SHAPES = SHAPES + [
+    (2, 3, 7168),
+    (4096, 300),
+    (4096, 1000),
+    (37, 1000),
+    (1, 1024),
+    (3, 4, 256),
+    (2, 130, 140),
+]
 
 
 @pytest.mark.parametrize("shape, in_dtype", _shape_dtype_params(ACT_SHAPES))
@@ -328,10 +338,12 @@ def test_act_quant_bit_exact(tk, shape, in_dtype, scale_fmt):
     assert (s.cpu() >= 2.0**-126).all()  # zero groups: the finite floor, never 0
 
 
-@pytest.mark.parametrize("group", [32, 64, 100, 256, 7168])
-def test_act_quant_group_sizes(tk, group):
+@pytest.mark.parametrize(
+    "group, k", [(32, 7168), (64, 7168), (100, 7168), (256, 7168), (7168, 7168), (100, 400), (64, 512)]
+)
+def test_act_quant_group_sizes(tk, group, k):
     g = _gen()
-    x = random_activations((37, 7168), torch.bfloat16, g)
+    x = random_activations((37, k), torch.bfloat16, g)
     q, s = tk.act_quant_triton(x.cuda(), group)
     qr, sr = ref.act_quant_torch(x, group)
     assert_same_bytes(s, sr, f"act scales group {group}")
@@ -349,7 +361,15 @@ def test_act_quant_all_zero_is_finite(tk):
 
 @pytest.mark.parametrize(
     "shape_group",
-    [((1, 7168), 128), ((37, 300), 128), ((4, 5, 1040), 128), ((0, 256), 128), ((3, 33000), 32768)],
+    [
+        ((1, 7168), 128),
+        ((37, 300), 128),
+        ((4, 5, 1040), 128),
+        ((0, 256), 128),
+        ((3, 33000), 32768),
+        ((37, 1000), 128),
+        ((5, 400), 100),
+    ],
     ids=str,
 )
 def test_act_quant_mn_major_bit_exact(tk, shape_group):
