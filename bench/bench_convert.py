@@ -144,8 +144,8 @@ def stage_seconds(stdout: str) -> dict[str, float]:
 def write_ceiling(dst_file: Path, nbytes: int, writers: int = 4, chunk: int = 64 << 20) -> float:
     """Seconds to put nbytes on disk the way fp8conv writes (positional writes from `writers`
     threads to disjoint 64 MiB ranges, a writeback hint after each, fsync): what this disk allows an
-    output of that size, with no reading or converting. (On the GPU machines: 1.65-1.71 GB/s with 1,
-    4 or 8 writers, buffered or O_DIRECT alike; bench/NOTES.md.)"""
+    output of that size, with no reading or converting. (On a GPU machine: 1.64-1.71 GB/s with 1, 4
+    or 8 writers and writeback hints, 1.45-1.65 GB/s with O_DIRECT; bench/NOTES.md.)"""
     block = os.urandom(1 << 20) * (chunk >> 20)
     os.sync()
     t = time.perf_counter()

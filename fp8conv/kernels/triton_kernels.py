@@ -67,7 +67,8 @@ DEQUANT_TILE = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 4}
 # act_quant: rows x group elements per program, warps and division (see _quotient) for tensors of >=
 # LARGE elements, and the small_ ones below that; row_: below LARGE, rows whose groups are a power of
 # two in number and fit row_ELEMS (k <= 1024 at g = 128) go whole, row_ELEMS per program (7000x1000:
-# 69-71% -> 76% of copy bandwidth, 4096x1000 60% -> 62-64%; not faster at 576x7168 or large sizes).
+# 69-71% -> 76% of copy bandwidth on one H100, no change on another; slower at 576x7168 and on large
+# sizes, so not used there).
 # weight_quant: warps for tiles of >= 8192 elements (a 128 x 128 tile) and division. From
 # bench/bench_kernels.py --sweep and lab runs on H100s (2026-11-25).
 ACT_QUANT_TILE = {
