@@ -316,42 +316,27 @@ def _act_quant_kernel(
     DIV: tl.constexpr,
 ):
     """x [R, K] -> codes [R, K], scales [R, n_groups] (strides s_stride_r, s_stride_g: row-major or
-    MN-major): one program quantizes BLOCK_R rows of one group column (NG_B == 1; each row of the
-    tile is its own 1 x g group), or of NG_B adjacent group columns (short rows: one contiguous load
-    per row instead of one per group)."""
+    MN-major): one program quantizes BLOCK_R rows of NG_B adjacent group columns, each row of each
+    column its own 1 x g group (NG_B = 1 but for short rows, which go whole: one contiguous load per
+    row instead of one per group)."""
     pid = tl.program_id(0)
     K = K_div * ALIGN
     ac = tl.arange(0, G_P)
-    if NG_B == 1:
-        pid_r = pid // n_groups
-        gi = pid - pid_r * n_groups
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = gi * G + ac
-        row_ok = rows < R
-        mask = row_ok[:, None] & ((ac < G) & (cols < K))[None, :]
-        offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.reduce(tl.abs(x), 1, _max_nan)
-        s, inv = _scale_from_amax(amax, FMAX, UE8M0)
-        q = _encode(x, s[:, None], inv[:, None], FMAX, UE8M0, DIV, q_ptr.dtype.element_ty)
-        tl.store(q_ptr + offs, q, mask=mask)
-        tl.store(s_ptr + rows.to(tl.int64) * s_stride_r + gi * s_stride_g, s, mask=row_ok)
-    else:
-        n_gb = tl.cdiv(n_groups, NG_B)
-        pid_r = pid // n_gb
-        gis = (pid - pid_r * n_gb) * NG_B + tl.arange(0, NG_B)
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = gis[:, None] * G + ac[None, :]  # [NG_B, G_P]
-        row_ok = rows < R
-        mask = row_ok[:, None, None] & ((ac < G)[None, :] & (cols < K))[None, :, :]
-        offs = rows.to(tl.int64)[:, None, None] * K + cols[None, :, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.reduce(tl.abs(x), 2, _max_nan)  # [BLOCK_R, NG_B]
-        s, inv = _scale_from_amax(amax, FMAX, UE8M0)
-        q = _encode(x, s[:, :, None], inv[:, :, None], FMAX, UE8M0, DIV, q_ptr.dtype.element_ty)
-        tl.store(q_ptr + offs, q, mask=mask)
-        s_offs = rows.to(tl.int64)[:, None] * s_stride_r + gis[None, :] * s_stride_g
-        tl.store(s_ptr + s_offs, s, mask=row_ok[:, None] & (gis < n_groups)[None, :])
+    n_gb = tl.cdiv(n_groups, NG_B)
+    pid_r = pid // n_gb
+    gis = (pid - pid_r * n_gb) * NG_B + tl.arange(0, NG_B)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = gis[:, None] * G + ac[None, :]  # [NG_B, G_P]
+    row_ok = rows < R
+    mask = row_ok[:, None, None] & ((ac < G)[None, :] & (cols < K))[None, :, :]
+    offs = rows.to(tl.int64)[:, None, None] * K + cols[None, :, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.reduce(tl.abs(x), 2, _max_nan)  # [BLOCK_R, NG_B]
+    s, inv = _scale_from_amax(amax, FMAX, UE8M0)
+    q = _encode(x, s[:, :, None], inv[:, :, None], FMAX, UE8M0, DIV, q_ptr.dtype.element_ty)
+    tl.store(q_ptr + offs, q, mask=mask)
+    s_offs = rows.to(tl.int64)[:, None] * s_stride_r + gis[None, :] * s_stride_g
+    tl.store(s_ptr + s_offs, s, mask=row_ok[:, None] & (gis < n_groups)[None, :])
 
 
 @triton.jit
