@@ -589,7 +589,7 @@ def _act_quant_2d(
         elems = block_r * g_p
         num_warps = ACT_QUANT_TILE["small_num_warps" if small else "num_warps"] if elems >= 2048 else 4
     align = _align(k)
-    grid = (triton.cdiv(r, block_r) * (n_groups // ng_b),)
+    grid = (triton.cdiv(r, block_r) * triton.cdiv(n_groups, ng_b),)  # as the kernel counts them
     _act_quant_kernel[grid](
         x2,
         q2,
