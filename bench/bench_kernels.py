@@ -153,6 +153,11 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: str | No
                     tk.ACT_QUANT_TILE[key.replace("ELEMS", "div")] = div
                     row(f"  act_quant {key} {elems} w{nw} div{div}", b_aq, aquant)
                 tk.ACT_QUANT_TILE.update(saved)
+        # whole short rows (shapes that take that path; row_ELEMS 0 turns it off)
+        for elems, nw in ((0, 2), (1024, 2), (1024, 4), (2048, 4)):
+            tk.ACT_QUANT_TILE.update(row_ELEMS=elems, row_num_warps=nw)
+            row(f"  act_quant row_ELEMS {elems} w{nw}", b_aq, aquant)
+        tk.ACT_QUANT_TILE.update(saved)
     if sweep in ("all", "weight_quant"):
         saved = dict(tk.WEIGHT_QUANT)
         for nw in (4, 8, 16):
