@@ -207,9 +207,9 @@ def assert_no_partial(dst: Path, clean: dict[str, bytes]) -> None:
 
 
 def tmp_leftovers(dst: Path) -> list[str]:
-    """Files being written in DST's state folder, by output name (the host.pid suffix removed)."""
+    """Files being written in DST's state folder, by output name (the random token removed)."""
     t = dst / STATE_DIR / "tmp"
-    return sorted(p.name.rsplit(".", 2)[0] for p in t.iterdir()) if t.is_dir() else []
+    return sorted(p.name.rsplit(".", 1)[0] for p in t.iterdir()) if t.is_dir() else []
 
 
 # ---------------------------------------------------------------------------------------- running

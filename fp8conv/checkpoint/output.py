@@ -1,36 +1,55 @@
-"""The output folder: path safety, atomic files, and the resume state that makes reruns cheap.
+"""The output folder: path safety, atomic files, the lock, and the checks that make reruns safe and cheap.
 
-State lives in DST/.fp8conv/:
-  job.json          what this output is being made from (command, options, source files' sizes and
-                    mtimes); a rerun with anything different is refused (exit 6) and told what differs
-  done/<file>.json  one record per finished output file (size, mtime); written after the rename
-  tmp/              files being written; moved to their final names only when complete
-  complete          written last; a rerun that finds it (and a matching job) exits at once
-Every file reaches its final name by rename(2) from tmp/, so no half-written file ever sits under a
-final name, whatever kills the process.
+While a run is unfinished its state lives in one hidden folder, DST/.fp8conv/:
+  job.json           what this output is being made from (command, options, source files' sizes and
+                     content hashes); a rerun with anything different is refused (exit 6) and told what
+  owner              the job that holds DST (see FolderLock); made by link(2), so exactly one wins
+  part-I-of-N        one per running part of that job (I/N, 1/1 without --part), made the same way
+  holders/<token>    one per running process: who it is, and a heartbeat (its mtime)
+  tmp/<file>.<token> files being written; renamed to their final names only when complete
+After a successful run the state folder is removed: DST holds the model and nothing else. What a
+rerun needs to trust a finished output is inside the files themselves: every shard's safetensors
+`__metadata__` carries the job (`fp8conv.job`) and a content hash of the shard (`fp8conv.sha256`,
+computed while it was written); side files are compared with the source, the index and config.json
+with what would be written. Every file reaches its final name by rename(2), so no half-written file
+ever sits under a final name, whatever kills the process. Temporary names carry a random token per
+process, never host name or PID (containers share both).
 
 Environment:
   FP8CONV_WRITEBACK=0  turns off the early-writeback hint (start_writeback: sync_file_range every
                        ~64 MiB written to a shard's temporary file), for A/B benchmarks; read at
                        each call. Durability does not depend on it: every file is fsynced before
                        its rename either way.
+  FP8CONV_LOCK_LEASE   seconds without a heartbeat after which a holder on another machine or in
+                       another PID namespace counts as dead (default 60; heartbeats every lease/6).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
+import threading
+import time
 from pathlib import Path
 
 from fp8conv.checkpoint.layout import STATE_DIR
 from fp8conv.errors import ResourceError, UnsafePathError
 
 JOB_FILE = "job.json"
-COMPLETE_FILE = "complete"
+OWNER_FILE = "owner"
+HOLDERS = "holders"
+META_JOB = "fp8conv.job"  # in each output shard's __metadata__: the job, as canonical JSON
+META_HASH = "fp8conv.sha256"  # ... and the shard's content hash (see shard_digest)
+HASH_PLACEHOLDER = "0" * 64  # the hash's value while the shard is written; same length as the hash
+# One random token per process names its temporary files and its holder record. Host name and PID
+# are not unique across containers (each may be PID 1 on the same host name) or PID namespaces.
+TOKEN = secrets.token_hex(8)
 
 
 def io_error(e: OSError, path: Path | str, what: str, tensor: str | None = None) -> ResourceError:
@@ -39,6 +58,14 @@ def io_error(e: OSError, path: Path | str, what: str, tensor: str | None = None)
     else:
         rule = f"{what} failed: {e.strerror or e}"
     return ResourceError(rule, file=path, tensor=tensor)
+
+
+def _resolve(p: Path, what: str) -> Path:
+    """Path.resolve that turns a link loop (RuntimeError on Python < 3.13) into a refusal."""
+    try:
+        return p.resolve()
+    except (RuntimeError, OSError) as e:
+        raise UnsafePathError(f"{what} cannot be resolved (symlink loop?): {e}", file=p) from None
 
 
 def _same_or_inside(a: Path, b: Path) -> bool:
@@ -51,8 +78,9 @@ def _same_or_inside(a: Path, b: Path) -> bool:
 
 
 def check_paths(src: Path, dst: Path) -> None:
-    """Refuse (exit 6) a DST that is SRC, lies inside it, contains it, or reaches it through links."""
-    rs, rd = src.resolve(), dst.resolve()
+    """Refuse (exit 6) a DST that is SRC, lies inside it, contains it, or reaches it through links;
+    and a DST whose parent folder does not exist (a typo would otherwise create a tree silently)."""
+    rs, rd = _resolve(src, "SRC"), _resolve(dst, "DST")
     if rs == rd:
         raise UnsafePathError(
             "DST is the same folder as SRC",
@@ -67,18 +95,460 @@ def check_paths(src: Path, dst: Path) -> None:
         raise UnsafePathError("DST is a symlink; nothing is written through links", file=dst)
     if dst.exists() and not dst.is_dir():
         raise UnsafePathError("DST exists and is not a folder", file=dst)
+    parent = rd.parent
+    if not dst.exists() and not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise ResourceError(
+            f"preparing the output folder failed: DST's parent folder {parent} {what}",
+            file=dst,
+            hint=f"create it first (mkdir -p {parent}) or choose another DST",
+        )
 
 
+# ---------------------------------------------------------------------------------- single files
+def check_output_file(target: str | os.PathLike, protect=(), what: str = "--json") -> Path:
+    """Before any work: a file the run will write at the end (a JSON summary or report) can be
+    written there, and writing it cannot touch the checkpoints in `protect` (SRC, DST, CKPT):
+    refused (exit 6) inside one of them, directly or through a link; exit 5 when its folder is
+    missing or not writable. Returns the path."""
+    path = Path(target)
+    parent = _resolve(path.parent, f"the {what} folder")
+    for root in protect:
+        r = _resolve(Path(root), "checkpoint folder")
+        name = f"{what} {path}"
+        if _same_or_inside(parent, r) or _same_or_inside(parent / path.name, r):
+            raise UnsafePathError(
+                f"{name} lies inside {root}; fp8conv never writes into its source or next to the model",
+                file=path,
+                hint="write it outside the checkpoint folders",
+            )
+        if path.is_symlink() and _same_or_inside(_resolve(path, what), r):
+            raise UnsafePathError(
+                f"{name} is a symlink into {root}; fp8conv never writes through links",
+                file=path,
+                hint="write it outside the checkpoint folders",
+            )
+    if not parent.is_dir():
+        raise ResourceError(
+            f"cannot write the {what} file: its folder {parent} does not exist",
+            file=path,
+            hint="create the folder first or choose another path",
+        )
+    if path.is_dir() and not path.is_symlink():
+        raise ResourceError(f"cannot write the {what} file: it is a folder", file=path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ResourceError(f"cannot write the {what} file: folder {parent} is not writable", file=path)
+    return path
+
+
+def write_file_atomic(target: str | os.PathLike, data: bytes, protect=(), what: str = "--json") -> None:
+    """The one writer for files fp8conv writes outside an output folder (JSON summaries, reports):
+    checked as check_output_file does, written to a fresh temporary file beside the target (O_EXCL,
+    O_NOFOLLOW: a link planted there is never followed), fsynced, then renamed over the target, so
+    a link at the target is replaced rather than written through and no half file is ever seen."""
+    path = check_output_file(target, protect, what)
+    tmp = path.with_name(f".{path.name}.{TOKEN}.tmp")
+    try:
+        _write_new(tmp, data)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise ResourceError(f"cannot write the {what} file: {e.strerror or e}", file=path) from e
+
+
+def _write_new(path: Path, data: bytes, sync: bool = True) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------- content hash
+def shard_digest(prefix: bytes, tensor_digests: list[bytes]) -> str:
+    """A shard's content hash, as recorded in META_HASH: sha256 over the sha256 of the header (with
+    the hash field set to HASH_PLACEHOLDER) followed by the sha256 of each tensor's bytes in file
+    order. Per tensor, so the writer hashes tensors independently as their pieces are produced
+    (no second pass over the data) and a checker can hash tensors in parallel."""
+    h = hashlib.sha256(hashlib.sha256(prefix).digest())
+    for d in tensor_digests:
+        h.update(d)
+    return h.hexdigest()
+
+
+def hash_field(digest: str) -> bytes:
+    return f'"{META_HASH}":"{digest}"'.encode()
+
+
+HASH_CHUNK = 8 << 20
+
+
+def hash_range(fd: int, offset: int, length: int, h=None):
+    """sha256 (or update h) over bytes [offset, offset+length) of fd, read in chunks."""
+    h = h or hashlib.sha256()
+    buf = bytearray(min(length, HASH_CHUNK))
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "file ended early (it shrank while being hashed)")
+        h.update(view[:n])
+        done += n
+    return h
+
+
+def confirm_shard(path: Path, prefix: bytes, size: int, spans: list[tuple[int, int]]) -> bool:
+    """Whether `path` is exactly the shard this job writes: a regular file of `size` bytes whose
+    header equals `prefix` (the expected header with the placeholder hash) up to the hash it
+    records, and whose content hashes to that value. Reads the whole file (no stat shortcut: a file
+    changed with its mtime restored is caught)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not (st.st_mode & 0o170000 == 0o100000) or st.st_size != size:
+            return False
+        head = os.pread(fd, len(prefix), 0)
+        at = prefix.find(hash_field(HASH_PLACEHOLDER))
+        field = len(hash_field(HASH_PLACEHOLDER))
+        if at < 0 or len(head) != len(prefix) or head[:at] != prefix[:at]:
+            return False
+        if head[at + field :] != prefix[at + field :]:
+            return False
+        recorded = head[at : at + field].decode("ascii", "replace")[len(META_HASH) + 4 : -1]
+        digests = [hash_range(fd, a, b - a).digest() for a, b in spans]
+        return shard_digest(prefix, digests) == recorded
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Byte-equal regular files (a side file in DST and its source), read in chunks."""
+    try:
+        if not b.is_file() or b.is_symlink() or a.stat().st_size != b.stat().st_size:
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                x, y = fa.read(HASH_CHUNK), fb.read(HASH_CHUNK)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+    except OSError:
+        return False
+
+
+def same_bytes(path: Path, data: bytes) -> bool:
+    try:
+        return not path.is_symlink() and path.is_file() and path.read_bytes() == data
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------- the lock
+def _lease() -> float:
+    try:
+        return max(0.5, float(os.environ.get("FP8CONV_LOCK_LEASE", "60")))
+    except ValueError:
+        return 60.0
+
+
+def _read_text(p: str) -> str:
+    try:
+        with open(p) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or ''."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[-1].split()[19] if ")" in stat else ""
+
+
+def identity() -> dict:
+    """Who this process is, for the lock's records and messages. Host and PID are shown to people;
+    liveness is judged from them only within one kernel (boot id) and one PID namespace, where a
+    PID plus its start time names one process. FP8CONV_TEST_IDENTITY=HOST:PID (a test hook) fakes
+    host and PID and a PID namespace of its own, as a container would have."""
+    fake = os.environ.get("FP8CONV_TEST_IDENTITY")
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+        "pidns": "",
+        "start": _start_time(os.getpid()),
+        "token": TOKEN,
+    }
+    try:
+        me["pidns"] = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pass
+    if fake:
+        host, _, pid = fake.rpartition(":")
+        me.update(host=host, pid=int(pid), pidns="test:" + TOKEN)
+    return me
+
+
+class FolderLock:
+    """One job per DST at a time, across processes, containers and machines sharing the folder.
+
+    Built from operations that are atomic on local and network filesystems alike: link(2) of a
+    complete temporary file onto a name fails if the name exists (the classic NFS-safe lock), and
+    rename(2). `owner` names the job holding DST; the first process to link it wins, a process of a
+    different job is refused (exit 6) naming the running one, a process of the same job joins (as
+    --part does). `part-I-of-N` keeps two copies of the same part from running at once (refused,
+    exit 6). Each process keeps `holders/<token>` alive by touching it every lease/6 seconds.
+
+    A record is stale when its process is gone: on the same kernel and PID namespace, when that
+    PID with that start time no longer runs (at once); elsewhere, when its holder's heartbeat is
+    older than the lease, measured against the mtime of our own just-touched holder, so the
+    filesystem's clock is compared with itself. A stale record is taken over by renaming it to a
+    unique name (only one taker succeeds) and checking that the renamed file is the stale one."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.holders = state / HOLDERS
+        self.me = identity()
+        self.mine = self.holders / TOKEN
+        self.names: list[Path] = []
+        self.beat: threading.Thread | None = None
+        self.stop = threading.Event()
+        self.lost = False
+
+    # -- records
+    def _record(self, job_id: str, part: str) -> bytes:
+        return json.dumps({**self.me, "job": job_id, "part": part, "since": time.time()}).encode()
+
+    @staticmethod
+    def _read(p: Path) -> dict | None:
+        try:
+            rec = json.loads(p.read_text())
+            return rec if isinstance(rec, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def _now(self) -> float:
+        """The filesystem's current time: the mtime of our holder, touched now."""
+        try:
+            os.utime(self.mine)
+            return self.mine.stat().st_mtime
+        except OSError:
+            return time.time()
+
+    def alive(self, rec: dict | None) -> bool:
+        """Whether the process behind a record (owner, part or holder) still runs."""
+        if not rec:
+            return False
+        token = rec.get("token")
+        if token == TOKEN:
+            return True
+        if (
+            rec.get("boot_id")
+            and rec.get("boot_id") == self.me["boot_id"]
+            and rec.get("pidns")
+            and rec.get("pidns") == self.me["pidns"]
+        ):
+            return bool(rec.get("start")) and _start_time(int(rec.get("pid", 0))) == rec.get("start")
+        if not isinstance(token, str) or "/" in token or not token:
+            return False
+        try:
+            beat = (self.holders / token).stat().st_mtime
+        except OSError:
+            return False
+        return self._now() - beat < _lease()
+
+    # -- acquire / release
+    def acquire(self, job_id: str, part: tuple[int, int] | None) -> None:
+        i, n = part or (1, 1)
+        part_name = f"part-{i}-of-{n}"
+        self.holders.mkdir(exist_ok=True)
+        record = self._record(job_id, f"{i}/{n}")
+        _remove(self.mine)
+        _write_new(self.mine, record, sync=False)
+        self.names = [self.mine]
+        self._start_heartbeat()
+        try:
+            for _ in range(100):
+                owner = self._take(OWNER_FILE, record)
+                if owner is None or owner.get("job") == job_id:
+                    break
+                if self.alive(owner):
+                    raise UnsafePathError(
+                        "DST is being written by another fp8conv job: " + describe_holder(owner),
+                        file=self.state.parent,
+                        hint="wait for it to finish, or choose another DST",
+                    )
+                self._take_over(OWNER_FILE, owner)
+            else:
+                raise UnsafePathError("could not take the output folder's lock", file=self.state)
+            for _ in range(100):
+                other = self._take(part_name, record)
+                if other is None:
+                    break
+                if self.alive(other):
+                    raise UnsafePathError(
+                        f"the same job (part {i}/{n}) is already running into DST: " + describe_holder(other),
+                        file=self.state.parent,
+                        hint="wait for it to finish; running the same command again then finds the "
+                        "output complete",
+                    )
+                self._take_over(part_name, other)
+            else:
+                raise UnsafePathError("could not take the output folder's lock", file=self.state)
+        except BaseException:
+            self.release()
+            raise
+        self._sweep()
+
+    def _take(self, name: str, record: bytes) -> dict | None:
+        """Link our record to `name`: None when we got it, else the record that holds it."""
+        tmp = self.state / f"{name}.{TOKEN}.tmp"
+        _remove(tmp)
+        _write_new(tmp, record, sync=False)
+        try:
+            os.link(tmp, self.state / name)
+            self.names.append(self.state / name)
+            return None
+        except FileExistsError:
+            held = self._read(self.state / name)
+            return held if held is not None else {}  # vanished meanwhile: stale-and-gone
+        finally:
+            _remove(tmp)
+
+    def _take_over(self, name: str, stale: dict) -> None:
+        """Move a stale record out of the way; only one of several takers gets it."""
+        aside = self.state / f"{name}.stale.{TOKEN}"
+        try:
+            os.rename(self.state / name, aside)
+        except FileNotFoundError:
+            return
+        moved = self._read(aside)
+        if moved != stale and moved and moved.get("token") != stale.get("token"):
+            try:  # a fresh record replaced the stale one meanwhile: put it back
+                os.link(aside, self.state / name)
+            except FileExistsError:
+                pass
+        _remove(aside)
+
+    def _sweep(self) -> None:
+        """Remove the records and temporary files of dead processes."""
+        try:
+            for h in list(self.holders.iterdir()):
+                if h.name != TOKEN and not self.alive({"token": h.name, **(self._read(h) or {})}):
+                    _remove(h)
+        except OSError:
+            pass
+
+    def live_tokens(self) -> set[str]:
+        out = {TOKEN}
+        try:
+            for h in self.holders.iterdir():
+                if self.alive({"token": h.name, **(self._read(h) or {})}):
+                    out.add(h.name)
+        except OSError:
+            pass
+        return out
+
+    def others_running(self) -> bool:
+        return bool(self.live_tokens() - {TOKEN})
+
+    def _start_heartbeat(self) -> None:
+        period = _lease() / 6
+
+        def beat() -> None:
+            while not self.stop.wait(period):
+                try:
+                    os.utime(self.mine)
+                except FileNotFoundError:
+                    self.lost = True
+                    return
+                except OSError:
+                    pass
+
+        self.beat = threading.Thread(target=beat, name="fp8conv-heartbeat", daemon=True)
+        self.beat.start()
+
+    def release(self) -> None:
+        self.stop.set()
+        if self.beat is not None:
+            self.beat.join()
+            self.beat = None
+        for p in reversed(self.names):
+            if p != self.mine and (self._read(p) or {}).get("token") != TOKEN:
+                continue  # taken over meanwhile: not ours to remove
+            _remove(p)
+        self.names = []
+
+    def close_folder(self) -> bool:
+        """On a complete output: remove the state folder unless another process of the job still
+        runs (the last one out removes it). The owner record is renamed away first, so a process
+        arriving now either is seen here (and the folder stays) or finds no owner and starts anew."""
+        owner = self.state / OWNER_FILE
+        closing = self.state / f"{OWNER_FILE}.closing.{TOKEN}"
+        try:
+            os.rename(owner, closing)
+        except OSError:
+            return False
+        if self.others_running():
+            try:
+                os.link(closing, owner)
+            except OSError:
+                pass
+            _remove(closing)
+            return False
+        self.stop.set()
+        if self.beat is not None:
+            self.beat.join()
+            self.beat = None
+        self.names = []
+        try:
+            _remove(self.state)
+        except OSError:
+            return False
+        return True
+
+
+def describe_holder(rec: dict) -> str:
+    since = rec.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if isinstance(since, float) else "?"
+    return (
+        f"{rec.get('command', 'a run')} pid {rec.get('pid', '?')} on host {rec.get('host', '?')}, "
+        f"part {rec.get('part', '?')}, since {when} (job {str(rec.get('job', '?'))[:12]})"
+    )
+
+
+def job_id(job: dict) -> str:
+    return hashlib.sha256(canonical(job).encode()).hexdigest()
+
+
+def canonical(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------------- the folder
 class OutputDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.state = root / STATE_DIR
         self.tmp = self.state / "tmp"
-        self.done_dir = self.state / "done"
+        self.lock: FolderLock | None = None
 
     # ---- job identity -------------------------------------------------------------------------
     def read_job(self) -> dict | None:
-        """The job DST was started for; None if there is none, {} if it cannot be read."""
+        """The job DST's state folder was started for; None if there is none, {} if unreadable."""
         if not self.root.is_dir():
             return None
         try:
@@ -89,20 +559,79 @@ class OutputDir:
             return {}
         return job if isinstance(job, dict) else {}
 
-    def is_complete(self, job: dict, files: list[str] = ()) -> bool:
-        """Marked complete for `job`, and each of `files` still as it was recorded (stat only)."""
-        try:
-            if json.loads((self.state / COMPLETE_FILE).read_text()) != job:
-                return False
-        except (OSError, ValueError):
-            return False
-        return all(self.is_done(rel) for rel in files)
+    def has_state(self) -> bool:
+        return self.state.exists() or self.state.is_symlink()
 
-    def prepare(self, job: dict, overwrite: bool) -> None:
-        """Create or adopt DST for `job`; refuse foreign content unless overwrite; clear tmp/."""
+    def acquire(self, job: dict, part: tuple[int, int] | None, command: str) -> None:
+        """Create DST and its state folder and take the lock (FolderLock) for `job`."""
+        self.made = [p for p in (self.root, self.state) if not (p.exists() or p.is_symlink())]
+        if self.state.is_symlink():
+            raise UnsafePathError(
+                "state folder is a symlink; nothing is written through links",
+                file=self.state,
+                hint="remove it, or choose another DST",
+            )
+        try:
+            self.root.mkdir(exist_ok=True)
+            self.state.mkdir(exist_ok=True)
+            lock = FolderLock(self.state)
+            lock.me["command"] = command
+            lock.acquire(job_id(job), part)
+        except FileNotFoundError:  # the folder was being closed by a finishing run: once more
+            self.state.mkdir(exist_ok=True)
+            lock = FolderLock(self.state)
+            lock.me["command"] = command
+            lock.acquire(job_id(job), part)
+        except OSError as e:
+            raise io_error(e, self.root, "preparing the output folder") from e
+        self.lock = lock
+
+    def release(self) -> None:
+        """Give the lock back; a run that got no further than the lock leaves DST as it found it."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+            if not (self.state / JOB_FILE).exists():
+                for p in (self.state / HOLDERS, *reversed(getattr(self, "made", []))):
+                    try:
+                        p.rmdir()
+                    except OSError:
+                        pass
+
+    def close(self) -> bool:
+        """The output is complete: remove the state folder (or leave it to another live part)."""
+        lock, self.lock = self.lock, None
+        return lock.close_folder() if lock is not None else False
+
+    def check_lock(self) -> None:
+        if self.lock is not None and self.lock.lost:
+            raise UnsafePathError(
+                "another process removed this run's record from DST's lock (took it over as stale?)",
+                file=self.state,
+                hint="check that no other fp8conv job writes into DST, then rerun the same command",
+            )
+
+    def precheck(self, job: dict, overwrite: bool, expected: set[str], finished_job: dict | None) -> None:
+        """prepare()'s refusals, read-only and before the lock is taken, so a refused run leaves DST
+        exactly as it was; and a different job that is running now is named."""
+        if not self.root.is_dir():
+            return
+        if self.has_state() and not self.state.is_symlink():
+            owner = FolderLock._read(self.state / OWNER_FILE)
+            if owner and owner.get("job") != job_id(job) and FolderLock(self.state).alive(owner):
+                raise UnsafePathError(
+                    "DST is being written by another fp8conv job: " + describe_holder(owner),
+                    file=self.root,
+                    hint="wait for it to finish, or choose another DST",
+                )
+        self._refuse(job, overwrite, expected, finished_job)
+
+    def _refuse(self, job: dict, overwrite: bool, expected: set[str], finished_job: dict | None):
         existing = self.read_job()
+        if existing is None:
+            existing = finished_job
         has_content = self._has_content()
-        linked = [d for d in (self.state, self.tmp, self.done_dir) if d.is_symlink()]
+        linked = [d for d in (self.tmp,) if d.is_symlink()]
         if linked and not overwrite:
             raise UnsafePathError(
                 "state folder is a symlink; nothing is written through links",
@@ -136,24 +665,68 @@ class OutputDir:
                 file=self.root,
                 hint="remove them, or pass --overwrite to replace them with real files",
             )
-        if overwrite and ((existing != job and has_content) or linked):
-            self.clear()
-            existing = None
-        elif overwrite:
-            self._drop_links()
+        strays = [] if overwrite else self.strays(expected)
+        if strays:
+            shown = ", ".join(strays[:5]) + (f" and {len(strays) - 5} more" if len(strays) > 5 else "")
+            raise UnsafePathError(
+                f"DST holds {len(strays)} file(s) this job does not write: {shown}",
+                file=self.root,
+                hint="remove them, or pass --overwrite to have them removed",
+            )
+        return existing, has_content, linked
+
+    def prepare(
+        self,
+        job: dict,
+        overwrite: bool,
+        expected: set[str],
+        finished_job: dict | None,
+    ) -> None:
+        """Adopt DST for `job` (lock held); refuse foreign content unless overwrite; clear tmp/ of
+        dead processes' files. `expected` is every file a complete output holds; `finished_job`
+        the job recorded in shards already in DST, if any."""
+        existing, has_content, linked = self._refuse(job, overwrite, expected, finished_job)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for d in (self.state, self.tmp, self.done_dir):
-                if d.is_symlink():
-                    raise UnsafePathError("state folder is a symlink", file=d)
-                d.mkdir(exist_ok=True)
+            if overwrite and ((existing != job and has_content) or linked):
+                self.clear()
+                existing = None
+            elif overwrite:
+                self._drop_links()
+                for rel in self.strays(expected):
+                    _remove(self.root / rel)
+            if self.tmp.is_symlink():
+                self.tmp.unlink()
+            self.tmp.mkdir(exist_ok=True)
+            live = self.lock.live_tokens() if self.lock else {TOKEN}
             for leftover in self.tmp.iterdir():
-                if _stale(leftover.name):
+                if leftover.name.rsplit(".", 1)[-1] not in live:
                     _remove(leftover)
-            if existing != job:
+            if self.read_job() != job:
                 self.write_json_atomic(self.state / JOB_FILE, job)
         except OSError as e:
             raise io_error(e, self.root, "preparing the output folder") from e
+
+    def strays(self, expected: set[str]) -> list[str]:
+        """Files and folders in DST that a complete output of this job does not hold."""
+        dirs = {str(Path(rel).parent) for rel in expected}
+        dirs |= {str(p) for rel in dirs for p in Path(rel).parents}
+        found: list[str] = []
+        if not self.root.is_dir():
+            return found
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            rel_dir = Path(dirpath).relative_to(self.root)
+            if rel_dir == Path("."):
+                dirnames[:] = [d for d in dirnames if d != STATE_DIR]
+            for d in list(dirnames):
+                rel = str(rel_dir / d)
+                if rel not in dirs:
+                    found.append(rel + "/")
+                    dirnames.remove(d)
+            for f in filenames:
+                rel = str(rel_dir / f)
+                if rel not in expected:
+                    found.append(rel)
+        return sorted(found)
 
     def _links(self) -> list[Path]:
         """Symlinks anywhere in DST (not followed), relative to it."""
@@ -177,45 +750,32 @@ class OutputDir:
             raise io_error(e, self.root, "removing links from the output folder (--overwrite)") from e
 
     def _has_content(self) -> bool:
-        """Anything besides a state folder without job.json (what a kill during prepare leaves)."""
+        """Anything besides the state folder."""
         try:
             return self.root.is_dir() and any(c.name != STATE_DIR for c in self.root.iterdir())
         except OSError as e:
             raise io_error(e, self.root, "listing the output folder") from e
 
     def clear(self) -> None:
+        """--overwrite: everything but the lock's records goes."""
         try:
             for child in self.root.iterdir():
-                _remove(child)
+                if child.name != STATE_DIR or child.is_symlink():
+                    _remove(child)
+            for name in (JOB_FILE, "tmp", "done", "complete"):
+                p = self.state / name
+                if p.exists() or p.is_symlink():
+                    _remove(p)
         except OSError as e:
             raise io_error(e, self.root, "clearing the output folder (--overwrite)") from e
 
-    # ---- per-file records ---------------------------------------------------------------------
-    def _record(self, rel: str) -> Path:
-        return self.done_dir / (rel.replace("%", "%25").replace("/", "%2F") + ".json")
-
-    def is_done(self, rel: str) -> bool:
-        """A finished file: recorded, and still the same size and mtime as when it was recorded."""
-        try:
-            rec = json.loads(self._record(rel).read_text())
-            st = (self.root / rel).lstat()
-        except (OSError, ValueError):
-            return False
-        return rec == {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-    def mark_done(self, rel: str) -> None:
-        st = (self.root / rel).lstat()
-        self.write_json_atomic(self._record(rel), {"size": st.st_size, "mtime_ns": st.st_mtime_ns})
-
-    def mark_complete(self, job: dict) -> None:
-        self.write_json_atomic(self.state / COMPLETE_FILE, job)
-
     # ---- atomic files -------------------------------------------------------------------------
     def tmp_path(self, rel: str) -> Path:
-        return self.tmp / f"{rel.replace('/', '%2F')}.{_TOKEN}"
+        return self.tmp / f"{rel.replace('%', '%25').replace('/', '%2F')}.{TOKEN}"
 
     def commit(self, tmp: Path, rel: str) -> None:
         """fsync tmp, rename it to DST/rel (replacing a link there, never following one)."""
+        self.check_lock()
         final = self.root / rel
         try:
             fd = os.open(tmp, os.O_RDONLY)
@@ -272,18 +832,11 @@ class OutputDir:
 
     def write_json_atomic(self, path: Path, obj: object) -> None:
         """State record via a fresh temporary file (never through a link planted there), renamed."""
-        tmp = path.with_name(f"{path.name}.{_TOKEN}.tmp")
+        tmp = path.with_name(f"{path.name}.{TOKEN}.tmp")
         data = json.dumps(obj, sort_keys=True).encode()
         try:
             _remove(tmp)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_new(tmp, data)
             os.replace(tmp, path)
         except OSError as e:
             _remove(tmp)
@@ -306,31 +859,6 @@ class OutputDir:
         except BaseException:
             _remove(tmp)
             raise
-
-
-# Temporary names carry host and process, so parts running at once into one shared DST (--part)
-# never write or remove each other's files; a rerun removes only leftovers of dead processes here.
-_HOST = socket.gethostname().replace(".", "_") or "host"
-_TOKEN = f"{_HOST}.{os.getpid()}"
-
-
-def _stale(name: str) -> bool:
-    """A temporary file left by a process of this host that no longer runs (or of unknown origin)."""
-    parts = name.rsplit(".", 2)
-    if len(parts) < 3 or not parts[2].isdigit():
-        return True
-    host, pid = parts[1], int(parts[2])
-    if host != _HOST:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def copy_range(fd_in: int, fd_out: int, off_in: int, length: int, off_out: int) -> None:

@@ -32,16 +32,26 @@ import torch
 
 from fp8conv.checkpoint.layout import CONFIG_NAME, INDEX_NAME, Checkpoint
 from fp8conv.checkpoint.output import (
+    HASH_PLACEHOLDER,
+    META_HASH,
+    META_JOB,
     WRITEBACK_CHUNK,
     OutputDir,
+    canonical,
     check_paths,
+    confirm_shard,
     copy_range,
+    hash_field,
+    hash_range,
     io_error,
+    same_bytes,
+    same_content,
+    shard_digest,
     start_writeback,
 )
-from fp8conv.checkpoint.safetensors_io import DTYPES, ITEMSIZE, ShardReader, build_header
+from fp8conv.checkpoint.safetensors_io import DTYPES, ITEMSIZE, ShardReader, build_header, read_header
 from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
-from fp8conv.errors import Interrupted, NonFiniteError, ResourceError
+from fp8conv.errors import Fp8convError, Interrupted, NonFiniteError, ResourceError
 from fp8conv.kernels import resolve_device, scale_to_float32, weight_dequant, weight_quant
 from fp8conv.kernels.reference import weight_dequant_torch, weight_quant_torch
 
@@ -75,10 +85,6 @@ def _fault_point(name: str, shard: int | None = None, settle=None) -> None:
         os.kill(os.getpid(), getattr(signal, "SIG" + sig) if sig else signal.SIGKILL)
 
 
-def _shard_no(ckpt: Checkpoint, name: str) -> int:
-    return list(ckpt.shards).index(name) + 1
-
-
 class Progress:
     """Callbacks the CLI implements; the library never prints."""
 
@@ -109,7 +115,8 @@ class Summary:
     notes: list[str] = field(default_factory=list)
     # Seconds per stage summed over the threads that run it (so a stage may exceed "wall"): read
     # (positional reads of piece inputs), convert (the converter threads), write (pwrite and
-    # copy_file_range into temporary files, writeback hints included), commit (fsync + rename).
+    # copy_file_range into temporary files, writeback hints included), commit (fsync + rename),
+    # confirm (hashing what DST already holds, on a rerun).
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -121,7 +128,7 @@ class Summary:
 class _Stages:
     """Thread-safe accumulation of seconds per stage into a Summary's stage_seconds."""
 
-    NAMES = ("read", "convert", "write", "commit")
+    NAMES = ("read", "convert", "write", "commit", "confirm")
 
     def __init__(self, into: dict[str, float]) -> None:
         self.seconds = into
@@ -255,58 +262,207 @@ def run(
     device, note = resolve_device(device_spec)
     summary = Summary(command, str(ckpt.root), str(dst), str(device), part=list(part) if part else None)
     stages = _Stages(summary.stage_seconds)
-    if note:
-        summary.notes.append(note)
-        progress.note(note)
+    for message in ([note] if note else []) + _skipped_notes(ckpt):
+        summary.notes.append(message)
+        progress.note(message)
     job = {**job_key, "source": source_fingerprint(ckpt)}
+    layouts = {sp.name: _ShardLayout(sp, canonical(job)) for sp in plan.shards}
+    side = _side_files(ckpt, plan)
+    expected = [s.name for s in plan.shards] + list(side)
     out = OutputDir(dst)
-    if out.read_job() == job and out.is_complete(job, _final_names(ckpt, plan)):
-        summary.already_complete = summary.complete = True
-        summary.seconds = summary.stage_seconds["wall"] = time.perf_counter() - t0
-        return summary
+    # A finished output has no state folder: confirm it read-only, without taking the lock.
+    if dst.is_dir() and not out.has_state():
+        with stages("confirm"):
+            finished = _finished(out, plan, layouts, side, set(expected))
+        if finished:
+            summary.already_complete = summary.complete = True
+            summary.seconds = summary.stage_seconds["wall"] = time.perf_counter() - t0
+            return summary
     mine = [s for i, s in enumerate(plan.shards) if part is None or i % part[1] == part[0] - 1]
+    shard_no = {name: i for i, name in enumerate(ckpt.shards, 1)}
+    out.precheck(job, overwrite, set(expected), _job_in_shards(out, plan))
     with _Signals(), _single_threaded_ops(device):
-        out.prepare(job, overwrite)
-        todo = [s for s in mine if not out.is_done(s.name)]
-        _check_free_space(ckpt, out, todo)
-        total_in = sum(ckpt.shards[s.name].file_size for s in mine)
-        progress.start(total_in, len(mine), str(device))
-        committer = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-commit")
-        pending: Future | None = None
+        out.acquire(job, part, command)
         try:
-            for sp in mine:
-                if sp in todo:
-                    tmp = _write_shard(ckpt, sp, out, device, scale_fmt, summary, progress, pending, stages)
-                    if pending is not None:
-                        pending.result()  # at most one commit in flight; its errors surface here
-                    pending = committer.submit(_commit_shard, ckpt, out, tmp, sp.name, progress, stages)
-                    summary.shards_written += 1
-                else:
-                    summary.shards_skipped += 1
-                    progress.advance(ckpt.shards[sp.name].file_size)
-                    progress.shard_done(sp.name, skipped=True)
-            if pending is not None:
-                pending.result()
+            out.prepare(job, overwrite, set(expected), _job_in_shards(out, plan))
+            present = [sp for sp in mine if (dst / sp.name).exists() or (dst / sp.name).is_symlink()]
+            with stages("confirm"):
+                done = _confirm_shards(out, present, layouts)
+            for sp in present:
+                if sp.name not in done:
+                    message = (
+                        f"{sp.name} in DST differs from what this job wrote (content hash); writing it again"
+                    )
+                    summary.notes.append(message)
+                    progress.note(message)
+            todo = [s for s in mine if s.name not in done]
+            _check_free_space(ckpt, out, todo, side)
+            total_in = sum(ckpt.shards[s.name].file_size for s in mine)
+            progress.start(total_in, len(mine), str(device))
+            committer = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-commit")
+            pending: Future | None = None
+            try:
+                for sp in mine:
+                    if sp.name not in done:
+                        tmp = _write_shard(
+                            ckpt,
+                            sp,
+                            out,
+                            device,
+                            scale_fmt,
+                            summary,
+                            progress,
+                            pending,
+                            stages,
+                            layouts[sp.name],
+                            shard_no[sp.name],
+                        )
+                        if pending is not None:
+                            pending.result()  # at most one commit in flight; its errors surface here
+                        pending = committer.submit(
+                            _commit_shard, out, tmp, sp.name, progress, stages, shard_no[sp.name]
+                        )
+                        summary.shards_written += 1
+                    else:
+                        summary.shards_skipped += 1
+                        progress.advance(ckpt.shards[sp.name].file_size)
+                        progress.shard_done(sp.name, skipped=True)
+                if pending is not None:
+                    pending.result()
+            finally:
+                committer.shutdown(wait=True)
+            _write_side_files(ckpt, side, out, summary)
+            _fault_point("before_complete")
+            mine_names = {s.name for s in mine}
+            if all(s.name in mine_names or _present(out, layouts[s.name]) for s in plan.shards):
+                out.check_lock()
+                out.close()
+                summary.complete = True
         finally:
-            committer.shutdown(wait=True)
-        _write_side_files(ckpt, plan, out, summary)
-        _fault_point("before_complete")
-        if all(out.is_done(s.name) for s in plan.shards):
-            out.mark_complete(job)
-            summary.complete = True
+            out.release()
     summary.seconds = summary.stage_seconds["wall"] = time.perf_counter() - t0
     progress.close()
     return summary
 
 
+class _ShardLayout:
+    """What one output shard holds: its header (with the job and a placeholder hash in its
+    __metadata__), each tensor's byte span, its size. The same on every run of the job."""
+
+    def __init__(self, sp: ShardPlan, job: str) -> None:
+        meta = dict(sp.metadata) if sp.metadata is not None else {"format": "pt"}
+        meta[META_JOB] = job
+        meta[META_HASH] = HASH_PLACEHOLDER
+        entries = [(j.name, j.out_dtype, j.out_shape) for j in sp.jobs]
+        self.prefix, self.offsets = build_header(entries, meta)
+        self.spans = [self.offsets[j.name] for j in sp.jobs]
+        self.size = len(self.prefix) + sp.out_bytes
+        self.path_name = sp.name
+
+
+def _skipped_notes(ckpt: Checkpoint) -> list[str]:
+    skipped = getattr(ckpt, "skipped", None) or []
+    if not skipped:
+        return []
+    return ["not copied to the output: " + ", ".join(skipped) + " (version control, caches, tool state)"]
+
+
+def _side_files(ckpt: Checkpoint, plan: Plan) -> dict[str, Path | bytes]:
+    """Every file but the shards that a complete output holds: the source's other files (by path),
+    the index and config.json (by the bytes they must have)."""
+    import json
+
+    side: dict[str, Path | bytes] = {rel: ckpt.root / rel for rel in ckpt.other_files}
+    if ckpt.has_index:
+        meta = dict(ckpt.index_metadata)
+        meta["total_size"] = plan.tensor_bytes
+        index = {"metadata": meta, "weight_map": dict(sorted(plan.weight_map.items()))}
+        side[INDEX_NAME] = (json.dumps(index, indent=2) + "\n").encode()
+    if plan.config is not None:
+        side[CONFIG_NAME] = (json.dumps(plan.config, indent=2) + "\n").encode()
+    return side
+
+
+def _side_ok(out: OutputDir, rel: str, want: Path | bytes) -> bool:
+    p = out.root / rel
+    return same_bytes(p, want) if isinstance(want, bytes) else same_content(want, p)
+
+
+def _present(out: OutputDir, layout: _ShardLayout) -> bool:
+    """A shard another part committed: right size and header (the job) without reading the data."""
+    p = out.root / layout.path_name
+    try:
+        if p.is_symlink() or p.stat().st_size != layout.size:
+            return False
+        with open(p, "rb") as f:
+            head = f.read(len(layout.prefix))
+    except OSError:
+        return False
+    at = layout.prefix.find(hash_field(HASH_PLACEHOLDER))
+    n = len(hash_field(HASH_PLACEHOLDER))
+    return head[:at] == layout.prefix[:at] and head[at + n :] == layout.prefix[at + n :]
+
+
+def _confirm_shards(out: OutputDir, shards: list[ShardPlan], layouts: dict) -> set[str]:
+    """Names of the shards in DST whose content hash confirms them; files hashed in parallel
+    (hashlib releases the GIL; this is read-bound)."""
+    if not shards:
+        return set()
+
+    def check(sp: ShardPlan) -> bool:
+        lay = layouts[sp.name]
+        return confirm_shard(out.root / sp.name, lay.prefix, lay.size, lay.spans)
+
+    with ThreadPoolExecutor(min(4, _CORES, len(shards)), thread_name_prefix="fp8conv-confirm") as ex:
+        return {sp.name for sp, ok in zip(shards, ex.map(check, shards), strict=True) if ok}
+
+
+def _finished(out: OutputDir, plan: Plan, layouts: dict, side: dict, expected: set[str]) -> bool:
+    """DST is a complete output of this job: every file confirmed, nothing else, no links."""
+    if out.strays(expected) or out._links():
+        return False
+    if not all(_side_ok(out, rel, want) for rel, want in side.items()):
+        return False
+    return len(_confirm_shards(out, plan.shards, layouts)) == len(plan.shards)
+
+
+def _job_in_shards(out: OutputDir, plan: Plan) -> dict | None:
+    """The job recorded in the first finished shard found in DST (a finished output has no state
+    folder; its shards say what made them)."""
+    import json
+
+    for sp in plan.shards:
+        p = out.root / sp.name
+        if not p.is_file() or p.is_symlink():
+            continue
+        try:
+            meta = read_header(p).metadata or {}
+            job = json.loads(meta[META_JOB])
+        except (Fp8convError, KeyError, ValueError):
+            continue
+        if isinstance(job, dict):
+            return job
+    return None
+
+
 def _final_names(ckpt: Checkpoint, plan: Plan) -> list[str]:
-    """Every file a complete output holds (a rerun redoes any that went missing or changed)."""
+    """Every file a complete output holds."""
     names = [s.name for s in plan.shards] + list(ckpt.other_files)
     return names + [INDEX_NAME] * ckpt.has_index + [CONFIG_NAME] * (plan.config is not None)
 
 
-def _check_free_space(ckpt: Checkpoint, out: OutputDir, todo: list[ShardPlan]) -> None:
-    need = sum(s.out_bytes for s in todo) + sum((ckpt.root / r).stat().st_size for r in ckpt.other_files)
+def _check_free_space(ckpt: Checkpoint, out: OutputDir, todo: list[ShardPlan], side: dict) -> None:
+    """Space for what is still to write: shards not confirmed in DST (counted once however they
+    got there) and side files whose copy in DST is not yet the right size."""
+    need = sum(s.out_bytes for s in todo)
+    for rel, want in side.items():
+        size = len(want) if isinstance(want, bytes) else want.stat().st_size
+        try:
+            have = (out.root / rel).lstat().st_size
+        except OSError:
+            have = -1
+        if have != size:
+            need += size
     free = shutil.disk_usage(out.root).free
     if need > free:
         raise ResourceError(
@@ -316,25 +472,17 @@ def _check_free_space(ckpt: Checkpoint, out: OutputDir, todo: list[ShardPlan]) -
         )
 
 
-def _write_side_files(ckpt: Checkpoint, plan: Plan, out: OutputDir, summary: Summary) -> None:
-    """Every part writes these, byte-identical: other files, the index, config.json."""
-    import json
-
+def _write_side_files(ckpt: Checkpoint, side: dict, out: OutputDir, summary: Summary) -> None:
+    """Every part writes these, byte-identical: other files, the index, config.json; each only if
+    DST does not already hold exactly it."""
     for rel in ckpt.other_files:
-        if not out.is_done(rel):
+        if not _side_ok(out, rel, side[rel]):
             out.copy_file(ckpt.root / rel, rel)
-            out.mark_done(rel)
             summary.files_copied += 1
     _fault_point("before_index")
-    if ckpt.has_index:
-        meta = dict(ckpt.index_metadata)
-        meta["total_size"] = plan.tensor_bytes
-        index = {"metadata": meta, "weight_map": dict(sorted(plan.weight_map.items()))}
-        out.write_bytes_atomic(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
-        out.mark_done(INDEX_NAME)
-    if plan.config is not None:
-        out.write_bytes_atomic(CONFIG_NAME, (json.dumps(plan.config, indent=2) + "\n").encode())
-        out.mark_done(CONFIG_NAME)
+    for rel in (INDEX_NAME, CONFIG_NAME):
+        if rel in side and not _side_ok(out, rel, side[rel]):
+            out.write_bytes_atomic(rel, side[rel])
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -359,6 +507,8 @@ def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
             yield _Piece(job, "emit", 0, 0, dst0, last=True)
             continue
         src = job.src
+        if src.numel == 0:  # nothing to read or write; its header entry says [.., 0, ..]
+            continue
         *lead, m, n = src.shape
         experts = math.prod(lead)
         step = _rows_per_piece(job)
@@ -453,10 +603,12 @@ class _Converter:
             if self.device.type == "cpu":
                 _check_codes(src, job, e, r0, self.ckpt)
                 weight_dequant_torch(src, s2, job.block, dst.dtype, out=dst)
+                _check_overflow(dst, src, s2, job, e, r0, self.ckpt)
             else:
                 qg = src.to(self.device, non_blocking=True)
                 _check_codes(qg, job, e, r0, self.ckpt)
                 y = weight_dequant(qg, s2.to(self.device), job.block, dst.dtype)
+                _check_overflow(y, qg, s2, job, e, r0, self.ckpt)
                 dst.copy_(y, non_blocking=True)
                 torch.cuda.current_stream(self.device).synchronize()
         else:  # quant
@@ -487,8 +639,11 @@ def _grid(job: TensorJob) -> tuple[int, int]:
 
 def _first_bad(mask: torch.Tensor, job: TensorJob, e: int, r0: int) -> list[int]:
     r, c = (int(i) for i in mask.nonzero()[0])
-    idx = [r0 + r, c]
-    return ([e] if len(job.src.shape) == 3 else []) + idx
+    lead: list[int] = []
+    for d in reversed(job.src.shape[:-2]):  # the expert number, back to every leading index
+        lead.insert(0, e % d)
+        e //= d
+    return lead + [r0 + r, c]
 
 
 def _check_codes(q: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkpoint) -> None:
@@ -508,6 +663,44 @@ def _check_codes(q: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkpo
             file=ckpt.root / ckpt.weight_map[job.name],
             tensor=job.name,
         )
+
+
+_FP8_MAX = {"F8_E4M3": 448.0, "F8_E5M2": 57344.0}
+_DTYPE_FLAGS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+
+
+def _check_overflow(
+    y: torch.Tensor, q: torch.Tensor, s: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkpoint
+) -> None:
+    """No Inf from finite input: a dequantized band `y` (codes `q`, the band's scales `s`) whose
+    values overflow the output dtype is refused (exit 4). Codes are finite (checked before) and
+    scales finite and > 0, so only overflow can make a non-finite value, and it cannot happen when
+    the largest code times the band's largest scale fits: one reduction over the scales (tiles,
+    not elements) on the common path; the element check runs only when that bound is exceeded."""
+    top = torch.finfo(y.dtype).max
+    bound = _FP8_MAX[job.src.dtype] * float(s.max()) if s.numel() else 0.0
+    if bound < top:
+        return
+    bad = torch.isinf(y)
+    if not bool(bad.any()):
+        return
+    idx = _first_bad(bad.cpu(), job, e, r0)
+    r, c = idx[-2] - r0, idx[-1]
+    code = float(q[r, c].float())
+    scale = float(s.reshape(-1, s.shape[-1])[r // job.block[0], c // job.block[1]])
+    flag = _DTYPE_FLAGS.get(job.out_dtype, job.out_dtype)
+    exact = code * scale
+    if abs(exact) < torch.finfo(torch.float32).max and flag != "fp32":
+        hint = "rerun with --dtype fp32, which holds it"
+    else:
+        hint = "no output dtype holds it: the scale is wrong; fix or re-download the checkpoint"
+    raise NonFiniteError(
+        f"dequantized value {exact:.6g} (code {code:g} x scale {scale:.6g}) at element {idx} "
+        f"overflows {flag} (largest finite {top:.6g})",
+        file=ckpt.root / ckpt.weight_map[job.name],
+        tensor=job.name,
+        hint=hint,
+    )
 
 
 def _check_finite(x: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkpoint) -> None:
@@ -534,8 +727,18 @@ class _ShardWriter:
         conv: _Converter,
         progress: Progress,
         stages: _Stages | None = None,
+        layout: _ShardLayout | None = None,
+        shard_no: int = 0,
     ) -> None:
         self.ckpt, self.sp, self.out, self.conv, self.progress = ckpt, sp, out, conv, progress
+        self.layout = layout or _ShardLayout(sp, "")
+        self.shard_no = shard_no
+        # The content hash, while written: one sha256 per tensor, fed in order from this thread
+        # (pieces of a tensor finish in order) and run on hasher threads (hashlib releases the GIL);
+        # a tensor always goes to the same hasher, so its updates stay in order.
+        self.digests = {j.name: hashlib.sha256() for j in sp.jobs}
+        self.hashers = 1 if conv.device.type != "cuda" else 2
+        self.slot = {j.name: i % self.hashers for i, j in enumerate(sp.jobs)}
         self.stages = stages or _Stages({})
         self.reader = conv._reader(sp.name)
         pin = conv.device.type == "cuda"
@@ -607,17 +810,27 @@ class _ShardWriter:
             self._written(piece.dst_off, piece.length)
         self.progress.advance(piece.length)
 
+    def _hash(self, job: TensorJob, data) -> Future:
+        """Queue bytes of `job` (a buffer, or ('range', fd, offset, length)) for its tensor's hash."""
+        h = self.digests[job.name]
+        if isinstance(data, tuple):
+            _, fd, off, n = data
+            return self.hs[self.slot[job.name]].submit(hash_range, fd, off, n, h)
+        return self.hs[self.slot[job.name]].submit(h.update, data)
+
     # -- bookkeeping on the calling thread
     def _reclaim(self) -> None:
-        f, b = self.writes.popleft()
+        f, b, h = self.writes.popleft()
         f.result()
+        if h is not None:
+            h.result()  # the buffer goes back to the pool only once hashed too
         if b is not None:
             self.out_pool.append(b)
 
-    def _submit_write(self, fn, *args, buf=None) -> None:
+    def _submit_write(self, fn, *args, buf=None, hashed=None) -> None:
         while len(self.writes) >= self.max_writes:
             self._reclaim()
-        self.writes.append((self.wr.submit(fn, *args), buf))
+        self.writes.append((self.wr.submit(fn, *args), buf, hashed))
 
     def _submit_read(self, piece: _Piece) -> None:
         if piece.kind == "convert":
@@ -631,7 +844,11 @@ class _ShardWriter:
         piece, buf, obuf, f = self.converting.popleft()
         n = f.result()
         self.in_pool.append(buf)
-        self._submit_write(self._pwrite, obuf[:n].numpy(), piece.dst_off, piece.job, piece.length, buf=obuf)
+        data = obuf[:n].numpy()
+        hashed = self._hash(piece.job, data)
+        self._submit_write(
+            self._pwrite, data, piece.dst_off, piece.job, piece.length, buf=obuf, hashed=hashed
+        )
         if piece.last:
             summary.tensors_converted += 1
 
@@ -639,13 +856,17 @@ class _ShardWriter:
         piece, buf, f = self.reads.popleft()
         job = piece.job
         if piece.kind == "copy":
-            self._submit_write(self._copy, piece)
+            # copied file to file in the kernel; hashed from the source range (in the page cache
+            # after the copy), which copy_file_range reproduces exactly
+            hashed = self._hash(job, ("range", self.reader._fd, piece.src_off, piece.length))
+            self._submit_write(self._copy, piece, hashed=hashed)
             summary.tensors_copied += 1
             return
         if piece.kind == "emit":  # the scales are complete once every piece before is converted
             while self.converting:
                 self._finish_convert(summary)
-            self._submit_write(self._pwrite, self.conv.emit(self.weight_job), piece.dst_off, job)
+            data = self.conv.emit(self.weight_job)
+            self._submit_write(self._pwrite, data, piece.dst_off, job, hashed=self._hash(job, data))
             return
         f.result()
         while len(self.converting) >= self.workers:
@@ -658,12 +879,12 @@ class _ShardWriter:
         self.weight_job = job
 
     def run(self, summary: Summary) -> None:
-        entries = [(j.name, j.out_dtype, j.out_shape) for j in self.sp.jobs]
-        prefix, offsets = build_header(entries, self.sp.metadata)
+        prefix, offsets = self.layout.prefix, self.layout.offsets
         self.fd, tmp = self.out.open_tmp(self.sp.name)
         self.rd = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-read")
         self.wr = ThreadPoolExecutor(self.writers, thread_name_prefix="fp8conv-write")
         self.cv = ThreadPoolExecutor(self.workers, thread_name_prefix="fp8conv-convert")
+        self.hs = [ThreadPoolExecutor(1, thread_name_prefix="fp8conv-hash") for _ in range(self.hashers)]
         ok = False
         try:
             self._pwrite(prefix, 0, None)
@@ -671,20 +892,24 @@ class _ShardWriter:
                 self._submit_read(piece)
                 if len(self.reads) >= POOL:
                     self._step(summary)
-            _fault_point("mid_shard", _shard_no(self.ckpt, self.sp.name), self.settle)
+            _fault_point("mid_shard", self.shard_no, self.settle)
             while self.reads:
                 self._step(summary)
             while self.converting:
                 self._finish_convert(summary)
             while self.writes:
                 self._reclaim()
+            # the header's placeholder becomes the content hash (same length, same offsets)
+            digest = shard_digest(prefix, [self.digests[j.name].digest() for j in self.sp.jobs])
+            final = prefix.replace(hash_field(HASH_PLACEHOLDER), hash_field(digest), 1)
+            self._pwrite(final, 0, None)
             os.close(self.fd)
             self.fd = -1
             ok = True
         except KeyboardInterrupt:
             raise Interrupted(2) from None
         finally:
-            for f, _ in self.writes:
+            for f, _, _ in self.writes:
                 f.cancel()
             for _, _, f in self.reads:
                 if f is not None:
@@ -694,6 +919,8 @@ class _ShardWriter:
             self.cv.shutdown(wait=True)
             self.rd.shutdown(wait=True)
             self.wr.shutdown(wait=True)
+            for h in self.hs:
+                h.shutdown(wait=True)
             if self.fd >= 0:
                 os.close(self.fd)
             if not ok:
@@ -719,11 +946,13 @@ def _write_shard(
     progress: Progress,
     previous: Future | None = None,
     stages: _Stages | None = None,
+    layout: _ShardLayout | None = None,
+    shard_no: int = 0,
 ) -> Path:
     """Write one shard completely into its temporary file; the caller commits it (`previous` is the
     commit still running for the shard before)."""
     conv = _Converter(ckpt, device, scale_fmt)
-    writer = _ShardWriter(ckpt, sp, out, conv, progress, stages)
+    writer = _ShardWriter(ckpt, sp, out, conv, progress, stages, layout, shard_no)
     writer.settle = (lambda: previous.result()) if previous is not None else None
     try:
         return writer.run(summary)
@@ -732,17 +961,17 @@ def _write_shard(
 
 
 def _commit_shard(
-    ckpt: Checkpoint,
     out: OutputDir,
     tmp: Path,
     name: str,
     progress: Progress,
     stages: _Stages | None = None,
+    shard_no: int = 0,
 ) -> None:
-    """fsync + rename + record; runs beside the next shard's conversion (the fsync of a 1 GB shard
-    is seconds of disk time that the pipeline would otherwise wait out)."""
+    """fsync + rename; runs beside the next shard's conversion (the fsync of a 1 GB shard is seconds
+    of disk time that the pipeline would otherwise wait out). No separate record: the shard's own
+    header says which job wrote it and what its content hashes to."""
     with (stages or _Stages({}))("commit"):
         out.commit(tmp, name)
-    out.mark_done(name)
     progress.shard_done(name)
-    _fault_point("after_shard", _shard_no(ckpt, name))
+    _fault_point("after_shard", shard_no)
