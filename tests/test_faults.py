@@ -156,11 +156,13 @@ def test_resume_never_writes_through_links_in_dst(tmp_path, monkeypatch, kind):
     victim.write_bytes(b"precious")
     (dst / S2).symlink_to(victim)
     (dst / "model.safetensors.index.json").symlink_to(victim)
-    state = dst / STATE_DIR
-    (state / "done" / f"{S2}.json.tmp").symlink_to(victim)
-    (state / "done" / f"{S3}.json.tmp").symlink_to(victim)
-    (state / "complete.tmp").symlink_to(victim)
-    (state / "tmp" / S3).symlink_to(victim)
+    state, token = dst / STATE_DIR, output_mod.TOKEN  # this process's: the CLI runs in it
+    (state / f"job.json.{token}.tmp").symlink_to(victim)
+    (state / f"owner.{token}.tmp").symlink_to(victim)
+    (state / f"part-1-of-1.{token}.tmp").symlink_to(victim)
+    (state / "holders").mkdir(exist_ok=True)
+    (state / "holders" / token).symlink_to(victim)
+    (state / "tmp" / f"{S3}.{token}").symlink_to(victim)
     before, planted = snapshot(outside), snapshot(dst)
     assert_clean_error(cli(kind, src, dst, *CPU), 6, "symlink(s)", "--overwrite")
     assert snapshot(dst) == planted
@@ -175,14 +177,14 @@ def test_resume_never_writes_through_links_in_dst(tmp_path, monkeypatch, kind):
 def test_state_records_never_written_through_links(tmp_path):
     """The state writer itself: a link at its temporary name is replaced, not followed."""
     out = output_mod.OutputDir(tmp_path / "dst")
-    out.done_dir.mkdir(parents=True)
+    out.state.mkdir(parents=True)
     victim = tmp_path / "victim"
     victim.write_text("precious")
-    (out.done_dir / f"x.json.{output_mod._TOKEN}.tmp").symlink_to(victim)
-    out.write_json_atomic(out.done_dir / "x.json", {"a": 1})
+    (out.state / f"x.json.{output_mod.TOKEN}.tmp").symlink_to(victim)
+    out.write_json_atomic(out.state / "x.json", {"a": 1})
     assert victim.read_text() == "precious"
-    assert json.loads((out.done_dir / "x.json").read_text()) == {"a": 1}
-    assert not (out.done_dir / f"x.json.{output_mod._TOKEN}.tmp").exists()
+    assert json.loads((out.state / "x.json").read_text()) == {"a": 1}
+    assert not (out.state / f"x.json.{output_mod.TOKEN}.tmp").exists()
 
 
 def test_linked_folders_in_dst_are_refused(tmp_path, monkeypatch):
@@ -204,9 +206,11 @@ def test_linked_folders_in_dst_are_refused(tmp_path, monkeypatch):
     assert list(outside.iterdir()) == []
     assert final_files(dst) == clean_run("dequantize")
 
-    for linked in ("tmp", "done", ""):
+    # a linked state folder or part of it: the state is not trusted, --overwrite starts over
+    for linked in ("tmp", "holders", ""):
         _partial(monkeypatch, "dequantize", src, dst := tmp_path / f"dst-{linked or 'state'}")
-        shutil.rmtree(dst / STATE_DIR / linked)
+        if (dst / STATE_DIR / linked).exists():
+            shutil.rmtree(dst / STATE_DIR / linked)
         (dst / STATE_DIR / linked).symlink_to(outside)
         assert_clean_error(cli("dequantize", src, dst, *CPU), 6, "symlink", "--overwrite")
         assert list(outside.iterdir()) == []
@@ -572,7 +576,7 @@ def test_invalid_input(tmp_path, case):
     guard.check()
     if code == 3:
         assert not dst.exists(), "an invalid input was refused only after writing"
-    assert_no_partial(dst, clean_run(kind))
+    assert_no_partial(dst, clean_run(kind), same_source=False)
     assert tmp_leftovers(dst) == []
 
 
@@ -673,20 +677,20 @@ def test_source_shrinks_while_copied(tmp_path, monkeypatch):
     assert tmp_leftovers(dst) == []
 
 
-@pytest.mark.parametrize("where", ["done", "job.json", "complete"])
+@pytest.mark.parametrize("where", ["job.json", S2, "owner"])
 def test_state_write_failure_is_exit_5(tmp_path, monkeypatch, where):
-    """ENOSPC while recording progress in DST/.fp8conv (not only while writing shards)."""
+    """ENOSPC while recording the job, committing a shard, or taking the lock (link(2))."""
     src, dst = make_fp8(tmp_path / "src"), tmp_path / "dst"
     guard = SourceGuard(src)
-    original = os.replace
+    name = "link" if where == "owner" else "replace"
+    original = getattr(os, name)
 
-    def replace(a, b, *args, **kw):
-        b = str(b)
-        if (where == "done" and f"{os.sep}done{os.sep}" in b) or b.endswith(os.sep + where):
+    def failing(a, b, *args, **kw):
+        if str(b).endswith(os.sep + where):
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(a, b, *args, **kw)
 
-    monkeypatch.setattr(output_mod.os, "replace", replace)
+    monkeypatch.setattr(output_mod.os, name, failing)
     r = cli("dequantize", src, dst, *CPU)
     assert_clean_error(r, 5, "No space left on device")
     assert_no_partial(dst, clean_run("dequantize"))

@@ -212,13 +212,13 @@ def test_shard_writer_hints_every_chunk(tmp_path, monkeypatch, recorder):
     for (_, off, length, flags), path in zip(recorder, recorder.paths, strict=True):
         assert flags == SYNC_FILE_RANGE_WRITE
         assert path.startswith(tmp_dir), path  # only the shards' temporary files
-        name = path[len(tmp_dir) :].rsplit(".", 2)[0]
+        name = path[len(tmp_dir) :].rsplit(".", 1)[0]
         assert off >= 0 and length >= 4096 and off + length <= shards[name]
         hinted[name] = hinted.get(name, 0) + length
     # every shard hinted, about all of it but its last < 4 KiB (ranges do not overlap here)
     assert {k: shards[k] - v < 4096 + 1024 for k, v in hinted.items()} == dict.fromkeys(shards, True)
     # durability unchanged: each shard's temporary file is still fsynced before its rename
-    fsynced_tmp = {p[len(tmp_dir) :].rsplit(".", 2)[0] for p in fsynced if p.startswith(tmp_dir)}
+    fsynced_tmp = {p[len(tmp_dir) :].rsplit(".", 1)[0] for p in fsynced if p.startswith(tmp_dir)}
     assert set(shards) <= fsynced_tmp
 
     recorder.clear()

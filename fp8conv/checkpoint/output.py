@@ -545,6 +545,7 @@ class OutputDir:
         self.state = root / STATE_DIR
         self.tmp = self.state / "tmp"
         self.lock: FolderLock | None = None
+        self.relinked = False  # acquire() replaced a linked state folder: its state is not trusted
 
     # ---- job identity -------------------------------------------------------------------------
     def read_job(self) -> dict | None:
@@ -562,15 +563,19 @@ class OutputDir:
     def has_state(self) -> bool:
         return self.state.exists() or self.state.is_symlink()
 
-    def acquire(self, job: dict, part: tuple[int, int] | None, command: str) -> None:
+    def acquire(self, job: dict, part: tuple[int, int] | None, command: str, overwrite: bool = False) -> None:
         """Create DST and its state folder and take the lock (FolderLock) for `job`."""
         self.made = [p for p in (self.root, self.state) if not (p.exists() or p.is_symlink())]
-        if self.state.is_symlink():
-            raise UnsafePathError(
-                "state folder is a symlink; nothing is written through links",
-                file=self.state,
-                hint="remove it, or choose another DST",
-            )
+        for p in (self.state, self.state / HOLDERS):
+            if p.is_symlink():
+                if not overwrite:
+                    raise UnsafePathError(
+                        "state folder is a symlink; nothing is written through links",
+                        file=p,
+                        hint="remove it, or pass --overwrite to start over",
+                    )
+                p.unlink()  # the link itself, never what it points to
+                self.relinked = True
         try:
             self.root.mkdir(exist_ok=True)
             self.state.mkdir(exist_ok=True)
@@ -631,7 +636,7 @@ class OutputDir:
         if existing is None:
             existing = finished_job
         has_content = self._has_content()
-        linked = [d for d in (self.tmp,) if d.is_symlink()]
+        linked = [d for d in (self.state, self.tmp, self.state / HOLDERS) if d.is_symlink()]
         if linked and not overwrite:
             raise UnsafePathError(
                 "state folder is a symlink; nothing is written through links",
@@ -687,7 +692,7 @@ class OutputDir:
         the job recorded in shards already in DST, if any."""
         existing, has_content, linked = self._refuse(job, overwrite, expected, finished_job)
         try:
-            if overwrite and ((existing != job and has_content) or linked):
+            if overwrite and ((existing != job and has_content) or linked or self.relinked):
                 self.clear()
                 existing = None
             elif overwrite:

@@ -282,7 +282,7 @@ def run(
     shard_no = {name: i for i, name in enumerate(ckpt.shards, 1)}
     out.precheck(job, overwrite, set(expected), _job_in_shards(out, plan))
     with _Signals(), _single_threaded_ops(device):
-        out.acquire(job, part, command)
+        out.acquire(job, part, command, overwrite)
         try:
             out.prepare(job, overwrite, set(expected), _job_in_shards(out, plan))
             present = [sp for sp in mine if (dst / sp.name).exists() or (dst / sp.name).is_symlink()]
