@@ -128,7 +128,11 @@ class ConsoleProgress(engine.Progress):
             self._line()
 
 
-def emit_json(target: str | None, payload: dict) -> None:
+def emit_json(target: str | None, payload: dict, protect=()) -> None:
+    """Print JSON (`-`) or write it through the shared safe writer: never inside the checkpoint
+    folders in `protect`, never through a link, atomically."""
+    from fp8conv.checkpoint.output import write_file_atomic
+
     if not target:
         return
     text = json.dumps(payload, indent=2)
@@ -136,18 +140,25 @@ def emit_json(target: str | None, payload: dict) -> None:
         print(text)
         return
     try:
-        Path(target).write_text(text + "\n")
-    except OSError as e:
+        write_file_atomic(target, (text + "\n").encode(), protect, what="--json")
+    except Fp8convError as e:
         err.print(
-            f"[bold red]error[/] (exit 5): {escape(target)}: cannot write the JSON summary: "
-            f"{escape(e.strerror or str(e))}",
+            f"[bold red]error[/] (exit {e.exit_code}): cannot write the JSON summary: {escape(e.message)}",
             highlight=False,
             soft_wrap=True,
         )
-        raise typer.Exit(5) from None
+        raise typer.Exit(e.exit_code) from None
 
 
-def fail(e: Fp8convError, json_target: str | None) -> None:
+def check_json_target(target: str | None, protect=()) -> None:
+    """Before any work: the --json file can be written where asked, outside the checkpoints."""
+    from fp8conv.checkpoint.output import check_output_file
+
+    if target and target != "-":
+        check_output_file(target, protect, what="--json")
+
+
+def fail(e: Fp8convError, json_target: str | None, protect=()) -> None:
     # The message holds file and tensor names: escaped so brackets in them are not taken for markup,
     # and on one line (soft_wrap) so logs and greps see it whole.
     err.print(
@@ -155,19 +166,23 @@ def fail(e: Fp8convError, json_target: str | None) -> None:
     )
     if json_target:
         try:
-            emit_json(json_target, {"ok": False, **e.to_dict()})
+            emit_json(json_target, {"ok": False, **e.to_dict()}, protect)
         except typer.Exit:
             pass  # reported; the first error decides the exit code
     raise typer.Exit(e.exit_code)
 
 
-def run_guarded(fn, json_target: str | None):
+def run_guarded(fn, json_target: str | None, protect=()):
+    try:
+        check_json_target(json_target, protect)
+    except Fp8convError as e:
+        fail(e, None)  # the target itself is the problem: nothing is written to it
     try:
         return fn()
     except KeyboardInterrupt:
-        fail(Interrupted(2), json_target)
+        fail(Interrupted(2), json_target, protect)
     except Fp8convError as e:
-        fail(e, json_target)
+        fail(e, json_target, protect)
 
 
 def report_summary(summary: engine.Summary, quiet: bool, json_target: str | None) -> None:
@@ -186,7 +201,14 @@ def report_summary(summary: engine.Summary, quiet: bool, json_target: str | None
             msg += "; other parts still missing"
     if not quiet:
         err.print(msg, highlight=False)
-    emit_json(json_target, {"ok": True, **summary.to_dict()})
+    elif not summary.complete:  # said even under -q: DST is not a finished model yet
+        err.print(
+            f"{summary.dst} is not complete yet: other parts still missing (run them, or rerun "
+            "without --part)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    emit_json(json_target, {"ok": True, **summary.to_dict()}, (summary.src, summary.dst))
 
 
 @app.command()
@@ -208,7 +230,7 @@ def dequantize(
         opts = DequantizeOptions(dtype=dtype, device=device, overwrite=overwrite, part=part)
         return run_dequantize(src, dst, opts, ConsoleProgress(quiet, "dequantize"))
 
-    report_summary(run_guarded(go, json_out), quiet, json_out)
+    report_summary(run_guarded(go, json_out, (src, dst)), quiet, json_out)
 
 
 @app.command()
@@ -249,18 +271,22 @@ def quantize(
         )
 
     if dry_run:
-        plan = run_guarded(lambda: plan_for_quantize(src, options()), json_out)
-        print_plan(plan, json_out)
+        plan = run_guarded(lambda: plan_for_quantize(src, options()), json_out, (src,))
+        print_plan(plan, json_out, (src,))
         return
 
     report_summary(
-        run_guarded(lambda: run_quantize(src, dst, options(), ConsoleProgress(quiet, "quantize")), json_out),
+        run_guarded(
+            lambda: run_quantize(src, dst, options(), ConsoleProgress(quiet, "quantize")),
+            json_out,
+            (src, dst),
+        ),
         quiet,
         json_out,
     )
 
 
-def print_plan(plan, json_target: str | None) -> None:
+def print_plan(plan, json_target: str | None, protect=()) -> None:
     rows = []
     for sp in plan.shards:
         for j in sp.jobs:
@@ -301,6 +327,7 @@ def print_plan(plan, json_target: str | None) -> None:
                     "bytes_after": total_a,
                 },
             },
+            protect,
         )
         if json_target == "-":
             return
@@ -404,8 +431,9 @@ def verify(
         )
         return verify_checkpoint(ckpt, opts, Bar())
 
-    report = run_guarded(go, json_out)
-    emit_json(json_out, report.to_dict())
+    protect = (ckpt,) + ((reference,) if reference else ())
+    report = run_guarded(go, json_out, protect)
+    emit_json(json_out, report.to_dict(), protect)
     console = err if json_out == "-" else out
     if not quiet:
         console.print(render_table(report))
@@ -426,8 +454,8 @@ def inspect(
     """Describe a checkpoint: format, quantization config, shards, tensors by dtype and role, oddities."""
     from fp8conv.verify.inspect import inspect_checkpoint, inspect_table
 
-    info = run_guarded(lambda: inspect_checkpoint(ckpt), json_out)
-    emit_json(json_out, info)
+    info = run_guarded(lambda: inspect_checkpoint(ckpt), json_out, (ckpt,))
+    emit_json(json_out, info, (ckpt,))
     (err if json_out == "-" else out).print(inspect_table(info))
 
 

@@ -589,13 +589,16 @@ def test_invalid_input_json_error(tmp_path):
     assert payload["tensor"] == DOWN and payload["file"].endswith(S3)
 
 
-def test_unwritable_json_target_keeps_the_first_error(tmp_path):
+def test_unwritable_json_target_is_refused_before_any_work(tmp_path):
+    """--json into a missing folder: exit 5 before anything is read or written (not after hours)."""
     src = make_fp8(tmp_path / "src", _tensors(_poke_byte(2, DOWN, (0, 0), 0x7F))[1])
     r = cli("dequantize", src, tmp_path / "dst", *CPU, "--json", tmp_path / "no" / "such" / "dir.json")
-    assert_clean_error(r, 4, "NaN/Inf code", "cannot write the JSON summary")
+    assert_clean_error(r, 5, "cannot write the --json file", "does not exist")
+    assert not (tmp_path / "dst").exists() and not (tmp_path / "no").exists()
     src2 = make_fp8(tmp_path / "src2")
-    r = cli("dequantize", src2, tmp_path / "dst2", *CPU, "--json", tmp_path / "no" / "x")
-    assert_clean_error(r, 5, "cannot write the JSON summary")
+    r = cli("dequantize", src2, tmp_path / "dst2", *CPU, "--json", tmp_path)
+    assert_clean_error(r, 5, "it is a folder")
+    assert not (tmp_path / "dst2").exists()
 
 
 def test_markup_like_names_are_printed_verbatim(tmp_path):

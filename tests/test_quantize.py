@@ -29,7 +29,9 @@ def test_llama_sample_fp8_layout(sample, tmp_path):
     assert r.exit_code == 0, r.output
     assert tree_digest(src) == before
     srcs, outs = load_file(src / "model.safetensors"), load_file(dst / "model.safetensors")
-    assert read_header(dst / "model.safetensors").metadata == {"format": "pt"}
+    meta = read_header(dst / "model.safetensors").metadata  # the source's, plus the job and content hash
+    assert {k: v for k, v in meta.items() if not k.startswith("fp8conv.")} == {"format": "pt"}
+    assert set(meta) == {"format", "fp8conv.job", "fp8conv.sha256"}
     quantized = [k for k in srcs if k.endswith("_proj.weight")]
     assert len(quantized) == 14
     for k in quantized:

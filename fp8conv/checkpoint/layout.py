@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,19 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 STATE_DIR = ".fp8conv"  # resume state inside an output folder; never copied from a source
+# Folders never copied to the output, at any depth: version control (a `git clone` of a model repo
+# holds a second copy of the weights in .git/lfs), caches of huggingface_hub and other tools, and
+# fp8conv's own state. Each one skipped is named in the run's notes.
+NOT_COPIED = {
+    ".git": "version control",
+    ".hg": "version control",
+    ".svn": "version control",
+    ".cache": "tool cache",
+    ".huggingface": "huggingface_hub cache",
+    "__pycache__": "Python cache",
+    ".ipynb_checkpoints": "notebook checkpoints",
+    STATE_DIR: "fp8conv state",
+}
 
 
 @dataclass
@@ -27,6 +42,7 @@ class Checkpoint:
     index_metadata: dict = field(default_factory=dict)
     config: dict | None = None
     other_files: list[str] = field(default_factory=list)  # relative paths, copied as they are
+    skipped: list[str] = field(default_factory=list)  # folders not copied (NOT_COPIED), relative
 
     def info(self, name: str) -> TensorInfo:
         return self.shards[self.weight_map[name]].tensors[name]
@@ -129,8 +145,25 @@ def index_disagreements(root: Path, weight_map: dict[str, str], shards: dict[str
 def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
     """Read every header and the index, check that they agree; raise InvalidCheckpoint if not."""
     root = Path(src)
+    try:
+        root.resolve()
+        os.stat(root)
+    except (RuntimeError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise InvalidCheckpoint("checkpoint folder does not exist", file=root) from None
+        if isinstance(e, PermissionError):
+            raise ResourceError("cannot open the checkpoint folder: permission denied", file=root) from None
+        raise InvalidCheckpoint(
+            f"checkpoint folder cannot be resolved (symlink loop?): {e}", file=root
+        ) from None
     if not root.exists():
         raise InvalidCheckpoint("checkpoint folder does not exist", file=root)
+    if root.is_dir() and not os.access(root, os.R_OK | os.X_OK):
+        raise ResourceError(
+            "cannot read the checkpoint folder: permission denied (it needs read and execute)",
+            file=root,
+            hint="fix its permissions or run as a user who can read it",
+        )
     if root.is_file():
         raise InvalidCheckpoint(
             "expected a folder holding model.safetensors or model.safetensors.index.json", file=root
@@ -142,20 +175,31 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
             raise InvalidCheckpoint("index has no weight_map object", file=index_path)
         weight_map: dict[str, str] = index["weight_map"]
         metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        first: dict[object, str] = {}
         for tensor, shard in weight_map.items():
+            if not isinstance(shard, str):
+                check_shard_name(root, index_path, shard, tensor)
+            first.setdefault(shard, tensor)
+        for shard, tensor in first.items():  # once per shard, not per tensor (10^6 tensors)
             check_shard_name(root, index_path, shard, tensor)
-        names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (root / n).is_file()]
+        names = sorted(first)
+        for n in names:
+            _check_regular(root / n)
+        missing = [n for n in names if not (root / n).exists()]
         if missing:
+            shown = ", ".join(repr(n) for n in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise InvalidCheckpoint(
-                f"{len(missing)} shard(s) named by the index are missing: {', '.join(missing)}",
+                f"{len(missing)} shard(s) named by the index are missing: {shown}{more}",
                 file=index_path,
+                hint="re-download the checkpoint",
             )
         shards = {n: read_header(root / n) for n in names}
         for problem in index_disagreements(root, weight_map, shards):
             raise problem
         has_index = True
-    elif (root / SINGLE_NAME).is_file():
+    elif (root / SINGLE_NAME).exists() or (root / SINGLE_NAME).is_symlink():
+        _check_regular(root / SINGLE_NAME)
         header = read_header(root / SINGLE_NAME)
         shards = {SINGLE_NAME: header}
         weight_map = {t: SINGLE_NAME for t in header.tensors}
@@ -166,8 +210,10 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
             f"no {INDEX_NAME} or {SINGLE_NAME} in the folder",
             file=root,
         )
+    skipped: list[str] = []
     config = None
-    if (root / CONFIG_NAME).is_file():
+    if (root / CONFIG_NAME).exists() or (root / CONFIG_NAME).is_symlink():
+        _check_regular(root / CONFIG_NAME)
         config = load_json(root / CONFIG_NAME, "config")
         if not isinstance(config, dict):
             raise InvalidCheckpoint("config.json is not a JSON object", file=root / CONFIG_NAME)
@@ -178,25 +224,69 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
         has_index=has_index,
         index_metadata=metadata,
         config=config,
-        other_files=list_other_files(root, set(shards)),
+        other_files=list_other_files(root, set(shards), skipped),
+        skipped=skipped,
     )
 
 
-def list_other_files(root: Path, shard_names: set[str]) -> list[str]:
-    """Every file to copy as it is: all but shards, the index, config.json and fp8conv's state."""
+def _check_regular(path: Path) -> None:
+    """A file the checkpoint needs is a regular file (links followed) inside it: a FIFO or device
+    (`/dev/zero` linked in) would block or never end, a link loop would fail later."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise InvalidCheckpoint("dangling symlink", file=path) from None
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InvalidCheckpoint("symlink loop", file=path) from None
+        raise ResourceError(f"cannot read: {e.strerror or e}", file=path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidCheckpoint(
+            "not a regular file (a FIFO, socket, device or folder); checkpoints are made of regular files",
+            file=path,
+        )
+
+
+def _walk_error(e: OSError) -> None:
+    raise ResourceError(
+        f"cannot list a folder of the checkpoint: {e.strerror or e}; nothing is skipped silently",
+        file=e.filename,
+        hint="fix its permissions (it needs read and execute) or run as a user who can read it",
+    )
+
+
+def list_other_files(root: Path, shard_names: set[str], skipped: list[str] | None = None) -> list[str]:
+    """Every file to copy as it is: all but shards, the index, config.json and the folders of
+    NOT_COPIED (appended to `skipped`). Linked folders inside the checkpoint are followed (a loop is
+    refused), links leading outside it are refused; an unreadable folder is an error, not a gap."""
     out: list[str] = []
-    skip_top = shard_names | {INDEX_NAME, CONFIG_NAME, STATE_DIR}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    skip_top = shard_names | {INDEX_NAME, CONFIG_NAME}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_walk_error):
         rel_dir = Path(dirpath).relative_to(root)
-        if rel_dir == Path("."):
-            dirnames[:] = sorted(d for d in dirnames if d not in skip_top)
-        else:
-            dirnames.sort()
+        for d in sorted(dirnames):
+            if d in NOT_COPIED:
+                dirnames.remove(d)
+                if skipped is not None:
+                    skipped.append(f"{rel_dir / d}/ ({NOT_COPIED[d]})")
+        dirnames.sort()
         for d in list(dirnames):
-            if (Path(dirpath) / d).is_symlink() and not _inside(root, Path(dirpath) / d):
-                raise InvalidCheckpoint(
-                    "symlinked folder leads outside the checkpoint folder", file=Path(dirpath) / d
-                )
+            full = Path(dirpath) / d
+            if full.is_symlink():
+                try:
+                    ok = _inside(root, full)
+                except (RuntimeError, OSError):
+                    raise InvalidCheckpoint("symlink loop", file=full) from None
+                if not ok:
+                    raise InvalidCheckpoint("symlinked folder leads outside the checkpoint folder", file=full)
+                target, here = full.resolve(), Path(dirpath).resolve()
+                if here == target or target in here.parents:
+                    raise InvalidCheckpoint(
+                        "linked folder points at a folder that holds it (a loop)", file=full
+                    )
+            if not os.access(full, os.R_OK | os.X_OK):
+                _walk_error(PermissionError(errno.EACCES, "Permission denied", str(full)))
         for fn in sorted(filenames):
             rel = rel_dir / fn
             if rel_dir == Path(".") and fn in skip_top:
@@ -207,8 +297,14 @@ def list_other_files(root: Path, shard_names: set[str]) -> list[str]:
                     file=root / fn,
                 )
             full = root / rel
-            if full.is_symlink() and not _inside(root, full):
+            try:
+                outside = full.is_symlink() and not _inside(root, full)
+            except (RuntimeError, OSError):
+                raise InvalidCheckpoint("symlink loop", file=full) from None
+            if outside:
                 raise InvalidCheckpoint("symlink leads outside the checkpoint folder", file=full)
+            if full.is_file() and not os.access(full, os.R_OK):
+                raise ResourceError("cannot read the file: permission denied", file=full)
             if not full.is_file():  # a FIFO would block the copy; a dangling link fail it at the end
                 raise InvalidCheckpoint(
                     "not a regular file (FIFO, socket, device or dangling symlink); only regular "

@@ -219,6 +219,8 @@ def skip_reason(info: TensorInfo, opts: QuantizeOptions) -> str | None:
         return "not floating point"
     if len(info.shape) not in (2, 3):
         return f"{len(info.shape)}-D"
+    if info.numel == 0:
+        return "empty (no elements to quantize)"
     if not name.endswith(".weight"):
         return "not a .weight"
     bm, bn = opts.block_size
