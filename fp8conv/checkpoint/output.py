@@ -499,6 +499,9 @@ class FolderLock:
         owner = self.state / OWNER_FILE
         closing = self.state / f"{OWNER_FILE}.closing.{TOKEN}"
         try:
+            if not owner.exists():  # the part that took it finished first and gave it back
+                rec = self._read(self.mine) or {}
+                self._take(OWNER_FILE, json.dumps(rec).encode())
             os.rename(owner, closing)
         except OSError:
             return False
