@@ -70,7 +70,7 @@ def lined_up(barrier: Path, runs: list[tuple[list[str], dict[str, str]]], prefix
 
 
 def no_traceback(results):
-    for code, err in results:
+    for _code, err in results:
         assert "Traceback" not in err, err
 
 
@@ -100,9 +100,7 @@ def _fake(host_pid: str) -> dict[str, str]:
 def test_parts_with_the_same_host_and_pid(tmp_path, trial):
     """Two containers, both PID 1 on host 'box', write parts 1/2 and 2/2 of one job into one DST."""
     src, dst = make_fp8(tmp_path / "src"), tmp_path / "dst"
-    runs = [
-        (["dequantize", str(src), str(dst), *CPU, "--part", f"{i}/2"], _fake("box:1")) for i in (1, 2)
-    ]
+    runs = [(["dequantize", str(src), str(dst), *CPU, "--part", f"{i}/2"], _fake("box:1")) for i in (1, 2)]
     res = lined_up(tmp_path / "barrier", runs)
     no_traceback(res)
     assert [c for c, _ in res] == [0, 0], res

@@ -83,7 +83,10 @@ def load_json(path: Path, what: str) -> object:
 def _inside(root: Path, path: Path) -> bool:
     """Whether `path`, links followed, stays in the checkpoint. A Hugging Face cache snapshot
     (`<repo>/snapshots/<rev>/`) is made of links into `<repo>/blobs/`: that folder counts as inside."""
-    target = path.resolve()
+    try:
+        target = path.resolve()
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError on a loop
+        raise InvalidCheckpoint("symlink loop", file=path) from None
     allowed = [root.resolve()]
     if allowed[0].parent.name == "snapshots":
         allowed.append(allowed[0].parent.parent / "blobs")
