@@ -202,7 +202,7 @@ def without_job(data: bytes) -> tuple[dict, bytes]:
     a test may have changed on purpose), and its data."""
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    for k in ("fp8conv.job", "fp8conv.sha256"):
+    for k in ("fp8conv.job", "fp8conv.checksum"):
         header.get("__metadata__", {}).pop(k, None)
     return header, data[8 + n :]
 

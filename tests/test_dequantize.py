@@ -70,7 +70,7 @@ def test_deepseek_sample_end_to_end(sample, tmp_path, dtype, torch_dtype, name):
     for p in dst.glob("*.safetensors"):
         meta = read_header(p).metadata  # the source's, plus the job and content hash
         assert {k: v for k, v in meta.items() if not k.startswith("fp8conv.")} == {"format": "pt"}
-        assert set(meta) == {"format", "fp8conv.job", "fp8conv.sha256"}
+        assert set(meta) == {"format", "fp8conv.job", "fp8conv.checksum"}
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in outs.values())
     assert set(index["weight_map"]) == set(outs)

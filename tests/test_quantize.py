@@ -31,7 +31,7 @@ def test_llama_sample_fp8_layout(sample, tmp_path):
     srcs, outs = load_file(src / "model.safetensors"), load_file(dst / "model.safetensors")
     meta = read_header(dst / "model.safetensors").metadata  # the source's, plus the job and content hash
     assert {k: v for k, v in meta.items() if not k.startswith("fp8conv.")} == {"format": "pt"}
-    assert set(meta) == {"format", "fp8conv.job", "fp8conv.sha256"}
+    assert set(meta) == {"format", "fp8conv.job", "fp8conv.checksum"}
     quantized = [k for k in srcs if k.endswith("_proj.weight")]
     assert len(quantized) == 14
     for k in quantized:

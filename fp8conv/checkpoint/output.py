@@ -9,11 +9,11 @@ While a run is unfinished its state lives in one hidden folder, DST/.fp8conv/:
   tmp/<file>.<token> files being written; renamed to their final names only when complete
 After a successful run the state folder is removed: DST holds the model and nothing else. What a
 rerun needs to trust a finished output is inside the files themselves: every shard's safetensors
-`__metadata__` carries the job (`fp8conv.job`) and a content hash of the shard (`fp8conv.sha256`,
-computed while it was written); side files are compared with the source, the index and config.json
-with what would be written. Every file reaches its final name by rename(2), so no half-written file
-ever sits under a final name, whatever kills the process. Temporary names carry a random token per
-process, never host name or PID (containers share both).
+`__metadata__` carries the job (`fp8conv.job`) and a checksum of the shard's content
+(`fp8conv.checksum`, computed while it was written); side files are compared with the source, the
+index and config.json with what would be written. Every file reaches its final name by rename(2),
+so no half-written file ever sits under a final name, whatever kills the process. Temporary names
+carry a random token per process, never host name or PID (containers share both).
 
 Environment:
   FP8CONV_WRITEBACK=0  turns off the early-writeback hint (start_writeback: sync_file_range every
@@ -36,6 +36,7 @@ import shutil
 import socket
 import threading
 import time
+import zlib
 from pathlib import Path
 
 from fp8conv.checkpoint.layout import STATE_DIR
@@ -45,7 +46,7 @@ JOB_FILE = "job.json"
 OWNER_FILE = "owner"
 HOLDERS = "holders"
 META_JOB = "fp8conv.job"  # in each output shard's __metadata__: the job, as canonical JSON
-META_HASH = "fp8conv.sha256"  # ... and the shard's content hash (see shard_digest)
+META_HASH = "fp8conv.checksum"  # ... and the shard's content checksum (see shard_digest)
 HASH_PLACEHOLDER = "0" * 64  # the hash's value while the shard is written; same length as the hash
 # One random token per process names its temporary files and its holder record. Host name and PID
 # are not unique across containers (each may be PID 1 on the same host name) or PID namespaces.
@@ -169,11 +170,31 @@ def _write_new(path: Path, data: bytes, sync: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------------------- content hash
+class Crc32:
+    """zlib's CRC-32 with hashlib's update/digest interface, streamed over a tensor's pieces.
+
+    Chosen over sha256 by measurement (bench/bench_scaling.py and docs/failures.md): on the 2-core
+    CPU runner sha256 made dequantize 1.5-1.7x slower, CRC-32 1.2x. The checksum lives in the file
+    it checks, so a cryptographic hash would add no protection against a deliberate edit (whoever
+    can change the data can change the record); what it must catch is accidental change (a flipped
+    bit, a zeroed or truncated range, a file edited in place), which a CRC-32 per tensor does
+    (every burst up to 32 bits, any other change missed with odds of 2^-32)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "little")
+
+
 def shard_digest(prefix: bytes, tensor_digests: list[bytes]) -> str:
-    """A shard's content hash, as recorded in META_HASH: sha256 over the sha256 of the header (with
-    the hash field set to HASH_PLACEHOLDER) followed by the sha256 of each tensor's bytes in file
-    order. Per tensor, so the writer hashes tensors independently as their pieces are produced
-    (no second pass over the data) and a checker can hash tensors in parallel."""
+    """A shard's checksum, as recorded in META_HASH: sha256 over the sha256 of the header (with the
+    field set to HASH_PLACEHOLDER) followed by the CRC-32 of each tensor's bytes in file order. Per
+    tensor, so the writer checksums tensors independently as their pieces are produced (no second
+    pass over the data) and a checker can read tensors in parallel."""
     h = hashlib.sha256(hashlib.sha256(prefix).digest())
     for d in tensor_digests:
         h.update(d)
@@ -188,8 +209,8 @@ HASH_CHUNK = 8 << 20
 
 
 def hash_range(fd: int, offset: int, length: int, h=None):
-    """sha256 (or update h) over bytes [offset, offset+length) of fd, read in chunks."""
-    h = h or hashlib.sha256()
+    """CRC-32 (or update h) over bytes [offset, offset+length) of fd, read in chunks."""
+    h = h or Crc32()
     buf = bytearray(min(length, HASH_CHUNK))
     view = memoryview(buf)
     done = 0

@@ -36,6 +36,7 @@ from fp8conv.checkpoint.output import (
     META_HASH,
     META_JOB,
     WRITEBACK_CHUNK,
+    Crc32,
     OutputDir,
     canonical,
     check_paths,
@@ -733,10 +734,10 @@ class _ShardWriter:
         self.ckpt, self.sp, self.out, self.conv, self.progress = ckpt, sp, out, conv, progress
         self.layout = layout or _ShardLayout(sp, "")
         self.shard_no = shard_no
-        # The content hash, while written: one sha256 per tensor, fed in order from this thread
+        # The content checksum, while written: one CRC-32 per tensor, fed in order from this thread
         # (pieces of a tensor finish in order) and run on hasher threads (hashlib releases the GIL);
         # a tensor always goes to the same hasher, so its updates stay in order.
-        self.digests = {j.name: hashlib.sha256() for j in sp.jobs}
+        self.digests = {j.name: Crc32() for j in sp.jobs}
         self.hashers = 1 if conv.device.type != "cuda" else 2
         self.slot = {j.name: i % self.hashers for i, j in enumerate(sp.jobs)}
         self.stages = stages or _Stages({})
