@@ -249,3 +249,17 @@ def test_oversized_config_is_refused(tmp_path):
     r = cli("dequantize", src, tmp_path / "dst", *CPU)
     assert_clean_error(r, 3, "over the", "limit")
     assert not (tmp_path / "dst").exists()
+
+
+def test_recorded_checksum_for_other_readers(tmp_path):
+    """The check verify can use without a plan: the file's own header, its checksum zeroed."""
+    from fp8conv.checkpoint.output import recorded_checksum_ok
+
+    src, dst = make_fp8(tmp_path / "src"), tmp_path / "dst"
+    assert cli("dequantize", src, dst, *CPU).code == 0
+    assert all(recorded_checksum_ok(dst / n) is True for n in (S1, S2, S3))
+    assert recorded_checksum_ok(src / S1) is None  # not written by fp8conv
+    data = bytearray((dst / S2).read_bytes())
+    data[-3] ^= 0x80
+    (dst / S2).write_bytes(bytes(data))
+    assert recorded_checksum_ok(dst / S2) is False

@@ -252,6 +252,33 @@ def confirm_shard(path: Path, prefix: bytes, size: int, spans: list[tuple[int, i
         os.close(fd)
 
 
+def recorded_checksum_ok(path: Path) -> bool | None:
+    """For any reader (verify): whether a shard's content still matches the checksum fp8conv
+    recorded in its header when it wrote it; None when it records none (not written by fp8conv).
+    Needs no plan: the expected header is the file's own with the checksum set back to zeros."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 1024 * 1024:
+                return False
+            raw = f.read(n)
+        header = json.loads(raw)
+        recorded = header.get("__metadata__", {}).get(META_HASH)
+        if not isinstance(recorded, str):
+            return None
+        prefix = struct.pack("<Q", n) + raw.replace(hash_field(recorded), hash_field(HASH_PLACEHOLDER), 1)
+        entries = sorted(
+            (v["data_offsets"] for k, v in header.items() if k != "__metadata__"), key=lambda o: tuple(o)
+        )
+        spans = [(8 + n + a, 8 + n + b) for a, b in entries]
+        size = 8 + n + (spans[-1][1] - 8 - n if spans else 0)
+        return confirm_shard(path, prefix, size, spans)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return False
+
+
 def same_content(a: Path, b: Path) -> bool:
     """Byte-equal regular files (a side file in DST and its source), read in chunks."""
     try:
