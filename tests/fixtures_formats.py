@@ -20,6 +20,7 @@ import torch
 from fp8conv.checkpoint.safetensors_io import save_file
 
 E4M3_NAN = 0x7F
+NATIVE = -1  # the `shard` of a tensor in Mistral's consolidated.safetensors
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
@@ -72,8 +73,12 @@ class Fixture:
     files: dict[str, str] = field(default_factory=dict)  # other files: relative path -> text
     dropped_files: set[str] = field(default_factory=set)
     family: str = ""
+    native: dict[str, torch.Tensor] = field(default_factory=dict)  # Mistral's consolidated.safetensors
 
     def put(self, name: str, t: torch.Tensor, shard: int = 0) -> torch.Tensor:
+        if shard == NATIVE:
+            self.native[name] = t
+            return t
         while len(self.shards) <= shard:
             self.shards.append({})
         self.shards[shard][name] = t
@@ -102,7 +107,11 @@ class Fixture:
 
     def write(self) -> Path:
         self.root.mkdir(parents=True)
-        if len(self.shards) == 1:
+        if self.native:
+            save_file(self.native, self.root / "consolidated.safetensors", {"format": "pt"})
+        if not self.shards[0]:
+            pass
+        elif len(self.shards) == 1:
             save_file(self.shards[0], self.root / "model.safetensors", {"format": "pt"})
         else:
             n = len(self.shards)
@@ -496,16 +505,58 @@ def mistral_hf(root: Path) -> Fixture:
             "modules_to_not_convert": ["lm_head"],
         }
     }
-    for name, shape in (
-        ("model.layers.0.self_attn.q_proj", (64, 96)),
-        ("model.layers.0.mlp.gate_proj", (200, 96)),
+    for shard, name, shape in (
+        (0, "model.layers.0.self_attn.q_proj", (64, 96)),
+        (1, "model.layers.0.mlp.gate_proj", (200, 96)),
     ):
         q = fp8_codes(shape, f.gen)
         s = torch.rand((), generator=f.gen) * 1e-2 + 1e-4
-        f.quant(name + ".weight", q, name + ".weight_scale_inv", s, lambda s=s: s)
-        f.drop(name + ".activation_scale", torch.tensor(0.03))
+        f.quant(name + ".weight", q, name + ".weight_scale_inv", s, lambda s=s: s, shard=shard)
+        f.drop(name + ".activation_scale", torch.tensor(0.03), shard=shard)
+    _mistral_native_tensors(f)  # beside the HF shards, not in their index
     f.files["params.json"] = json.dumps(
         {"dim": 96, "n_layers": 1, "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}}
+    )
+    return f
+
+
+def _mistral_native_tensors(f: Fixture) -> None:
+    """consolidated.safetensors: `X.weight` e4m3 + `X.qscale_weight` per tensor (bf16 [1]) or per output row
+    (fp32 [out]), `X.qscale_act`, kv-cache `kv_fake_quantizer.qscale_act` (vLLM llama.py mistral_mapping)."""
+    q = fp8_codes((64, 96), f.gen)
+    s = (torch.rand(1, generator=f.gen) * 1e-2 + 1e-4).to(torch.bfloat16)
+    f.quant(
+        "layers.0.attention.wq.weight",
+        q,
+        "layers.0.attention.wq.qscale_weight",
+        s,
+        lambda: s.float(),
+        shard=NATIVE,
+    )
+    f.drop("layers.0.attention.wq.qscale_act", torch.tensor([0.03]), shard=NATIVE)
+    q2 = fp8_codes((200, 96), f.gen)
+    s2 = torch.rand(200, generator=f.gen) * 1e-2 + 1e-4
+    f.quant(
+        "layers.0.feed_forward.w1.weight",
+        q2,
+        "layers.0.feed_forward.w1.qscale_weight",
+        s2,
+        lambda: s2.unsqueeze(1),
+        shard=NATIVE,
+    )
+    f.drop("layers.0.attention.kv_fake_quantizer.qscale_act", torch.tensor([1.0]), shard=NATIVE)
+    f.keep(
+        "layers.0.attention_norm.weight", torch.randn(96, generator=f.gen).to(torch.bfloat16), shard=NATIVE
+    )
+
+
+def mistral_native(root: Path) -> Fixture:
+    """Mistral native files alone: consolidated.safetensors and params.json with `quantization`, no
+    config.json."""
+    f = _new("mistral-native", root, 18, "mistral")
+    _mistral_native_tensors(f)
+    f.files["params.json"] = json.dumps(
+        {"dim": 96, "n_layers": 1, "quantization": {"qformat_weight": "fp8_e4m3"}}
     )
     return f
 
@@ -621,6 +672,7 @@ FAMILIES: dict[str, Callable[[Path], Fixture]] = {
     "fbgemm": fbgemm,
     "static-fused-experts": static_fused_experts,
     "mistral-hf": mistral_hf,
+    "mistral-native": mistral_native,
     "transformers-mxfp8": mxfp8_bytes,
     "deepseek-v4": deepseek_v4,
     "gpt-oss": gpt_oss,

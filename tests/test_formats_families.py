@@ -66,6 +66,14 @@ def test_family_dequantizes_bit_exact_and_clean(name, tmp_path):
         )
     assert not f.dropped & set(out)
     assert output_leftovers(dst) == []
+    if (dst / "model.safetensors.index.json").exists():  # lists the HF shards' tensors only, sized right
+        index = json.loads((dst / "model.safetensors.index.json").read_text())
+        listed = {p.name: read_header(p) for p in dst.glob("model-*.safetensors")}
+        assert index["weight_map"] == {n: s for s, h in listed.items() for n in h.tensors}
+        assert index["metadata"]["total_size"] == sum(
+            i.nbytes for h in listed.values() for i in h.tensors.values()
+        )
+    assert (dst / "consolidated.safetensors").exists() == bool(f.native)
     for rel in f.files:
         if rel in f.dropped_files:
             assert not (dst / rel).exists(), rel
