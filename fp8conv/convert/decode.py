@@ -85,3 +85,18 @@ def dequant_band(w: QuantizedWeight, q: torch.Tensor, s_rows: torch.Tensor, dst:
         return
     y = weight_dequant(q, s_rows.to(q.device), tile, dst.dtype)
     dst.copy_(y, non_blocking=True)
+
+
+def dequantize(w: QuantizedWeight, codes: torch.Tensor, scale: torch.Tensor, out_dtype=torch.bfloat16):
+    """A whole weight from its stored codes and scale (as read from the file: any dtype the layout
+    allows), on the codes' device: the tensor a dequantized output holds under `w.out_name`."""
+    s = scale_grid_tensor(w, scale.cpu()).to(codes.device)
+    *lead, m, n = w.shape
+    experts = math.prod(lead)
+    flat = codes.contiguous().view(torch.uint8).reshape(experts, m, -1)
+    out = torch.empty((experts, *w.out_shape[-2:]), dtype=out_dtype)
+    s3 = s.reshape(experts, *s.shape[-2:])
+    for e in range(experts):
+        q = codes_view(w, flat[e], m)
+        dequant_band(w, q, s3[e], out[e])
+    return out.reshape(w.out_shape)
