@@ -14,6 +14,9 @@ from fp8conv.errors import InvalidCheckpoint, ResourceError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# Mistral's native tensors, shipped beside the HF shards or alone (vLLM `--load-format mistral` reads it);
+# the HF index never names it.
+NATIVE_NAME = "consolidated.safetensors"
 CONFIG_NAME = "config.json"
 STATE_DIR = ".fp8conv"  # resume state inside an output folder; never copied from a source
 # Folders never copied to the output, at any depth: version control (a `git clone` of a model repo
@@ -43,6 +46,7 @@ class Checkpoint:
     config: dict | None = None
     other_files: list[str] = field(default_factory=list)  # relative paths, copied as they are
     skipped: list[str] = field(default_factory=list)  # folders not copied (NOT_COPIED), relative
+    unindexed: tuple[str, ...] = ()  # shards the index does not list (Mistral's consolidated.safetensors)
 
     def info(self, name: str) -> TensorInfo:
         return self.shards[self.weight_map[name]].tensors[name]
@@ -51,23 +55,8 @@ class Checkpoint:
         return name in self.weight_map
 
     @property
-    def quantization_config(self) -> dict | None:
-        return find_quantization_config(self.config)
-
-    @property
     def total_bytes(self) -> int:
         return sum(h.file_size for h in self.shards.values())
-
-
-def find_quantization_config(config: dict | None) -> dict | None:
-    if not config:
-        return None
-    if isinstance(config.get("quantization_config"), dict):
-        return config["quantization_config"]
-    text = config.get("text_config")
-    if isinstance(text, dict) and isinstance(text.get("quantization_config"), dict):
-        return text["quantization_config"]
-    return None
 
 
 # Caps on the JSON files read whole: json.loads holds tens of bytes of Python objects per byte of
@@ -221,12 +210,27 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
         weight_map = {t: SINGLE_NAME for t in header.tensors}
         metadata = {}
         has_index = False
+    elif (root / NATIVE_NAME).is_file():
+        shards, weight_map, metadata, has_index = {}, {}, {}, False
     else:
         raise InvalidCheckpoint(
-            f"no {INDEX_NAME} or {SINGLE_NAME} in the folder",
+            f"no {INDEX_NAME} or {SINGLE_NAME} in the folder (nor Mistral's {NATIVE_NAME})",
             file=root,
         )
     skipped: list[str] = []
+    unindexed: tuple[str, ...] = ()
+    if (root / NATIVE_NAME).is_file() and NATIVE_NAME not in shards:
+        header = read_header(root / NATIVE_NAME)
+        for tensor in header.tensors:
+            if tensor in weight_map:
+                raise InvalidCheckpoint(
+                    f"tensor is also in {weight_map[tensor]}; names of the native and HF tensors must differ",
+                    file=root / NATIVE_NAME,
+                    tensor=tensor,
+                )
+            weight_map[tensor] = NATIVE_NAME
+        shards[NATIVE_NAME] = header
+        unindexed = (NATIVE_NAME,)
     config = None
     if (root / CONFIG_NAME).exists() or (root / CONFIG_NAME).is_symlink():
         _check_regular(root / CONFIG_NAME)
@@ -242,6 +246,7 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
         config=config,
         other_files=list_other_files(root, set(shards), skipped),
         skipped=skipped,
+        unindexed=unindexed,
     )
 
 

@@ -51,10 +51,11 @@ from fp8conv.checkpoint.output import (
     start_writeback,
 )
 from fp8conv.checkpoint.safetensors_io import DTYPES, ITEMSIZE, ShardReader, build_header, read_header
+from fp8conv.convert import decode
 from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
 from fp8conv.errors import Fp8convError, Interrupted, NonFiniteError, ResourceError
-from fp8conv.kernels import resolve_device, scale_to_float32, weight_dequant, weight_quant
-from fp8conv.kernels.reference import weight_dequant_torch, weight_quant_torch
+from fp8conv.kernels import resolve_device, scale_to_float32, weight_quant
+from fp8conv.kernels.reference import weight_quant_torch
 
 PIECE_ELEMS = 8 << 20  # 8 Mi elements: 8 MiB of FP8, 16 MiB of bf16 per piece
 POOL = 3  # pieces in flight on each side of the converter
@@ -332,7 +333,7 @@ def run(
                     pending.result()
             finally:
                 committer.shutdown(wait=True)
-            _write_side_files(ckpt, side, out, summary)
+            _write_side_files(ckpt, plan, side, out, summary)
             _fault_point("before_complete")
             mine_names = {s.name for s in mine}
             if all(s.name in mine_names or _present(out, layouts[s.name]) for s in plan.shards):
@@ -373,7 +374,8 @@ def _side_files(ckpt: Checkpoint, plan: Plan) -> dict[str, Path | bytes]:
     the index and config.json (by the bytes they must have)."""
     import json
 
-    side: dict[str, Path | bytes] = {rel: ckpt.root / rel for rel in ckpt.other_files}
+    side: dict[str, Path | bytes] = {rel: ckpt.root / rel for rel in plan.copied_files(ckpt.other_files)}
+    side.update(plan.write_files)
     if ckpt.has_index:
         meta = dict(ckpt.index_metadata)
         meta["total_size"] = plan.tensor_bytes
@@ -448,7 +450,7 @@ def _job_in_shards(out: OutputDir, plan: Plan) -> dict | None:
 
 def _final_names(ckpt: Checkpoint, plan: Plan) -> list[str]:
     """Every file a complete output holds."""
-    names = [s.name for s in plan.shards] + list(ckpt.other_files)
+    names = [s.name for s in plan.shards] + plan.copied_files(ckpt.other_files) + list(plan.write_files)
     return names + [INDEX_NAME] * ckpt.has_index + [CONFIG_NAME] * (plan.config is not None)
 
 
@@ -473,13 +475,16 @@ def _check_free_space(ckpt: Checkpoint, out: OutputDir, todo: list[ShardPlan], s
         )
 
 
-def _write_side_files(ckpt: Checkpoint, side: dict, out: OutputDir, summary: Summary) -> None:
-    """Every part writes these, byte-identical: other files, the index, config.json; each only if
-    DST does not already hold exactly it."""
-    for rel in ckpt.other_files:
+def _write_side_files(ckpt: Checkpoint, plan: Plan, side: dict, out: OutputDir, summary: Summary) -> None:
+    """Every part writes these, byte-identical: other files, rewritten settings files (params.json),
+    the index, config.json; each only if DST does not already hold exactly it."""
+    for rel in plan.copied_files(ckpt.other_files):
         if not _side_ok(out, rel, side[rel]):
             out.copy_file(ckpt.root / rel, rel)
             summary.files_copied += 1
+    for rel in plan.write_files:  # settings files rewritten by the plan (params.json)
+        if not _side_ok(out, rel, side[rel]):
+            out.write_bytes_atomic(rel, side[rel])
     _fault_point("before_index")
     for rel in (INDEX_NAME, CONFIG_NAME):
         if rel in side and not _side_ok(out, rel, side[rel]):
@@ -489,13 +494,29 @@ def _write_side_files(ckpt: Checkpoint, side: dict, out: OutputDir, summary: Sum
 # ------------------------------------------------------------------------------------------ pieces
 def _align(job: TensorJob) -> int:
     bm = job.block[0]
-    return bm if bm < job.src.shape[-2] else 1
+    return bm if bm < _matrix(job)[1] else 1
+
+
+def _matrix(job: TensorJob) -> tuple[int, int, int, int]:
+    """(experts, rows, columns, source bytes per row) of the weight a job converts; a dequantize's
+    geometry comes from its layout (packed FP4 codes hold two columns a byte)."""
+    shape = job.weight.shape if job.weight is not None else job.src.shape
+    *lead, m, n = shape
+    experts = math.prod(lead)
+    row_bytes = (
+        job.src.nbytes // max(experts * m, 1) if job.weight is not None else n * ITEMSIZE[job.src.dtype]
+    )
+    return experts, m, n, row_bytes
 
 
 def _rows_per_piece(job: TensorJob) -> int:
-    """Whole tile rows (any rows when one tile spans the matrix) worth about PIECE_ELEMS elements."""
+    """Whole tile rows (any rows when one tile spans the matrix) worth about PIECE_ELEMS elements;
+    a whole expert where the output is transposed."""
+    _, m, n, _ = _matrix(job)
+    if job.weight is not None and job.weight.transpose:
+        return m
     align = _align(job)
-    return max(align, (PIECE_ELEMS // max(job.src.shape[-1], 1)) // align * align)
+    return max(align, (PIECE_ELEMS // max(n, 1)) // align * align)
 
 
 def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
@@ -510,10 +531,9 @@ def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
         src = job.src
         if src.numel == 0:  # nothing to read or write; its header entry says [.., 0, ..]
             continue
-        *lead, m, n = src.shape
-        experts = math.prod(lead)
+        experts, m, n, row_bytes = _matrix(job)
         step = _rows_per_piece(job)
-        in_item, out_item = ITEMSIZE[src.dtype], ITEMSIZE[job.out_dtype]
+        out_item = ITEMSIZE[job.out_dtype]
         for e in range(experts):
             for r0 in range(0, m, step):
                 r1 = min(m, r0 + step)
@@ -521,8 +541,8 @@ def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
                 yield _Piece(
                     job,
                     "convert",
-                    src.start + row * n * in_item,
-                    (r1 - r0) * n * in_item,
+                    src.start + row * row_bytes,
+                    (r1 - r0) * row_bytes,
                     dst0 + row * n * out_item,
                     (e, r0, r1),
                     last=(e == experts - 1 and r1 == m),
@@ -533,9 +553,9 @@ def _max_piece_bytes(sp: ShardPlan) -> tuple[int, int]:
     mi = mo = 0
     for job in sp.jobs:
         if job.action in ("dequant", "quant"):
-            n = job.src.shape[-1]
-            rows = min(job.src.shape[-2], _rows_per_piece(job))
-            mi = max(mi, rows * n * ITEMSIZE[job.src.dtype])
+            _, m, n, row_bytes = _matrix(job)
+            rows = min(m, _rows_per_piece(job))
+            mi = max(mi, rows * row_bytes)
             mo = max(mo, rows * n * ITEMSIZE[job.out_dtype])
     return mi, mo
 
@@ -566,12 +586,12 @@ class _Converter:
             info = job.scale
             shard = self.ckpt.weight_map[info.name]
             raw = self._reader(shard).read_tensor(info)
-            s = scale_to_float32(raw).reshape(*job.src.shape[:-2], *_grid(job))
-            bad = ~(torch.isfinite(s) & (s > 0))
-            if bool(bad.any()):
-                idx = tuple(int(i) for i in bad.nonzero()[0])
+            s = decode.scale_grid_tensor(job.weight, raw)
+            bad = decode.bad_scale(job.weight, s)
+            if bad is not None:
+                idx, value = bad
                 raise NonFiniteError(
-                    f"scale element {list(idx)} is {float(s[idx])!r}; scales must be finite and > 0",
+                    f"scale element {list(idx)} is {value!r}; scales must be finite and > 0",
                     file=self.ckpt.root / shard,
                     tensor=info.name,
                 )
@@ -593,39 +613,44 @@ class _Converter:
         pieces write disjoint slices."""
         job = piece.job
         e, r0, r1 = piece.rows
-        n = job.src.shape[-1]
-        src = buf[: piece.length].view(job.src.torch_dtype).view(r1 - r0, n)
+        n = _matrix(job)[2]
         nbytes_out = (r1 - r0) * n * ITEMSIZE[job.out_dtype]
-        dst = out[:nbytes_out].view(DTYPES[job.out_dtype]).view(r1 - r0, n)
         bm = job.block[0]
         i0, i1 = r0 // bm, math.ceil(r1 / bm)
         if job.action == "dequant":
+            w = job.weight
+            q = decode.codes_view(w, buf[: piece.length], r1 - r0)
+            dst = (
+                out[:nbytes_out]
+                .view(DTYPES[job.out_dtype])
+                .view(*((n, r1 - r0) if w.transpose else (r1 - r0, n)))
+            )
             s2 = s.reshape(-1, *s.shape[-2:])[e, i0:i1]
-            if self.device.type == "cpu":
-                _check_codes(src, job, e, r0, self.ckpt)
-                weight_dequant_torch(src, s2, job.block, dst.dtype, out=dst)
-                _check_overflow(dst, src, s2, job, e, r0, self.ckpt)
-            else:
-                qg = src.to(self.device, non_blocking=True)
-                _check_codes(qg, job, e, r0, self.ckpt)
-                y = weight_dequant(qg, s2.to(self.device), job.block, dst.dtype)
-                _check_overflow(y, qg, s2, job, e, r0, self.ckpt)
-                dst.copy_(y, non_blocking=True)
+            if self.device.type != "cpu":
+                q = q.to(self.device, non_blocking=True)
+            if not w.element.packed:
+                _check_codes(q, job, e, r0, self.ckpt)
+            decode.dequant_band(w, q, s2, dst)
+            if self.device.type != "cpu":
                 torch.cuda.current_stream(self.device).synchronize()
-        else:  # quant
-            if self.device.type == "cpu":
-                _, s_rows = weight_quant_torch(src, job.block, self.scale_fmt, q_out=dst)
-                # torch's amax propagates NaN and Inf into the scale: one cheap test per tile instead
-                # of isfinite over every element (0.6 GB/s on bf16 here, 4x slower than quantizing).
-                if not bool(torch.isfinite(s_rows).all()):
-                    _check_finite(src, job, e, r0, self.ckpt)
-            else:
-                xg = src.to(self.device, non_blocking=True)
-                _check_finite(xg, job, e, r0, self.ckpt)
-                qg, sg = weight_quant(xg, job.block, self.scale_fmt)
-                dst.view(torch.uint8).copy_(qg.view(torch.uint8), non_blocking=True)
-                s_rows = sg.cpu()
-            s.reshape(-1, *s.shape[-2:])[e, i0:i1] = s_rows
+            _check_overflow(dst, q, s2, job, e, r0, self.ckpt)
+            return nbytes_out
+        src = buf[: piece.length].view(job.src.torch_dtype).view(r1 - r0, n)
+        dst = out[:nbytes_out].view(DTYPES[job.out_dtype]).view(r1 - r0, n)
+        # quant
+        if self.device.type == "cpu":
+            _, s_rows = weight_quant_torch(src, job.block, self.scale_fmt, q_out=dst)
+            # torch's amax propagates NaN and Inf into the scale: one cheap test per tile instead
+            # of isfinite over every element (0.6 GB/s on bf16 here, 4x slower than quantizing).
+            if not bool(torch.isfinite(s_rows).all()):
+                _check_finite(src, job, e, r0, self.ckpt)
+        else:
+            xg = src.to(self.device, non_blocking=True)
+            _check_finite(xg, job, e, r0, self.ckpt)
+            qg, sg = weight_quant(xg, job.block, self.scale_fmt)
+            dst.view(torch.uint8).copy_(qg.view(torch.uint8), non_blocking=True)
+            s_rows = sg.cpu()
+        s.reshape(-1, *s.shape[-2:])[e, i0:i1] = s_rows
         return nbytes_out
 
     def emit(self, weight_job: TensorJob) -> bytes:
@@ -667,6 +692,7 @@ def _check_codes(q: torch.Tensor, job: TensorJob, e: int, r0: int, ckpt: Checkpo
 
 
 _FP8_MAX = {"F8_E4M3": 448.0, "F8_E5M2": 57344.0}
+_FP4_MAX = 6.0  # the largest e2m1 magnitude
 _DTYPE_FLAGS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
@@ -679,17 +705,27 @@ def _check_overflow(
     the largest code times the band's largest scale fits: one reduction over the scales (tiles,
     not elements) on the common path; the element check runs only when that bound is exceeded."""
     top = torch.finfo(y.dtype).max
-    bound = _FP8_MAX[job.src.dtype] * float(s.max()) if s.numel() else 0.0
+    packed = job.weight is not None and job.weight.element.packed
+    smax = float(scale_to_float32(s).max() if s.dtype == torch.uint8 else s.max()) if s.numel() else 0.0
+    bound = (_FP4_MAX if packed else _FP8_MAX[job.src.dtype]) * smax
     if bound < top:
         return
     bad = torch.isinf(y)
     if not bool(bad.any()):
         return
+    flag = _DTYPE_FLAGS.get(job.out_dtype, job.out_dtype)
+    if packed:  # FP4 codes: two a byte, the output maybe transposed; name the bound, not an element
+        raise NonFiniteError(
+            f"dequantized values overflow {flag} (largest finite {top:.6g}; the band's largest scale is "
+            f"{smax:.6g}, times the largest FP4 code {_FP4_MAX:g})",
+            file=ckpt.root / ckpt.weight_map[job.name],
+            tensor=job.name,
+            hint="rerun with --dtype fp32, which holds it" if flag != "fp32" else None,
+        )
     idx = _first_bad(bad.cpu(), job, e, r0)
     r, c = idx[-2] - r0, idx[-1]
     code = float(q[r, c].float())
     scale = float(s.reshape(-1, s.shape[-1])[r // job.block[0], c // job.block[1]])
-    flag = _DTYPE_FLAGS.get(job.out_dtype, job.out_dtype)
     exact = code * scale
     if abs(exact) < torch.finfo(torch.float32).max and flag != "fp32":
         hint = "rerun with --dtype fp32, which holds it"
