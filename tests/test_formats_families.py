@@ -91,11 +91,15 @@ def test_family_dequantizes_bit_exact_and_clean(name, tmp_path):
 def test_other_output_dtypes(name, dtype, torch_dtype, tmp_path):
     f = build(name, tmp_path)
     r = cli("dequantize", f.root, tmp_path / "out", "--dtype", dtype, "-q")
+    wants = {k: fn(torch_dtype) for k, fn in f.expect.items()}
+    if any(w.is_floating_point() and bool(torch.isinf(w).any()) for w in wants.values()):
+        # the formula overflows this dtype (MX scales reach 2**8 x 448): refused, never Inf written
+        assert r.exit_code == 4 and "overflows fp16" in r.output and "--dtype fp32" in r.output, r.output
+        return
     assert r.exit_code == 0, r.output
     out = load_all(tmp_path / "out")
     assert set(out) == set(f.expect)
-    for k, fn in f.expect.items():  # pass-through tensors keep their dtype, the rest are torch_dtype
-        want = fn(torch_dtype)
+    for k, want in wants.items():  # pass-through tensors keep their dtype, the rest are torch_dtype
         assert torch.equal(out[k].view(torch.uint8), want.contiguous().view(torch.uint8)), k
 
 
