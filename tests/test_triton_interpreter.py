@@ -37,7 +37,8 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
     import torch
 
     from fp8conv.kernels import reference as ref
-    from fp8conv.kernels import triton_kernels as tk
+    from fp8conv.kernels import gemm as gk
+    from fp8conv.kernels import quant as tk
 
     try:
         import triton.language as tl
@@ -189,18 +190,18 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
         b = torch.randn(n, k, generator=gen)
         aq, a_s = ref.act_quant_torch(a, 128)
         bq, b_s = ref.weight_quant_torch(b, (128, 128))
-        c = tk.fp8_gemm_triton(aq, a_s, bq, b_s, torch.float32)
+        c = gk.fp8_gemm_triton(aq, a_s, bq, b_s, torch.float32)
         want = ref.fp8_gemm_torch(aq, a_s, bq, b_s, torch.float64, acc_dtype=torch.float64)
         err = ((c.double() - want).norm() / want.norm()).item()
         emit(f"gemm {m}x{n}x{k}", err < 1e-5 and not c.isnan().any(), err)
         # MN-major A scales: the same products (the Triton kernels take a row-major copy)
-        c_mn = tk.fp8_gemm_triton(aq, ref.to_mn_major(a_s), bq, b_s, torch.float32)
+        c_mn = gk.fp8_gemm_triton(aq, ref.to_mn_major(a_s), bq, b_s, torch.float32)
         emit(f"gemm mn-major {m}x{n}x{k}", torch.equal(c_mn, c), first_diff(c_mn, c))
     # a scale tensor that is neither row-major nor MN-major is refused, not misread
     aq, a_s = ref.act_quant_torch(torch.randn(6, 256, generator=gen), 128)
     bq, b_s = ref.weight_quant_torch(torch.randn(130, 256, generator=gen), (128, 128))
     try:
-        tk.fp8_gemm_triton(aq, torch.empty(6, 4)[:, ::2].copy_(a_s), bq, b_s)
+        gk.fp8_gemm_triton(aq, torch.empty(6, 4)[:, ::2].copy_(a_s), bq, b_s)
         emit("gemm refuses strided a_scale", False, "no error")
     except ValueError as ex:
         emit("gemm refuses strided a_scale", "MN-major" in str(ex), ex)

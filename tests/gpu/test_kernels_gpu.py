@@ -56,9 +56,18 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 @pytest.fixture(scope="module")
 def tk():
-    from fp8conv.kernels import triton_kernels
+    """The quantize / dequantize family."""
+    from fp8conv.kernels import quant
 
-    return triton_kernels
+    return quant
+
+
+@pytest.fixture(scope="module")
+def gk():
+    """The GEMM family."""
+    from fp8conv.kernels import gemm
+
+    return gemm
 
 
 def _gen() -> torch.Generator:
@@ -409,9 +418,9 @@ def _gemm_operands(m, n, k, g):
     return aq, as_, bq, bs
 
 
-def _check_gemm(tk, aq, as_, bq, bs, out_dtype, what):
+def _check_gemm(gk, aq, as_, bq, bs, out_dtype, what):
     poison(aq.shape[0] * bq.shape[0] * 4)
-    c = tk.fp8_gemm_triton(aq.cuda(), as_.cuda(), bq.cuda(), bs.cuda(), out_dtype)
+    c = gk.fp8_gemm_triton(aq.cuda(), as_.cuda(), bq.cuda(), bs.cuda(), out_dtype)
     assert c.dtype == out_dtype and c.shape == (*aq.shape[:-1], bq.shape[0])
     c = c.cpu()
     assert not c.isnan().any(), f"{what}: NaN in the output"
@@ -425,26 +434,26 @@ def _check_gemm(tk, aq, as_, bq, bs, out_dtype, what):
 # on Hopper (1040: a ragged last K block zero-filled by TMA).
 @pytest.mark.parametrize("nk", [(1000, 300), (384, 1040), (130, 200), (256, 4096)], ids=str)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fp8_gemm_ragged(tk, m, nk, out_dtype):
+def test_fp8_gemm_ragged(gk, m, nk, out_dtype):
     n, k = nk
     aq, as_, bq, bs = _gemm_operands(m, n, k, _gen())
-    _check_gemm(tk, aq, as_, bq, bs, out_dtype, f"gemm {m}x{n}x{k}")
+    _check_gemm(gk, aq, as_, bq, bs, out_dtype, f"gemm {m}x{n}x{k}")
 
 
 @pytest.mark.parametrize("nk", [(7168, 18432), (24576, 1536), (4096, 7168), (7168, 2048)], ids=str)
-def test_fp8_gemm_model_shapes(tk, nk):
+def test_fp8_gemm_model_shapes(gk, nk):
     n, k = nk
     aq, as_, bq, bs = _gemm_operands(128, n, k, _gen())
-    _check_gemm(tk, aq, as_, bq, bs, torch.bfloat16, f"gemm 128x{n}x{k}")
+    _check_gemm(gk, aq, as_, bq, bs, torch.bfloat16, f"gemm 128x{n}x{k}")
 
 
 @pytest.mark.parametrize("kernel", ["wgmma", "tma", "pointer"])
 @pytest.mark.parametrize("mnk", [(300, 1000, 1040), (4096, 384, 7168), (257, 7168, 2048)], ids=str)
-def test_fp8_gemm_each_kernel(tk, monkeypatch, kernel, mnk):
+def test_fp8_gemm_each_kernel(gk, monkeypatch, kernel, mnk):
     """The Gluon (warp-specialized), TMA and pointer kernels on the same problems: M and N ragged,
     K % 128 != 0, and model shapes."""
     monkeypatch.setenv("FP8CONV_GEMM_WGMMA", "1" if kernel == "wgmma" else "0")
-    monkeypatch.setattr(tk, "GEMM_WGMMA_MIN_M", 0)  # the Gluon kernel at any M it accepts
+    monkeypatch.setattr(gk, "GEMM_WGMMA_MIN_M", 0)  # the Gluon kernel at any M it accepts
     monkeypatch.setenv("FP8CONV_GEMM_TMA", "0" if kernel == "pointer" else "1")
     if kernel == "wgmma":
         from fp8conv.kernels import gluon_gemm
@@ -454,10 +463,10 @@ def test_fp8_gemm_each_kernel(tk, monkeypatch, kernel, mnk):
         )
     aq, as_, bq, bs = _gemm_operands(*mnk, _gen())
     for out_dtype in (torch.float32, torch.bfloat16):
-        _check_gemm(tk, aq, as_, bq, bs, out_dtype, f"gemm {mnk} {kernel} {out_dtype}")
+        _check_gemm(gk, aq, as_, bq, bs, out_dtype, f"gemm {mnk} {kernel} {out_dtype}")
 
 
-def test_fp8_gemm_falls_back_when_gluon_does_not_compile(tk, monkeypatch):
+def test_fp8_gemm_falls_back_when_gluon_does_not_compile(gk, monkeypatch):
     """A Triton whose Gluon API the Hopper kernel does not compile with: fp8_gemm warns once and
     gives the Triton kernels' bits."""
     import ast
@@ -473,7 +482,7 @@ def test_fp8_gemm_falls_back_when_gluon_does_not_compile(tk, monkeypatch):
     b, b_s = ref.weight_quant_torch(torch.randn(512, 1024, generator=g))
     args = (a.cuda(), a_s.cuda(), b.cuda(), b_s.cuda())
     monkeypatch.setenv("FP8CONV_GEMM_WGMMA", "0")
-    want = tk.fp8_gemm_triton(*args)
+    want = gk.fp8_gemm_triton(*args)
     monkeypatch.setenv("FP8CONV_GEMM_WGMMA", "1")
     calls = []
 
@@ -484,12 +493,13 @@ def test_fp8_gemm_falls_back_when_gluon_does_not_compile(tk, monkeypatch):
         except RuntimeError as inner:
             raise CompilationError("x = 1", ast.parse("x = 1").body[0], None) from inner
 
-    monkeypatch.setattr(gluon_gemm, "fp8_gemm_wgmma", broken)
-    monkeypatch.setattr(tk, "_WGMMA_BROKEN", [])
+    # the launch state is built as usual; its first launch (where Triton compiles) fails
+    monkeypatch.setattr(gluon_gemm, "prepare", lambda *a, **k: broken)
+    monkeypatch.setattr(gk, "_WGMMA_BROKEN", [])
     with pytest.warns(RuntimeWarning, match="has been removed"):
-        got = tk.fp8_gemm_triton(*args)
+        got = gk.fp8_gemm_triton(*args)
     assert_same_bytes(got, want, "fallback after a Gluon compile failure")
-    got2 = tk.fp8_gemm_triton(*args)  # no second attempt
+    got2 = gk.fp8_gemm_triton(*args)  # no second attempt
     assert_same_bytes(got2, want, "second call")
     assert calls == [1]
 
@@ -507,7 +517,7 @@ def test_fp8_gemm_falls_back_when_gluon_does_not_compile(tk, monkeypatch):
     ],
     ids=str,
 )
-def test_fp8_gemm_gluon_scale_layouts_and_tile_widths(tk, monkeypatch, mnk):
+def test_fp8_gemm_gluon_scale_layouts_and_tile_widths(gk, monkeypatch, mnk):
     """The Gluon kernel with row-major and MN-major A scales and with 64- and 128-wide tiles: the same
     bits every way (the same block sums in the same order), within the bound of the float64 reference;
     the public call with MN-major scales matches too, also through the Triton kernels."""
@@ -532,7 +542,7 @@ def test_fp8_gemm_gluon_scale_layouts_and_tile_widths(tk, monkeypatch, mnk):
     assert err <= GEMM_TOL[torch.float32], f"gemm {mnk}: relative error {err:.2e}"
     for wgmma in ("1", "0"):
         monkeypatch.setenv("FP8CONV_GEMM_WGMMA", wgmma)
-        c = tk.fp8_gemm_triton(aq, as_mn, bq, bs, torch.float32).cpu()
+        c = gk.fp8_gemm_triton(aq, as_mn, bq, bs, torch.float32).cpu()
         err = ((c.double() - want).norm() / want.norm()).item()
         assert err <= GEMM_TOL[torch.float32], f"gemm {mnk} public, WGMMA={wgmma}: error {err:.2e}"
         if wgmma == "1" and m >= 33:
@@ -540,20 +550,20 @@ def test_fp8_gemm_gluon_scale_layouts_and_tile_widths(tk, monkeypatch, mnk):
             assert same, f"gemm {mnk}: public call differs from the kernel called directly"
 
 
-def test_fp8_gemm_batched_leading_dims(tk):
+def test_fp8_gemm_batched_leading_dims(gk):
     aq, as_, bq, bs = _gemm_operands(2 * 3 * 5, 260, 384, _gen())
     aq, as_ = aq.reshape(2, 15, 384), as_.reshape(2, 15, 3)
-    _check_gemm(tk, aq, as_, bq, bs, torch.float32, "gemm [2, 15, 384]")
+    _check_gemm(gk, aq, as_, bq, bs, torch.float32, "gemm [2, 15, 384]")
 
 
-def test_fp8_gemm_validates(tk):
+def test_fp8_gemm_validates(gk):
     aq, as_, bq, bs = (t.cuda() for t in _gemm_operands(4, 256, 256, _gen()))
     with pytest.raises(ValueError, match="a_scale"):
-        tk.fp8_gemm_triton(aq, as_[:, :1].contiguous(), bq, bs)
+        gk.fp8_gemm_triton(aq, as_[:, :1].contiguous(), bq, bs)
     with pytest.raises(ValueError, match="inner"):
-        tk.fp8_gemm_triton(aq, as_, bq[:, :128].contiguous(), bs)
+        gk.fp8_gemm_triton(aq, as_, bq[:, :128].contiguous(), bs)
     with pytest.raises(ValueError, match="dtype"):
-        tk.fp8_gemm_triton(aq.view(torch.uint8), as_, bq, bs)
+        gk.fp8_gemm_triton(aq.view(torch.uint8), as_, bq, bs)
 
 
 # ---- the quantizers' division ----------------------------------------------------------------
