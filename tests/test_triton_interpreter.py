@@ -36,9 +36,9 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
     import numpy as np
     import torch
 
-    from fp8conv.kernels import reference as ref
     from fp8conv.kernels import gemm as gk
     from fp8conv.kernels import quant as tk
+    from fp8conv.kernels import reference as ref
 
     try:
         import triton.language as tl

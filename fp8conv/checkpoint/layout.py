@@ -35,23 +35,8 @@ class Checkpoint:
         return name in self.weight_map
 
     @property
-    def quantization_config(self) -> dict | None:
-        return find_quantization_config(self.config)
-
-    @property
     def total_bytes(self) -> int:
         return sum(h.file_size for h in self.shards.values())
-
-
-def find_quantization_config(config: dict | None) -> dict | None:
-    if not config:
-        return None
-    if isinstance(config.get("quantization_config"), dict):
-        return config["quantization_config"]
-    text = config.get("text_config")
-    if isinstance(text, dict) and isinstance(text.get("quantization_config"), dict):
-        return text["quantization_config"]
-    return None
 
 
 def load_json(path: Path, what: str) -> object:

@@ -9,6 +9,7 @@ return; for the quantizers a pair (codes, scales), either of which may be None).
     weight_quant(x, block_size=(128, 128), scale_fmt="float", out=None) -> (q, s)
     act_quant(x, group_size=128, scale_fmt="float", mn_major=False, out=None) -> (q, s)
     fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, out=None) -> a @ b.T, dequantized
+    fp4_dequant(blocks, scales, out_dtype=torch.bfloat16, out=None) -> y   (MX FP4: e2m1 codes, e8m0 scales)
 
 fp8_gemm takes a_scale row-major (as act_quant returns it by default) or MN-major
 (act_quant(..., mn_major=True), the layout cuBLAS's blockwise GEMM takes); on Hopper the MN-major
@@ -34,6 +35,7 @@ from fp8conv.kernels.reference import (
     FP8_E4M3_MAX,
     SCALE_FLOOR,
     act_quant_torch,
+    fp4_dequant_torch,
     fp8_gemm_torch,
     scale_grid,
     scale_to_float32,
@@ -46,6 +48,7 @@ __all__ = [
     "FP8_E4M3_MAX",
     "SCALE_FLOOR",
     "act_quant",
+    "fp4_dequant",
     "fp8_gemm",
     "resolve_device",
     "scale_grid",
@@ -177,3 +180,19 @@ def fp8_gemm(
 
         return fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, out=out)
     return _into("out", fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype), out)
+
+
+def fp4_dequant(
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize MX FP4 blocks uint8 [..., G, 16] (two e2m1 codes a byte, low nibble first) with e8m0
+    exponent bytes [..., G]; returns [..., G*32]. Triton on CUDA (fp4.py, bit-identical to the torch
+    path), torch on CPU."""
+    if blocks.is_cuda:
+        from fp8conv.kernels.fp4 import fp4_dequant_triton
+
+        return fp4_dequant_triton(blocks, scales.to(blocks.device, non_blocking=True), out_dtype, out=out)
+    return _into("out", fp4_dequant_torch(blocks, scales, out_dtype), out)

@@ -640,3 +640,147 @@ def test_act_quant_division_paths(tk, monkeypatch, div, dtype):
     qr, sr = ref.act_quant_torch(x)
     assert_same_bytes_but_nan_sign(s, sr, f"act scales div={div} {dtype}")
     assert_same_bytes_but_nan_sign(q, qr, f"act codes div={div} {dtype}")
+
+
+# ---- FP4 (MX e2m1) dequantization --------------------------------------------------------------
+
+
+def random_fp4(shape, g, nan_scales: bool = True):
+    """Random code bytes [..., G, 16] and e8m0 scale bytes [..., G] over the whole exponent range
+    (0 = 2**-127, a float32 subnormal; 255 = NaN where nan_scales)."""
+    blocks = torch.randint(0, 256, shape, dtype=torch.int32, generator=g).to(torch.uint8)
+    scales = torch.randint(0, 256 if nan_scales else 255, shape[:-1], dtype=torch.int32, generator=g)
+    return blocks, scales.to(torch.uint8)
+
+
+def assert_same_bytes_or_both_nan(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """NaN in the same places (the GPU writes the canonical NaN, the CPU keeps the scale's payload);
+    every other element bit for bit."""
+    got = got.cpu()
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN in different places"
+    keep = ~want.isnan()
+    assert_same_bytes(got[keep], want[keep], what)
+
+
+FP4_SHAPES = [(1, 16), (3, 16), (257, 16), (2, 7, 3, 16), (4, 640, 90, 16), (129, 1, 16)]
+
+
+@pytest.mark.parametrize("shape", FP4_SHAPES, ids=["x".join(map(str, s)) for s in FP4_SHAPES])
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=lambda d: _DT[d])
+def test_fp4_dequant_bit_exact(shape, out_dtype):
+    """The Triton kernel against reference.fp4_dequant_torch on the CPU, every exponent byte."""
+    from fp8conv.kernels import fp4
+
+    blocks, scales = random_fp4(shape, _gen())
+    want = ref.fp4_dequant_torch(blocks, scales, out_dtype)
+    poison(want.numel() * want.element_size())
+    got = fp4.fp4_dequant_triton(blocks.cuda(), scales.cuda(), out_dtype)
+    assert got.shape == want.shape and got.dtype == out_dtype
+    assert_same_bytes_or_both_nan(got, want, f"fp4 {shape} {out_dtype}")
+    # again with the same shapes and new data: the cached launch state, launched directly
+    blocks, scales = random_fp4(shape, _gen())
+    got = fp4.fp4_dequant_triton(blocks.cuda(), scales.cuda(), out_dtype)
+    assert_same_bytes_or_both_nan(got, ref.fp4_dequant_torch(blocks, scales, out_dtype), "fp4, second call")
+
+
+def test_fp4_dequant_storage_dtypes_and_dispatch():
+    """int8 code bytes and float8_e8m0fnu scales read as their bytes; the public dispatch takes the
+    kernel on CUDA and writes into out=."""
+    from fp8conv import kernels
+
+    blocks, scales = random_fp4((3, 50, 16), _gen())
+    want = ref.fp4_dequant_torch(blocks, scales)
+    b, s = blocks.cuda(), scales.cuda()
+    assert_same_bytes_or_both_nan(kernels.fp4_dequant(b.view(torch.int8), s), want, "int8 blocks")
+    e8m0 = getattr(torch, "float8_e8m0fnu", None)
+    if e8m0 is not None:
+        assert_same_bytes_or_both_nan(kernels.fp4_dequant(b, s.view(e8m0)), want, "e8m0 scales")
+    out = torch.full(want.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    assert kernels.fp4_dequant(b, s, out=out) is out
+    assert_same_bytes_or_both_nan(out, want, "out=")
+    with pytest.raises(ValueError, match="shape"):
+        kernels.fp4_dequant(b, s, out=out[:1])
+
+
+# ---- out= buffers and the cached launch state --------------------------------------------------
+
+
+def test_out_buffers_are_written_and_returned(tk, gk):
+    from fp8conv import kernels
+
+    g = _gen()
+    x = random_weights((300, 260), torch.bfloat16, g).cuda()
+    q_ref, s_ref = kernels.weight_quant(x)
+    q_out = torch.empty_like(q_ref)
+    s_out = torch.full_like(s_ref, float("nan"))
+    q, s = kernels.weight_quant(x, out=(q_out, s_out))
+    assert q is q_out and s is s_out
+    assert_same_bytes(q, q_ref, "weight_quant out=")
+    assert_same_bytes(s, s_ref, "weight_quant out= scales")
+    y_out = torch.full(x.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    assert kernels.weight_dequant(q, s, out=y_out) is y_out
+    assert_same_bytes(y_out, kernels.weight_dequant(q, s), "weight_dequant out=")
+    for mn_major in (False, True):
+        aq_ref, as_ref = kernels.act_quant(x, mn_major=mn_major)
+        aq_out = torch.empty_like(aq_ref)
+        as_out = ref.empty_scales((300,), 3, "cuda", mn_major).fill_(float("nan"))
+        aq, as_ = kernels.act_quant(x, mn_major=mn_major, out=(aq_out, as_out))
+        assert aq is aq_out and as_ is as_out
+        assert_same_bytes(aq, aq_ref, "act_quant out=")
+        assert_same_bytes(as_.contiguous(), as_ref.contiguous(), "act_quant out= scales")
+    with pytest.raises(ValueError, match="strides"):
+        kernels.act_quant(x, mn_major=True, out=(None, torch.empty(300, 3, device="cuda")))
+    aq, as_ = kernels.act_quant(x)
+    c_out = torch.full((300, 300), float("nan"), dtype=torch.float32, device="cuda")
+    assert kernels.fp8_gemm(aq, as_, q, s, torch.float32, out=c_out) is c_out
+    assert_same_bytes(c_out, kernels.fp8_gemm(aq, as_, q, s, torch.float32), "fp8_gemm out=")
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.fp8_gemm(aq, as_, q, s, torch.bfloat16, out=c_out)
+
+
+def test_launch_state_is_keyed_and_reused(tk, gk):
+    """A repeated call reuses its state and launches the compiled kernel directly (same bits); a new
+    shape, dtype, stride pattern or pointer alignment builds a new state, never a wrong one."""
+    from fp8conv.kernels import common
+
+    common.clear_launch_state()
+    g = _gen()
+    x = random_weights((256, 384), torch.bfloat16, g).cuda()
+    q1, s1 = tk.weight_quant_triton(x)
+    keys = common.launch_state_keys()
+    assert len(keys) == 1
+    q2, s2 = tk.weight_quant_triton(x.clone())
+    assert common.launch_state_keys() == keys
+    _, launch, _ = common.launch_state(keys[0])
+    assert launch.direct >= 1, "the second call did not launch the compiled kernel directly"
+    assert_same_bytes(q2, q1, "direct launch codes")
+    assert_same_bytes(s2, s1, "direct launch scales")
+    # other shape, dtype, and a view 2 bytes into its storage (not 16-byte aligned): new states, right bits
+    others = [
+        random_weights((128, 384), torch.bfloat16, g).cuda(),
+        random_weights((256, 384), torch.float16, g).cuda(),
+        torch.empty(256 * 384 + 8, dtype=torch.bfloat16, device="cuda")[1 : 1 + 256 * 384].view(256, 384),
+    ]
+    others[2].copy_(random_weights((256, 384), torch.bfloat16, g))
+    for i, xo in enumerate(others):
+        q, s = tk.weight_quant_triton(xo)
+        qr, sr = ref.weight_quant_torch(xo.cpu())
+        assert_same_bytes(q, qr, f"other input {i}")
+        assert_same_bytes(s, sr, f"other input {i} scales")
+        # and the first shape again still right after the others
+        q, _ = tk.weight_quant_triton(x)
+        assert_same_bytes(q, q1, f"first input after other {i}")
+    assert len(common.launch_state_keys()) == 4
+    # fp8_gemm: same shapes twice (direct), then transposed-layout scales (a new state)
+    aq, as_, bq, bs = (t.cuda() for t in _gemm_operands(200, 384, 512, g))
+    c1 = gk.fp8_gemm_triton(aq, as_, bq, bs, torch.float32)
+    c2 = gk.fp8_gemm_triton(aq.clone(), as_.clone(), bq.clone(), bs.clone(), torch.float32)
+    assert_same_bytes(c2, c1, "gemm direct launch")
+    c3 = gk.fp8_gemm_triton(aq, ref.to_mn_major(as_), bq, bs, torch.float32)
+    assert_same_bytes(c3, c1, "gemm with MN-major scales")
+    common.Launch.enabled = False
+    try:
+        c4 = gk.fp8_gemm_triton(aq, as_, bq, bs, torch.float32)  # the JIT path, same bits
+    finally:
+        common.Launch.enabled = True
+    assert_same_bytes(c4, c1, "gemm through the JIT")
