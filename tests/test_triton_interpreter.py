@@ -167,8 +167,11 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
             f"strides {s.stride()} " + first_diff(s.contiguous().view(torch.int32), sr.view(torch.int32)),
         )
     # int64 in-tile offsets (taken for rows x row length >= 2**31; forced here by a lower limit)
+    from fp8conv.kernels.common import clear_launch_state
+
     limit = tk._OFFS32_LIMIT
     tk._OFFS32_LIMIT = 0
+    clear_launch_state()  # the limit is read when a launch state is built
     try:
         x = rand_x((129, 257), torch.bfloat16)
         q, s = tk.weight_quant_triton(x, (128, 128), "float")
@@ -177,6 +180,7 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
         check_quant("quant int64 offsets (129, 257)", x, q, s, qr, sr, s_full)
     finally:
         tk._OFFS32_LIMIT = limit
+        clear_launch_state()
     # the two-pass (looped) quantization path: a block larger than one register tile
     x = torch.randn(2, 100, 300, generator=gen)
     x[1, 50, 100] = 1e4

@@ -53,11 +53,11 @@ def check_scale_fmt(scale_fmt: str) -> bool:
 
 
 def tensor_key(t) -> tuple | None:
-    """What a launch state depends on in a tensor: shape, strides, dtype, device, 16-byte alignment
-    (Triton specializes pointers on it). None for None."""
+    """What a launch state depends on in a tensor: shape, strides, dtype, device (its CUDA index, -1
+    off the GPU), 16-byte alignment (Triton specializes pointers on it). None for None."""
     if t is None:
         return None
-    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+    return (t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() % 16 == 0)
 
 
 def _part(p):
@@ -74,8 +74,3 @@ def state_key(*parts):
         return key
     except TypeError:
         return None
-
-
-def table_key(*tables: dict) -> tuple:
-    """A tuning table's contents as part of a key, so a changed table builds new state."""
-    return tuple(tuple(t.items()) for t in tables)

@@ -3,8 +3,9 @@ Triton helpers more than one family calls. Imports nothing from the family files
 
 Cached launch state: each public launcher keys its per-shape state (grid, constexprs, tile choices,
 TMA descriptor templates) on everything its checks and Triton's specialization look at: shapes,
-strides, dtypes, devices, the current device, 16-byte alignment of every pointer, the tuning tables'
-contents and the environment switches. The first call with a key validates the arguments, builds the
+strides, dtypes, devices, 16-byte alignment of every pointer, and the other arguments (block sizes,
+formats, output dtype). The tuning tables and FP8CONV_GEMM_* switches are read when a state is built:
+after changing one, call clear_launch_state(). The first call with a key validates the arguments, builds the
 state and launches through Triton's JIT (`kernel[grid](...)`), which compiles and returns the compiled
 kernel; later calls with that key launch the compiled kernel directly (`CompiledKernel.run`, as the JIT
 does after its own cache lookup), so they skip the JIT's argument binding, specialization and cache
@@ -28,7 +29,6 @@ from fp8conv.kernels.checks import (  # noqa: F401  (re-exported for the family 
     check_scale_fmt,
     check_tensor,
     state_key,
-    table_key,
     tensor_key,
 )
 
@@ -97,8 +97,8 @@ def store_state(key, state):
 
 
 def clear_launch_state() -> None:
-    """Forget every cached launch state (after changing a tuning table by hand, for instance; the
-    launchers also key on the tables they read)."""
+    """Forget every cached launch state: needed after changing a tuning table or an FP8CONV_GEMM_*
+    switch, which are read when a state is built."""
     _STATE.clear()
 
 
@@ -106,12 +106,23 @@ def launch_state_keys() -> list:
     return list(_STATE)
 
 
+def _hook_set(hook) -> bool:
+    # Triton 3.6 keeps each hook as a HookChain (empty by default), 3.9 as None or a callable
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if calls is not None else hook is not None
+
+
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
 def _hooks_set() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    rt = getattr(knobs, "runtime", None)
-    return rt is not None and (
-        getattr(rt, "launch_enter_hook", None) is not None
-        or getattr(rt, "launch_exit_hook", None) is not None
+    """Whether a Triton launch hook (a profiler's) is set: then every launch goes through the JIT,
+    which calls it."""
+    rt = _RUNTIME_KNOBS
+    if rt is None:
+        return False
+    return _hook_set(getattr(rt, "launch_enter_hook", None)) or _hook_set(
+        getattr(rt, "launch_exit_hook", None)
     )
 
 

@@ -23,15 +23,16 @@ import triton
 import triton.language as tl
 
 from fp8conv.kernels.checks import FLOAT_DTYPES, check_out, check_tensor, state_key
-from fp8conv.kernels.common import LAUNCH_OPTS, Launch, launch_state, pow2, store_state, table_key
+from fp8conv.kernels.common import LAUNCH_OPTS, Launch, launch_state, pow2, store_state
 
 __all__ = ["fp4_dequant_triton", "FP4_TILE"]
 
 FP4_GROUP_BYTES = 16  # bytes of packed codes per e8m0 scale (32 elements)
 
-# Groups (rows of 16 bytes, 32 outputs) per program and warps. 256 groups: 4 KB of codes in, 16 KB of
-# bf16 out per program.
-FP4_TILE = {"GROUPS": 256, "num_warps": 4}
+# Groups (rows of 16 bytes, 32 outputs) per program and warps (read when a launch state is built).
+# 128 groups (2 KB of codes in, 8 KB of bf16 out) and 4 warps: the best of 128-1024 groups and 4-8
+# warps on an H200 (bench/NOTES.md, 2026-12-01).
+FP4_TILE = {"GROUPS": 128, "num_warps": 4}
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def fp4_dequant_triton(
 ) -> torch.Tensor:
     """Dequantize MX FP4 codes: blocks uint8 or int8 [..., G, 16], scales uint8 (or float8_e8m0fnu)
     e8m0 bytes [..., G]; returns [..., G*32] in out_dtype (written into `out` when given)."""
-    key = state_key("fp4", blocks, scales, out_dtype, out, table_key(FP4_TILE))
+    key = state_key("fp4", blocks, scales, out_dtype, out)
     st = launch_state(key) if key is not None else None
     if st is None:
         st = _fp4_state(blocks, scales, out_dtype, out)

@@ -14,9 +14,10 @@ of them or the persistent Gluon kernel (gluon_gemm.py) and keeps the per-shape l
 - a_scale may be row-major or MN-major (act_quant(..., mn_major=True)); the Gluon kernel reads either
   in place, the Triton kernels take a row-major copy.
 - Launch state (kernel choice, grid, tile configuration, TMA descriptor templates, compiled kernel) is
-  built on the first call per key (shapes, strides, dtypes, devices, alignment, the environment
-  switches and the configuration tables: common.state_key) and reused: a repeated call costs a key,
-  one dictionary lookup, the output allocation (none with `out=`) and a direct launch.
+  built on the first call per key (shapes, strides, dtypes, devices, alignment: common.state_key) and
+  reused: a repeated call costs a key, one dictionary lookup, the output allocation (none with `out=`)
+  and a direct launch. The FP8CONV_GEMM_* switches and the tables below are read when a state is
+  built (common.clear_launch_state() after changing one).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fp8conv.kernels.common import (
     Launch,
     check_out,
     check_tensor,
+    clear_launch_state,
     desc_like,
     grouped_tile,
     interpreting,
@@ -43,7 +45,6 @@ from fp8conv.kernels.common import (
     pow2,
     state_key,
     store_state,
-    table_key,
 )
 from fp8conv.kernels.reference import BLOCK
 
@@ -333,21 +334,6 @@ def _scale_rows(a_scale: torch.Tensor, m: int, kb: int) -> torch.Tensor:
     )
 
 
-def _env_key() -> tuple:
-    env = os.environ
-    return (env.get("FP8CONV_GEMM_WGMMA"), env.get("FP8CONV_GEMM_TMA"), env.get("FP8CONV_GEMM_AUTOTUNE"))
-
-
-def _tables_key() -> tuple:
-    """The tables and switches a state's choice read (tests and the bench change them)."""
-    tables = (
-        (GEMM_CONFIGS, GEMM_TMA_CONFIGS)
-        if gluon_gemm is None
-        else (GEMM_CONFIGS, GEMM_TMA_CONFIGS, gluon_gemm.WGMMA_CONFIG)
-    )
-    return (GEMM_WGMMA_MIN_M, len(_WGMMA_BROKEN), table_key(*tables))
-
-
 class _GemmState:
     """What fp8_gemm_triton keeps per key: the output shape; the run (None: nothing to launch, and
     zero: fill the output with zeros, for K = 0); whether the run reads a row-major 2-D view of the A
@@ -372,7 +358,7 @@ def fp8_gemm_triton(
     """C = A @ B^T: a [..., K] e4m3 with a_scale [..., ceil(K/128)], b [N, K] e4m3 with
     b_scale [ceil(N/128), ceil(K/128)] (float32). Returns [..., N] in out_dtype (written into `out`, a
     contiguous tensor of that shape and dtype, when given)."""
-    key = state_key("gemm", a, a_scale, b, b_scale, out_dtype, out, _env_key(), _tables_key())
+    key = state_key("gemm", a, a_scale, b, b_scale, out_dtype, out)
     st = launch_state(key) if key is not None else None
     if st is None:
         st = _gemm_state(a, a_scale, b, b_scale, out_dtype, out)
@@ -387,9 +373,10 @@ def fp8_gemm_triton(
             st.run(a, as_rows, b, b_scale, c)
         except CompilationError as ex:
             # Gluon's API still moves between Triton releases: a version this kernel was not written
-            # for fails here, before anything runs; the Triton kernels give the same bits (the
-            # changed _WGMMA_BROKEN makes a new key, so a new state).
+            # for fails here, before anything runs; the Triton kernels give the same bits. Every state
+            # is rebuilt (the others may hold the Gluon kernel too).
             _gluon_broken(ex)
+            clear_launch_state()
             return fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, out)
         st.first_gluon = False
         return c

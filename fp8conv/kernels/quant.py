@@ -20,7 +20,7 @@ Launch notes:
 - Offsets of rows and matrices are int64, so tensors past 2**31 elements index correctly (weight_quant
   adds int32 offsets within a tile where rows x row length < 2**31).
 - Per-shape launch state (grid, constexprs) is built once per key and the compiled kernel launched
-  directly afterwards (common.Launch); the tuning tables below are part of the key.
+  directly afterwards (common.Launch); the tuning tables below are read when a state is built.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from fp8conv.kernels.common import (
     pow2,
     state_key,
     store_state,
-    table_key,
 )
 from fp8conv.kernels.reference import BLOCK, FP8_MAX, empty_scales, scale_grid, to_mn_major
 
@@ -55,7 +54,7 @@ _SINGLE_PASS_MAX = 16384
 _OFFS32_LIMIT = 2**31
 
 # Tile shapes of the memory-bound kernels (module-level so bench/bench_kernels.py can try variants;
-# the launchers key their cached state on these tables' contents).
+# read when a launch state is built: common.clear_launch_state() after changing one).
 DEQUANT_TILE = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 4}
 # act_quant: rows x group elements per program, warps and division (see _quotient) for tensors of >=
 # LARGE elements, and the small_ ones below that; row_: below LARGE, rows whose groups are a power of
@@ -63,10 +62,11 @@ DEQUANT_TILE = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 4}
 # 69-71% -> 76% of copy bandwidth on one H100, no change on another; slower at 576x7168 and on large
 # sizes, so not used there).
 # weight_quant: warps for tiles of >= 8192 elements (a 128 x 128 tile) and division. From
-# bench/bench_kernels.py --sweep and lab runs on H100s (2026-11-25).
+# bench/bench_kernels.py --sweep and lab runs on H100s (2026-11-25); the large act_quant tile (4096
+# elements, 4 warps; was 8192, 8) from a sweep on an H200 (2026-12-01: 82.5 -> 84.5% of copy).
 ACT_QUANT_TILE = {
-    "ELEMS": 8192,
-    "num_warps": 8,
+    "ELEMS": 4096,
+    "num_warps": 4,
     "div": 0,
     "small_ELEMS": 2048,
     "small_num_warps": 4,
@@ -221,7 +221,7 @@ def weight_dequant_triton(
 ) -> torch.Tensor:
     """Dequantize block-FP8 weights q [..., M, N] with float32 scales [..., ceil(M/bm), ceil(N/bn)];
     `out`: a contiguous tensor of q's shape in out_dtype to write into (returned)."""
-    key = state_key("dequant", q, s, block_size, out_dtype, out, table_key(DEQUANT_TILE))
+    key = state_key("dequant", q, s, block_size, out_dtype, out)
     st = launch_state(key) if key is not None else None
     if st is None:
         st = _dequant_state(q, s, block_size, out_dtype, out)
@@ -377,7 +377,6 @@ def act_quant_triton(
         bool(mn_major),
         q_out,
         s_out,
-        table_key(ACT_QUANT_TILE),
     )
     st = launch_state(key) if key is not None else None
     if st is None:
@@ -528,8 +527,6 @@ def weight_quant_triton(
         fp8_dtype,
         q_out,
         s_out,
-        _OFFS32_LIMIT,
-        table_key(WEIGHT_QUANT, ACT_QUANT_TILE),
     )
     st = launch_state(key) if key is not None else None
     if st is None:

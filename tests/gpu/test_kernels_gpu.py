@@ -54,6 +54,25 @@ FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
+@pytest.fixture(autouse=True)
+def fresh_launch_state():
+    """Tuning tables and FP8CONV_GEMM_* switches are read when a launch state is built: every test
+    starts (and leaves) with none cached, so what it patches takes effect."""
+    from fp8conv.kernels.common import clear_launch_state
+
+    clear_launch_state()
+    yield
+    clear_launch_state()
+
+
+def _switch(monkeypatch, name: str, value: str) -> None:
+    """Set an FP8CONV_GEMM_* switch for the calls that follow (new launch states)."""
+    from fp8conv.kernels.common import clear_launch_state
+
+    monkeypatch.setenv(name, value)
+    clear_launch_state()
+
+
 @pytest.fixture(scope="module")
 def tk():
     """The quantize / dequantize family."""
@@ -481,9 +500,9 @@ def test_fp8_gemm_falls_back_when_gluon_does_not_compile(gk, monkeypatch):
     a, a_s = ref.act_quant_torch(torch.randn(300, 1024, generator=g))
     b, b_s = ref.weight_quant_torch(torch.randn(512, 1024, generator=g))
     args = (a.cuda(), a_s.cuda(), b.cuda(), b_s.cuda())
-    monkeypatch.setenv("FP8CONV_GEMM_WGMMA", "0")
+    _switch(monkeypatch, "FP8CONV_GEMM_WGMMA", "0")
     want = gk.fp8_gemm_triton(*args)
-    monkeypatch.setenv("FP8CONV_GEMM_WGMMA", "1")
+    _switch(monkeypatch, "FP8CONV_GEMM_WGMMA", "1")
     calls = []
 
     def broken(*a, **k):
@@ -541,7 +560,7 @@ def test_fp8_gemm_gluon_scale_layouts_and_tile_widths(gk, monkeypatch, mnk):
     err = ((first.double() - want).norm() / want.norm()).item()
     assert err <= GEMM_TOL[torch.float32], f"gemm {mnk}: relative error {err:.2e}"
     for wgmma in ("1", "0"):
-        monkeypatch.setenv("FP8CONV_GEMM_WGMMA", wgmma)
+        _switch(monkeypatch, "FP8CONV_GEMM_WGMMA", wgmma)
         c = gk.fp8_gemm_triton(aq, as_mn, bq, bs, torch.float32).cpu()
         err = ((c.double() - want).norm() / want.norm()).item()
         assert err <= GEMM_TOL[torch.float32], f"gemm {mnk} public, WGMMA={wgmma}: error {err:.2e}"
