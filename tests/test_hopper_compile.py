@@ -70,6 +70,7 @@ def _compile_triton(kernel, sig: dict, cons: dict, **opts):
 
 
 def _triton_cases():
+    from fp8conv.kernels import fp4 as f4
     from fp8conv.kernels import gemm as gk
     from fp8conv.kernels import quant as tk
 
@@ -114,6 +115,14 @@ def _triton_cases():
             dict(G=128, ALIGN=8, BLOCK_R=1, G_P=128, NG_B=8, FMAX=448.0, UE8M0=False, DIV=2),
             {"num_warps": tk.ACT_QUANT_TILE["row_num_warps"]},
             ["cvt.rn.satfinite.e4m3x2.f32"],
+        ),
+        "fp4_dequant": (
+            f4._fp4_dequant_kernel,
+            {"b_ptr": "*u8", "s_ptr": "*u8", "y_ptr": "*bf16", "R": "i32"},
+            dict(BLOCK_R=f4.FP4_TILE["GROUPS"]),
+            {"num_warps": f4.FP4_TILE["num_warps"]},
+            # 16-byte code loads and 16-byte output stores (each thread writes 32 contiguous outputs)
+            ["ld.global.v4.b32", "st.global.v4.b32"],
         ),
         "fp8_gemm pointers": (
             gk._fp8_gemm_kernel,

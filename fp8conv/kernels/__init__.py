@@ -29,7 +29,7 @@ import functools
 import torch
 
 from fp8conv.errors import UsageError
-from fp8conv.kernels.checks import check_out
+from fp8conv.kernels.checks import check_out, check_tensor
 from fp8conv.kernels.reference import (
     BLOCK,
     FP8_E4M3_MAX,
@@ -160,9 +160,15 @@ def act_quant(
         return act_quant_triton(x, group_size, scale_fmt, mn_major=mn_major, out=out)
     q_out, s_out = (None, None) if out is None else out
     q, s = act_quant_torch(x, group_size, scale_fmt, mn_major=mn_major)
-    if s_out is not None and s_out.stride() != s.stride():
-        raise ValueError(f"out[1] has strides {s_out.stride()}; expected {s.stride()}")
-    return _into("out[0]", q, q_out), _into("out[1]", s, s_out)
+    if s_out is not None:
+        check_tensor("out[1]", s_out, (torch.float32,), x.device, contiguous=False)
+        if tuple(s_out.shape) != tuple(s.shape) or s_out.stride() != s.stride():
+            raise ValueError(
+                f"out[1] has shape {tuple(s_out.shape)} and strides {s_out.stride()}; expected "
+                f"{tuple(s.shape)} and {s.stride()} ({'MN-major' if mn_major else 'row-major'})"
+            )
+        s = s_out.copy_(s)
+    return _into("out[0]", q, q_out), s
 
 
 def fp8_gemm(

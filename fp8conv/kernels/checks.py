@@ -60,17 +60,19 @@ def tensor_key(t) -> tuple | None:
     return (t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() % 16 == 0)
 
 
-def _part(p):
-    if isinstance(p, torch.Tensor) or p is None:
-        return tensor_key(p)
-    return tuple(p) if isinstance(p, list) else p
-
-
 def state_key(*parts):
-    """A launch-state key, or None where an argument is not what the checks accept (they then say why)."""
+    """A launch-state key: tensors as tensor_key gives them (inlined: this runs on every call), lists
+    as tuples, the rest as given; None where a part cannot be hashed (the checks then say why)."""
+    key = []
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            p = (p.shape, p.stride(), p.dtype, p.get_device(), p.data_ptr() % 16 == 0)
+        elif isinstance(p, list):
+            p = tuple(p)
+        key.append(p)
+    key = tuple(key)
     try:
-        key = tuple(_part(p) for p in parts)
         hash(key)
-        return key
     except TypeError:
         return None
+    return key
