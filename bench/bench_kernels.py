@@ -201,22 +201,21 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: str | No
         lambda i: fp4_like[i].copy_(bytes_src[i]),
         False,
     )
-    if sweep in ("all", "fp4", "quant"):
+    if sweep in ("all", "fp4") or (sweep == "quant" and "fp4" != "dequant"):
         saved = dict(f4.FP4_TILE)
         for groups, nw in ((64, 2), (64, 4), (128, 2), (128, 4), (256, 4), (256, 8)):
             f4.FP4_TILE.update(GROUPS=groups, num_warps=nw)
             row(f"  fp4 {groups} groups w{nw}", b_f4, fp4, False)
         f4.FP4_TILE.update(saved)
-    if sweep in ("all", "dequant"):
+    if sweep in ("all", "dequant") or (sweep == "quant" and "dequant" != "dequant"):
         saved = dict(tk.DEQUANT_TILE)
         for bm, bn, nw in ((64, 128, 4), (32, 256, 4), (16, 256, 4)):
             tk.DEQUANT_TILE.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
             row(f"  dequant tile {bm}x{bn} w{nw}", b_dq, dequant, False)
         tk.DEQUANT_TILE.update(saved)
-    if sweep in ("all", "act_quant", "quant"):
+    if sweep in ("all", "act_quant") or (sweep == "quant" and "act_quant" != "dequant"):
         saved = dict(tk.ACT_QUANT_TILE)
-        large = m * n >= tk.ACT_QUANT_TILE["LARGE"]
-        for key in ("ELEMS",) if large else ("small_ELEMS",):  # the one this shape uses
+        for key in ("ELEMS", "small_ELEMS"):  # whichever this shape uses
             for elems, nw in ((4096, 4), (8192, 8), (8192, 16), (16384, 8), (16384, 16)):
                 for div in (0, 2):
                     tk.ACT_QUANT_TILE[key] = elems
@@ -224,18 +223,12 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: str | No
                     tk.ACT_QUANT_TILE[key.replace("ELEMS", "div")] = div
                     row(f"  act_quant {key} {elems} w{nw} div{div}", b_aq, aquant, False)
                 tk.ACT_QUANT_TILE.update(saved)
-        # the persistent grid on large tensors: programs per multiprocessor x pipeline stages
-        for per_sm in (1, 2, 4, 8) if large else ():
-            for stages in (1, 2, 3):
-                tk.ACT_QUANT_TILE.update(persist_per_sm=per_sm, persist_stages=stages)
-                row(f"  act_quant persistent {per_sm}/SM, {stages} stages", b_aq, aquant, False)
-        tk.ACT_QUANT_TILE.update(saved)
         # whole short rows (shapes that take that path; row_ELEMS 0 turns it off)
-        for elems, nw in () if large else ((0, 2), (1024, 2), (1024, 4), (2048, 4)):
+        for elems, nw in ((0, 2), (1024, 2), (1024, 4), (2048, 4)):
             tk.ACT_QUANT_TILE.update(row_ELEMS=elems, row_num_warps=nw)
             row(f"  act_quant row_ELEMS {elems} w{nw}", b_aq, aquant, False)
         tk.ACT_QUANT_TILE.update(saved)
-    if sweep in ("all", "weight_quant", "quant"):
+    if sweep in ("all", "weight_quant") or (sweep == "quant" and "weight_quant" != "dequant"):
         saved = dict(tk.WEIGHT_QUANT)
         for nw in (4, 8, 16):
             for div in (0, 1, 2):

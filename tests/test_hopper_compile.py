@@ -76,7 +76,7 @@ def _triton_cases():
 
     dq = dict.fromkeys(("M", "N_div", "bm", "bn", "sm", "sn", "n_tiles_n"), "i32")
     wq = dict.fromkeys(("M", "N_div", "bm", "sm", "sn"), "i32")
-    aq = dict.fromkeys(("R", "K_div", "n_groups", "s_stride_r", "s_stride_g", "n_tiles"), "i32")
+    aq = dict.fromkeys(("R", "K_div", "n_groups", "s_stride_r", "s_stride_g"), "i32")
     gm = dict.fromkeys(("M", "N", "K", "KB", "M_BUCKET"), "i32")
     tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
     wq_c = dict(BN=128, ALIGN=8, BM_P=128, BN_P=128, SINGLE=True, OFFS64=False, FMAX=448.0, UE8M0=False)
@@ -105,21 +105,14 @@ def _triton_cases():
         "act_quant": (
             tk._act_quant_kernel,
             {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", **aq},
-            dict(G=128, ALIGN=16, BLOCK_R=16, G_P=128, NG_B=1, FMAX=448.0, UE8M0=False, DIV=2, PERSIST=False),
+            dict(G=128, ALIGN=16, BLOCK_R=16, G_P=128, NG_B=1, FMAX=448.0, UE8M0=False, DIV=2),
             {"num_warps": 4},
-            ["cvt.rn.satfinite.e4m3x2.f32"],
-        ),
-        "act_quant persistent": (
-            tk._act_quant_kernel,
-            {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", **aq},
-            dict(G=128, ALIGN=16, BLOCK_R=32, G_P=128, NG_B=1, FMAX=448.0, UE8M0=False, DIV=0, PERSIST=True),
-            {"num_warps": 4, "num_stages": 2},
             ["cvt.rn.satfinite.e4m3x2.f32"],
         ),
         "act_quant whole rows": (
             tk._act_quant_kernel,
             {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", **aq},
-            dict(G=128, ALIGN=8, BLOCK_R=1, G_P=128, NG_B=8, FMAX=448.0, UE8M0=False, DIV=2, PERSIST=False),
+            dict(G=128, ALIGN=8, BLOCK_R=1, G_P=128, NG_B=8, FMAX=448.0, UE8M0=False, DIV=2),
             {"num_warps": tk.ACT_QUANT_TILE["row_num_warps"]},
             ["cvt.rn.satfinite.e4m3x2.f32"],
         ),

@@ -74,10 +74,6 @@ ACT_QUANT_TILE = {
     "LARGE": 1 << 24,
     "row_ELEMS": 1024,
     "row_num_warps": 2,
-    # tensors of >= LARGE elements: a persistent grid of persist_per_sm programs per multiprocessor
-    # looping over the tiles, software-pipelined persist_stages deep (0: one tile per program)
-    "persist_per_sm": 0,
-    "persist_stages": 2,
 }
 WEIGHT_QUANT = {"num_warps": 8, "div": 1, "maxnreg_narrow": 128}
 # "maxnreg_narrow": a register cap for the one-pass 128 x 128 build where rows are only 8- or 4-element
@@ -279,18 +275,18 @@ def _dequant_state(q, s, block_size, out_dtype, out):
     return launch, (m, n // al, bm, bn, sm, sn, n_tiles_n)
 
 
-@triton.jit
-def _act_quant_tile(
-    pid,
+@triton.jit(do_not_specialize=["R", "n_groups"])
+def _act_quant_kernel(
     x_ptr,
     q_ptr,
     s_ptr,
     R,
-    K,
+    K_div,
     n_groups,
     s_stride_r,
     s_stride_g,
     G: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr,
     G_P: tl.constexpr,
     NG_B: tl.constexpr,
@@ -298,7 +294,12 @@ def _act_quant_tile(
     UE8M0: tl.constexpr,
     DIV: tl.constexpr,
 ):
-    """Tile pid of _act_quant_kernel: BLOCK_R rows of NG_B adjacent group columns."""
+    """x [R, K] -> codes [R, K], scales [R, n_groups] (strides s_stride_r, s_stride_g: row-major or
+    MN-major): one program quantizes BLOCK_R rows of NG_B adjacent group columns, each row of each
+    column its own 1 x g group (NG_B = 1 but for short rows, which go whole: one contiguous load per
+    row instead of one per group)."""
+    pid = tl.program_id(0)
+    K = K_div * ALIGN
     ac = tl.arange(0, G_P)
     n_gb = tl.cdiv(n_groups, NG_B)
     pid_r = pid // n_gb
@@ -315,74 +316,6 @@ def _act_quant_tile(
     tl.store(q_ptr + offs, q, mask=mask)
     s_offs = rows.to(tl.int64)[:, None] * s_stride_r + gis[None, :] * s_stride_g
     tl.store(s_ptr + s_offs, s, mask=row_ok[:, None] & (gis < n_groups)[None, :])
-
-
-@triton.jit(do_not_specialize=["R", "n_groups", "n_tiles"])
-def _act_quant_kernel(
-    x_ptr,
-    q_ptr,
-    s_ptr,
-    R,
-    K_div,
-    n_groups,
-    s_stride_r,
-    s_stride_g,
-    n_tiles,
-    G: tl.constexpr,
-    ALIGN: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    G_P: tl.constexpr,
-    NG_B: tl.constexpr,
-    FMAX: tl.constexpr,
-    UE8M0: tl.constexpr,
-    DIV: tl.constexpr,
-    PERSIST: tl.constexpr,
-):
-    """x [R, K] -> codes [R, K], scales [R, n_groups] (strides s_stride_r, s_stride_g: row-major or
-    MN-major): n_tiles tiles of BLOCK_R rows of NG_B adjacent group columns, each row of each column its
-    own 1 x g group (NG_B = 1 but for short rows, which go whole: one contiguous load per row instead
-    of one per group). One tile per program, or with PERSIST a grid-stride loop over the tiles (a
-    loop whose loads Triton can issue ahead of the previous tile's stores)."""
-    K = K_div * ALIGN
-    if PERSIST:
-        for pid in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            _act_quant_tile(
-                pid,
-                x_ptr,
-                q_ptr,
-                s_ptr,
-                R,
-                K,
-                n_groups,
-                s_stride_r,
-                s_stride_g,
-                G,
-                BLOCK_R,
-                G_P,
-                NG_B,
-                FMAX,
-                UE8M0,
-                DIV,
-            )
-    else:
-        _act_quant_tile(
-            tl.program_id(0),
-            x_ptr,
-            q_ptr,
-            s_ptr,
-            R,
-            K,
-            n_groups,
-            s_stride_r,
-            s_stride_g,
-            G,
-            BLOCK_R,
-            G_P,
-            NG_B,
-            FMAX,
-            UE8M0,
-            DIV,
-        )
 
 
 def _act_quant_launch(r: int, k: int, n_groups: int, s_strides: tuple, g: int, ue8m0: bool, fmax: float):
@@ -403,13 +336,7 @@ def _act_quant_launch(r: int, k: int, n_groups: int, s_strides: tuple, g: int, u
         elems = block_r * g_p
         num_warps = ACT_QUANT_TILE["small_num_warps" if small else "num_warps"] if elems >= 2048 else 4
     al = align(k)
-    n_tiles = triton.cdiv(r, block_r) * triton.cdiv(n_groups, ng_b)  # as the kernel counts them
-    per_sm = ACT_QUANT_TILE["persist_per_sm"]
-    persist = not small and per_sm > 0
-    grid = (min(n_tiles, per_sm * _sms()),) if persist else (n_tiles,)
-    opts = dict(num_warps=num_warps, **LAUNCH_OPTS)
-    if persist:
-        opts["num_stages"] = ACT_QUANT_TILE["persist_stages"]
+    grid = (triton.cdiv(r, block_r) * triton.cdiv(n_groups, ng_b),)  # as the kernel counts them
     launch = Launch(
         _act_quant_kernel,
         grid,
@@ -422,18 +349,10 @@ def _act_quant_launch(r: int, k: int, n_groups: int, s_strides: tuple, g: int, u
             FMAX=fmax,
             UE8M0=ue8m0,
             DIV=ACT_QUANT_TILE["small_div" if small else "div"],
-            PERSIST=persist,
         ),
-        opts,
+        dict(num_warps=num_warps, **LAUNCH_OPTS),
     )
-    return launch, (r, k // al, n_groups, *s_strides, n_tiles)
-
-
-def _sms() -> int:
-    """Multiprocessors of the current CUDA device (4 under the CPU interpreter)."""
-    if not torch.cuda.is_available():
-        return 4
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return launch, (r, k // al, n_groups, *s_strides)
 
 
 def act_quant_triton(

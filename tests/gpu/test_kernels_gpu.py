@@ -366,25 +366,6 @@ def test_act_quant_bit_exact(tk, shape, in_dtype, scale_fmt):
     assert (s.cpu() >= 2.0**-126).all()  # zero groups: the finite floor, never 0
 
 
-@pytest.mark.parametrize("per_sm, stages", [(1, 1), (2, 2), (4, 3)])
-@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
-def test_act_quant_persistent_bit_exact(tk, monkeypatch, per_sm, stages, scale_fmt):
-    """The persistent grid (a grid-stride loop over the tiles, software-pipelined), forced on the test
-    shapes by a lower LARGE: the same bytes as the torch path, MN-major scales too."""
-    monkeypatch.setitem(tk.ACT_QUANT_TILE, "LARGE", 1)
-    monkeypatch.setitem(tk.ACT_QUANT_TILE, "persist_per_sm", per_sm)
-    monkeypatch.setitem(tk.ACT_QUANT_TILE, "persist_stages", stages)
-    g = _gen()
-    for shape in [(576, 7168), (7000, 1000), (4, 300, 260), (1, 5)]:
-        x = random_activations(shape, torch.bfloat16, g)
-        qr, sr = ref.act_quant_torch(x, 128, scale_fmt)
-        for mn_major in (False, True):
-            poison(x.numel() * 2)
-            q, s = tk.act_quant_triton(x.cuda(), 128, scale_fmt, mn_major=mn_major)
-            assert_same_bytes(s.contiguous(), sr, f"persistent act scales {shape} {mn_major}")
-            assert_same_bytes(q, qr, f"persistent act codes {shape} {mn_major}")
-
-
 @pytest.mark.parametrize(
     "group, k", [(32, 7168), (64, 7168), (100, 7168), (256, 7168), (7168, 7168), (100, 400), (64, 512)]
 )
