@@ -15,6 +15,7 @@ from fp8conv.checkpoint.safetensors_io import (
     ITEMSIZE,
     TensorInfo,
 )
+from fp8conv.convert import decode
 from fp8conv.convert.options import DequantizeOptions, QuantizeOptions
 from fp8conv.errors import InvalidCheckpoint
 from fp8conv.formats import (
@@ -81,6 +82,7 @@ class ShardPlan:
     name: str
     metadata: dict[str, str] | None
     jobs: list[TensorJob] = field(default_factory=list)
+    indexed: bool = True  # named by the index (Mistral's consolidated.safetensors is not)
 
     @property
     def out_bytes(self) -> int:
@@ -106,11 +108,13 @@ class Plan:
 
     @property
     def weight_map(self) -> dict[str, str]:
-        return {j.name: s.name for s in self.shards for j in s.jobs}
+        """The output index's weight_map: the tensors of the shards the index lists."""
+        return {j.name: s.name for s in self.shards if s.indexed for j in s.jobs}
 
     @property
     def tensor_bytes(self) -> int:
-        return sum(s.out_bytes for s in self.shards)
+        """The output index's total_size."""
+        return sum(s.out_bytes for s in self.shards if s.indexed)
 
 
 def find_scale(ckpt: Checkpoint, weight: str) -> TensorInfo | None:
@@ -165,14 +169,14 @@ def plan_dequantize(ckpt: Checkpoint, opts: DequantizeOptions) -> Plan:
     found = detect(ckpt)
     shards = []
     for shard_name, header in ckpt.shards.items():
-        sp = ShardPlan(shard_name, header.metadata)
+        sp = ShardPlan(shard_name, header.metadata, indexed=shard_name not in ckpt.unindexed)
         for name, info in header.tensors.items():
             if name in found.artifacts:
                 continue
             w = found.weights.get(name)
             if w is not None:
                 job = TensorJob(w.out_name, "dequant", info, out_dtype, w.out_shape, scale=w.scale)
-                job.block, job.weight = w.layout.tile, w
+                job.block, job.weight = decode.kernel_tile(w), w
                 sp.jobs.append(job)
             else:
                 sp.jobs.append(
@@ -243,6 +247,12 @@ def skip_reason(info: TensorInfo, opts: QuantizeOptions) -> str | None:
 
 
 def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
+    for shard in ckpt.unindexed:
+        raise InvalidCheckpoint(
+            "Mistral's native tensors are not quantized by fp8conv",
+            file=ckpt.root / shard,
+            hint="quantize a folder without it (the HF shards and config.json)",
+        )
     for name, shard in ckpt.weight_map.items():
         info = ckpt.shards[shard].tensors[name]
         if info.dtype in FP8_WEIGHT_DTYPES:
