@@ -1,4 +1,4 @@
-"""Exhaustive check of the quantizers' division (fp8conv.kernels.triton_kernels._markstein) on a GPU.
+"""Exhaustive check of the quantizers' division (fp8conv.kernels.quant._markstein) on a GPU.
 
     python bench/div_check.py [--fp32-seconds 600]
 
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from fp8conv.kernels.triton_kernels import _markstein  # noqa: E402
+from fp8conv.kernels.quant import _markstein  # noqa: E402
 
 
 @triton.jit

@@ -319,3 +319,34 @@ def test_leftovers_are_found(plant, kind):
     assert (
         dequantized_leftovers(tensors if "tensor" not in plant else {"y.weight": ("BF16", "m")}, {}, []) == []
     )
+
+
+@pytest.mark.parametrize(
+    "scale,index",
+    [(torch.tensor(float("nan")), "[]"), (torch.tensor([1.0, 0.0, 1.0, 1.0]).reshape(4, 1), "[1, 0]")],
+)
+def test_bad_broadcast_scale_is_refused_at_its_stored_index(tmp_path, scale, index):
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(
+        {"a.weight": fp8_codes((4, 64), torch.Generator()), "a.weight_scale": scale},
+        src / "model.safetensors",
+        {"format": "pt"},
+    )
+    qc = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "g": {
+                "weights": {
+                    "num_bits": 8,
+                    "type": "float",
+                    "strategy": "tensor" if scale.dim() == 0 else "channel",
+                }
+            }
+        },
+    }
+    (src / "config.json").write_text(json.dumps({"quantization_config": qc}))
+    r = cli("dequantize", src, tmp_path / "out")
+    assert r.exit_code == 4, r.output
+    assert f"scale element {index}" in r.output and "a.weight_scale" in r.output

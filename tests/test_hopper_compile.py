@@ -14,7 +14,7 @@ def _compile(source_cls, kernel, sig: dict, cons: dict, **opts):
     """kernel compiled for sm_90a as its launcher would: sig the runtime arguments' types, cons the
     constexprs, pointers 16-byte aligned (as torch allocates them), fp8conv's launch options."""
     GPUTarget = _private("triton.backends.compiler.GPUTarget")
-    from fp8conv.kernels import triton_kernels as tk
+    from fp8conv.kernels.common import LAUNCH_OPTS
 
     sig = {**sig, **{k: "constexpr" for k in cons}}
     names = list(sig)
@@ -22,7 +22,7 @@ def _compile(source_cls, kernel, sig: dict, cons: dict, **opts):
     src = source_cls(
         fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in cons.items()}, attrs=attrs
     )
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={**opts, **tk.LAUNCH_OPTS})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={**opts, **LAUNCH_OPTS})
 
 
 def _private(what: str):
@@ -57,7 +57,7 @@ def _compile_gluon(block_n: int):
     cfg = G.WGMMA_CONFIG
     cons = {
         "GROUP_M": cfg["GROUP_M"],
-        "STAGES": cfg["STAGES"][block_n],
+        "STAGES": cfg[f"STAGES_{block_n}"],
         "CONSUMER_REGS": cfg["CONSUMER_REGS"],
         "PRODUCER_REGS": cfg["PRODUCER_REGS"],
     }
@@ -70,7 +70,9 @@ def _compile_triton(kernel, sig: dict, cons: dict, **opts):
 
 
 def _triton_cases():
-    from fp8conv.kernels import triton_kernels as tk
+    from fp8conv.kernels import fp4 as f4
+    from fp8conv.kernels import gemm as gk
+    from fp8conv.kernels import quant as tk
 
     dq = dict.fromkeys(("M", "N_div", "bm", "bn", "sm", "sn", "n_tiles_n"), "i32")
     wq = dict.fromkeys(("M", "N_div", "bm", "sm", "sn"), "i32")
@@ -114,8 +116,16 @@ def _triton_cases():
             {"num_warps": tk.ACT_QUANT_TILE["row_num_warps"]},
             ["cvt.rn.satfinite.e4m3x2.f32"],
         ),
+        "fp4_dequant": (
+            f4._fp4_dequant_kernel,
+            {"b_ptr": "*u8", "s_ptr": "*u8", "y_ptr": "*bf16", "R": "i32"},
+            dict(BLOCK_R=f4.FP4_TILE["GROUPS"]),
+            {"num_warps": f4.FP4_TILE["num_warps"]},
+            # 16-byte code loads and 16-byte output stores (each thread writes 32 contiguous outputs)
+            ["ld.global.v4.b32", "st.global.v4.b32"],
+        ),
         "fp8_gemm pointers": (
-            tk._fp8_gemm_kernel,
+            gk._fp8_gemm_kernel,
             {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "as_ptr": "*fp32", "bs_ptr": "*fp32"}
             | gm,
             dict(tile, EVEN_K=True),

@@ -258,3 +258,66 @@ def test_resolve_device():
             kernels.resolve_device("cuda")
     with pytest.raises(Exception, match="--device"):
         kernels.resolve_device("tpu")
+
+
+# ---- launch-state keys (fp8conv.kernels.checks.state_key): what a cached GPU launch depends on ----
+
+
+def test_state_key_separates_what_a_launch_depends_on():
+    """Two calls share a launch state only when shapes, strides, dtypes, devices, pointer alignment and
+    the other arguments all agree; the key is computed on CPU tensors the same way as on GPU ones."""
+    from fp8conv.kernels.checks import state_key
+
+    base = torch.zeros(64, 96, dtype=torch.bfloat16)
+    key = state_key("wq", base, (128, 128), "float", None)
+    assert key == state_key("wq", torch.ones(64, 96, dtype=torch.bfloat16), [128, 128], "float", None)
+    storage = torch.zeros(64 * 96 + 8, dtype=torch.bfloat16)
+    others = {
+        "shape": torch.zeros(65, 96, dtype=torch.bfloat16),
+        "dtype": torch.zeros(64, 96, dtype=torch.float16),
+        "strides": torch.zeros(96, 64, dtype=torch.bfloat16).t(),
+        "alignment": storage[1 : 1 + 64 * 96].view(64, 96),
+        "device": torch.zeros(64, 96, dtype=torch.bfloat16, device="meta"),
+    }
+    assert others["alignment"].data_ptr() % 16 != 0
+    for what, t in others.items():
+        if what == "device":
+            # meta and CPU tensors both report device index -1; CUDA tensors their index, so a
+            # tensor on another GPU (or on the CPU beside a GPU operand) gives another key
+            assert t.get_device() == base.get_device() == -1
+            continue
+        assert state_key("wq", t, (128, 128), "float", None) != key, what
+    assert state_key("wq", base, (1, 128), "float", None) != key
+    assert state_key("wq", base, (128, 128), "ue8m0", None) != key
+    assert state_key("wq", base, (128, 128), "float", torch.empty(64, 96)) != key  # an out= buffer
+    assert state_key("wq", base, {"unhashable": 1}) is None  # then no state is cached: the checks speak
+
+
+def test_public_functions_write_out_buffers_on_cpu():
+    """out= on the CPU paths: the result lands in the caller's buffer, which is returned; a wrong
+    buffer is refused."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(130, 260, generator=gen).to(torch.bfloat16)
+    q_ref, s_ref = kernels.weight_quant(x)
+    q_out, s_out = torch.empty_like(q_ref), torch.full_like(s_ref, float("nan"))
+    q, s = kernels.weight_quant(x, out=(q_out, s_out))
+    assert q is q_out and s is s_out
+    assert_bits_equal(q, q_ref)
+    assert_bits_equal(s, s_ref)
+    y_out = torch.empty(130, 260, dtype=torch.bfloat16)
+    assert kernels.weight_dequant(q, s, out=y_out) is y_out
+    assert_bits_equal(y_out, kernels.weight_dequant(q, s))
+    aq_ref, as_ref = kernels.act_quant(x, mn_major=True)
+    as_out = torch.empty(3, 130).t()
+    aq, as_ = kernels.act_quant(x, mn_major=True, out=(None, as_out))
+    assert as_ is as_out
+    assert_bits_equal(as_.contiguous(), as_ref.contiguous())
+    c_out = torch.empty(130, 130)
+    assert kernels.fp8_gemm(aq, as_, q, s, torch.float32, out=c_out) is c_out
+    assert_bits_equal(c_out, kernels.fp8_gemm(aq, as_, q, s, torch.float32))
+    with pytest.raises(ValueError, match="shape"):
+        kernels.weight_dequant(q, s, out=y_out[:1])
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.fp8_gemm(aq, as_, q, s, torch.bfloat16, out=c_out)
+    with pytest.raises(ValueError, match="strides"):
+        kernels.act_quant(x, mn_major=True, out=(None, torch.empty(130, 3)))

@@ -14,6 +14,12 @@ What the interpreter can and cannot prove (measured with triton 3.9 on CPU):
   own encoder applied to the correctly rounded quotient x / s computed by torch (when that private
   function exists), and always within a tolerance against reference.py's codes.
 - The GEMM runs there through numpy in float32; it is compared within float32 rounding.
+- FP4 (e2m1) dequantization: every e2m1 value times a power of two is exact in float32 and in bf16
+  (two significant bits), so float32 output is compared bit for bit and bf16 too, but for bf16
+  subnormals, which the interpreter's cast truncates; NaN (scale byte 255) by position.
+- The cached launch state: repeated calls with new data, other shapes in between, give the same
+  results as fresh calls (the interpreter always launches through the JIT; the direct launch of the
+  compiled kernel is a GPU test).
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
     import numpy as np
     import torch
 
+    from fp8conv.kernels import gemm as gk
+    from fp8conv.kernels import quant as tk
     from fp8conv.kernels import reference as ref
-    from fp8conv.kernels import triton_kernels as tk
 
     try:
         import triton.language as tl
@@ -166,8 +173,11 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
             f"strides {s.stride()} " + first_diff(s.contiguous().view(torch.int32), sr.view(torch.int32)),
         )
     # int64 in-tile offsets (taken for rows x row length >= 2**31; forced here by a lower limit)
+    from fp8conv.kernels.common import clear_launch_state
+
     limit = tk._OFFS32_LIMIT
     tk._OFFS32_LIMIT = 0
+    clear_launch_state()  # the limit is read when a launch state is built
     try:
         x = rand_x((129, 257), torch.bfloat16)
         q, s = tk.weight_quant_triton(x, (128, 128), "float")
@@ -176,6 +186,7 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
         check_quant("quant int64 offsets (129, 257)", x, q, s, qr, sr, s_full)
     finally:
         tk._OFFS32_LIMIT = limit
+        clear_launch_state()
     # the two-pass (looped) quantization path: a block larger than one register tile
     x = torch.randn(2, 100, 300, generator=gen)
     x[1, 50, 100] = 1e4
@@ -189,18 +200,63 @@ def _child() -> None:  # runs under TRITON_INTERPRET=1
         b = torch.randn(n, k, generator=gen)
         aq, a_s = ref.act_quant_torch(a, 128)
         bq, b_s = ref.weight_quant_torch(b, (128, 128))
-        c = tk.fp8_gemm_triton(aq, a_s, bq, b_s, torch.float32)
+        c = gk.fp8_gemm_triton(aq, a_s, bq, b_s, torch.float32)
         want = ref.fp8_gemm_torch(aq, a_s, bq, b_s, torch.float64, acc_dtype=torch.float64)
         err = ((c.double() - want).norm() / want.norm()).item()
         emit(f"gemm {m}x{n}x{k}", err < 1e-5 and not c.isnan().any(), err)
         # MN-major A scales: the same products (the Triton kernels take a row-major copy)
-        c_mn = tk.fp8_gemm_triton(aq, ref.to_mn_major(a_s), bq, b_s, torch.float32)
+        c_mn = gk.fp8_gemm_triton(aq, ref.to_mn_major(a_s), bq, b_s, torch.float32)
         emit(f"gemm mn-major {m}x{n}x{k}", torch.equal(c_mn, c), first_diff(c_mn, c))
+    # --- fp4 (e2m1) dequant: float32 and bf16 bit for bit, NaN by position -------------------------
+    from fp8conv.kernels import fp4 as f4
+
+    for shape in [(1, 16), (3, 7, 16), (2, 5, 33, 16), (300, 16)]:
+        blocks = torch.randint(0, 256, shape, dtype=torch.int32, generator=gen).to(torch.uint8)
+        sc = torch.randint(0, 256, shape[:-1], dtype=torch.int32, generator=gen).to(torch.uint8)
+        for dt in (torch.float32, torch.bfloat16):
+            y = f4.fp4_dequant_triton(blocks, sc, dt)
+            want = ref.fp4_dequant_torch(blocks, sc, dt)
+            keep = ~want.isnan()
+            if dt == torch.bfloat16:
+                # the interpreter's float32 -> bf16 cast truncates subnormals (2**-133 .. 2**-126, from
+                # scale bytes 0 and 1); the GPU tests compare those bit for bit
+                keep &= (want == 0) | (want.abs() >= 2.0**-126)
+            iv = torch.int32 if dt == torch.float32 else torch.int16
+            ok = torch.equal(y.isnan(), want.isnan()) and torch.equal(y[keep].view(iv), want[keep].view(iv))
+            emit(f"fp4 {shape} {dt}", ok, first_diff(y[keep].view(iv), want[keep].view(iv)))
+        y8 = f4.fp4_dequant_triton(blocks.view(torch.int8), sc, torch.float32)
+        want = ref.fp4_dequant_torch(blocks, sc, torch.float32)
+        emit(
+            f"fp4 int8 storage {shape}",
+            torch.equal(y8.isnan(), want.isnan())
+            and torch.equal(y8.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32)),
+            "",
+        )
+
+    # --- cached launch state: the same shapes again with new data, after other shapes ------------
+    for rnd in range(2):
+        for shape in [(129, 257), (20, 257), (129, 257)]:
+            x = rand_x(shape, torch.float32)
+            q, s = tk.weight_quant_triton(x, (128, 128), "float")
+            qr, sr = ref.weight_quant_torch(x, (128, 128), "float")
+            emit(
+                f"state quant {shape} round {rnd}", torch.equal(s.view(torch.int32), sr.view(torch.int32)), ""
+            )
+            q = codes(shape, torch.float8_e4m3fn)
+            s = scales(ref.scale_grid(shape, (128, 128)))
+            y = tk.weight_dequant_triton(q, s, (128, 128), torch.float32)
+            want = ref.weight_dequant_torch(q, s, (128, 128), torch.float32)
+            emit(
+                f"state dequant {shape} round {rnd}",
+                torch.equal(y.view(torch.int32), want.view(torch.int32)),
+                "",
+            )
+
     # a scale tensor that is neither row-major nor MN-major is refused, not misread
     aq, a_s = ref.act_quant_torch(torch.randn(6, 256, generator=gen), 128)
     bq, b_s = ref.weight_quant_torch(torch.randn(130, 256, generator=gen), (128, 128))
     try:
-        tk.fp8_gemm_triton(aq, torch.empty(6, 4)[:, ::2].copy_(a_s), bq, b_s)
+        gk.fp8_gemm_triton(aq, torch.empty(6, 4)[:, ::2].copy_(a_s), bq, b_s)
         emit("gemm refuses strided a_scale", False, "no error")
     except ValueError as ex:
         emit("gemm refuses strided a_scale", "MN-major" in str(ex), ex)
@@ -243,6 +299,14 @@ def test_interpreter_act_quant(results):
 
 def test_interpreter_gemm(results):
     _check(results, "gemm ")
+
+
+def test_interpreter_fp4(results):
+    _check(results, "fp4 ")
+
+
+def test_interpreter_cached_state(results):
+    _check(results, "state ")
 
 
 if __name__ == "__main__" and "--child" in sys.argv:

@@ -1,18 +1,25 @@
 """Block-FP8 kernels and the one place that picks a backend.
 
-Public functions take tensors on any device: CUDA tensors go to the Triton kernels
-(`triton_kernels.py`), CPU tensors to the torch paths (`reference.py`). The outputs of
-`weight_dequant`, `weight_quant` and `act_quant` are byte-identical on both.
+Public functions take tensors on any device: CUDA tensors go to the Triton kernels, CPU tensors to
+the torch paths (`reference.py`). The outputs of `weight_dequant`, `weight_quant` and `act_quant` are
+byte-identical on both. Every function takes `out=` (buffers on the input's device to write into and
+return; for the quantizers a pair (codes, scales), either of which may be None).
 
-    weight_dequant(q, s, block_size=(128, 128), out_dtype=torch.bfloat16) -> y
-    weight_quant(x, block_size=(128, 128), scale_fmt="float") -> (q, s)
-    act_quant(x, group_size=128, scale_fmt="float", mn_major=False) -> (q, s)
-    fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> a @ b.T, dequantized
-    fp4_dequant(blocks, scales, out_dtype=torch.bfloat16) -> y   (MX FP4: e2m1 codes, e8m0 scales)
+    weight_dequant(q, s, block_size=(128, 128), out_dtype=torch.bfloat16, out=None) -> y
+    weight_quant(x, block_size=(128, 128), scale_fmt="float", out=None) -> (q, s)
+    act_quant(x, group_size=128, scale_fmt="float", mn_major=False, out=None) -> (q, s)
+    fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, out=None) -> a @ b.T, dequantized
+    fp4_dequant(blocks, scales, out_dtype=torch.bfloat16, out=None) -> y   (MX FP4: e2m1 codes, e8m0 scales)
 
 fp8_gemm takes a_scale row-major (as act_quant returns it by default) or MN-major
 (act_quant(..., mn_major=True), the layout cuBLAS's blockwise GEMM takes); on Hopper the MN-major
 one is faster to read (bench/NOTES.md).
+
+Kernel families, one file each (each @triton.jit kernel directly above its launcher): `quant.py`
+(weight_dequant, weight_quant, act_quant), `gemm.py` (the Triton GEMMs and fp8_gemm's launcher),
+`gluon_gemm.py` (the Hopper GEMM), `fp4.py` (FP4 e2m1 dequantization); `common.py` holds what they
+share (launch options, the cached launch state), `checks.py` the argument checks. The GPU launchers
+keep per-shape launch state, so a repeated call with the same shapes costs little host time.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import functools
 import torch
 
 from fp8conv.errors import UsageError
+from fp8conv.kernels.checks import check_out, check_tensor
 from fp8conv.kernels.reference import (
     BLOCK,
     FP8_E4M3_MAX,
@@ -50,6 +58,8 @@ __all__ = [
     "weight_quant",
 ]
 
+Out = tuple[torch.Tensor | None, torch.Tensor | None] | None
+
 
 @functools.cache
 def triton_status() -> tuple[bool, str]:
@@ -59,7 +69,7 @@ def triton_status() -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
 
-        from fp8conv.kernels import triton_kernels  # noqa: F401
+        from fp8conv.kernels import gemm, quant  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the install
         return False, f"Triton is not usable: {e}"
     return True, "ok"
@@ -91,51 +101,104 @@ def resolve_device(spec: str = "auto") -> tuple[torch.device, str | None]:
     raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {spec!r}")
 
 
-def _backend(t: torch.Tensor):
-    if t.is_cuda:
-        from fp8conv.kernels import triton_kernels
+def _into(name: str, result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The torch paths' result written into a caller's buffer (checked first)."""
+    if out is None:
+        return result
+    check_out(name, out, result.shape, result.dtype, result.device)
+    return out.copy_(result)
 
-        return triton_kernels, "triton"
-    return None, "torch"
 
-
-def weight_dequant(q, s, block_size=(BLOCK, BLOCK), out_dtype=torch.bfloat16):
+def weight_dequant(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    block_size: tuple[int, int] = (BLOCK, BLOCK),
+    out_dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Dequantize FP8 weights [..., M, N] with block scales (float32, e8m0 or uint8 exponents)."""
     s = scale_to_float32(s)
-    mod, _ = _backend(q)
-    if mod is None:
-        return weight_dequant_torch(q, s, tuple(block_size), out_dtype)
-    return mod.weight_dequant_triton(q, s, tuple(block_size), out_dtype)
+    if q.is_cuda:
+        from fp8conv.kernels.quant import weight_dequant_triton
+
+        return weight_dequant_triton(q, s, tuple(block_size), out_dtype, out=out)
+    if out is not None:
+        check_out("out", out, q.shape, out_dtype, q.device)
+    return weight_dequant_torch(q, s, tuple(block_size), out_dtype, out=out)
 
 
-def weight_quant(x, block_size=(BLOCK, BLOCK), scale_fmt="float"):
+def weight_quant(
+    x: torch.Tensor,
+    block_size: tuple[int, int] = (BLOCK, BLOCK),
+    scale_fmt: str = "float",
+    out: Out = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize float weights [..., M, N] to e4m3 codes and float32 block scales."""
-    mod, _ = _backend(x)
-    if mod is None:
-        return weight_quant_torch(x, tuple(block_size), scale_fmt)
-    return mod.weight_quant_triton(x, tuple(block_size), scale_fmt)
+    if x.is_cuda:
+        from fp8conv.kernels.quant import weight_quant_triton
+
+        return weight_quant_triton(x, tuple(block_size), scale_fmt, out=out)
+    q_out, s_out = (None, None) if out is None else out
+    if q_out is not None:
+        check_out("out[0]", q_out, x.shape, torch.float8_e4m3fn, x.device)
+    q, s = weight_quant_torch(x, tuple(block_size), scale_fmt, q_out=q_out)
+    return q, _into("out[1]", s, s_out)
 
 
-def act_quant(x, group_size=BLOCK, scale_fmt="float", mn_major=False):
+def act_quant(
+    x: torch.Tensor,
+    group_size: int = BLOCK,
+    scale_fmt: str = "float",
+    mn_major: bool = False,
+    out: Out = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations [..., K] per 1 x group_size group (an all-zero group gets a finite scale).
     mn_major=True stores the scales [..., G] with stride 1 along the leading dimensions (same values)."""
-    mod, _ = _backend(x)
-    if mod is None:
-        return act_quant_torch(x, group_size, scale_fmt, mn_major=mn_major)
-    return mod.act_quant_triton(x, group_size, scale_fmt, mn_major=mn_major)
+    if x.is_cuda:
+        from fp8conv.kernels.quant import act_quant_triton
+
+        return act_quant_triton(x, group_size, scale_fmt, mn_major=mn_major, out=out)
+    q_out, s_out = (None, None) if out is None else out
+    q, s = act_quant_torch(x, group_size, scale_fmt, mn_major=mn_major)
+    if s_out is not None:
+        check_tensor("out[1]", s_out, (torch.float32,), x.device, contiguous=False)
+        if tuple(s_out.shape) != tuple(s.shape) or s_out.stride() != s.stride():
+            raise ValueError(
+                f"out[1] has shape {tuple(s_out.shape)} and strides {s_out.stride()}; expected "
+                f"{tuple(s.shape)} and {s.stride()} ({'MN-major' if mn_major else 'row-major'})"
+            )
+        s = s_out.copy_(s)
+    return _into("out[0]", q, q_out), s
 
 
-def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+def fp8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """C = A @ B^T from FP8 operands: A [..., K] with 1x128 group scales [..., ceil(K/128)], B [N, K]
     with 128x128 block scales [ceil(N/128), ceil(K/128)]. Any M, N, K. Triton on CUDA, torch on CPU."""
-    mod, _ = _backend(a)
-    if mod is None:
-        return fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype)
-    return mod.fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype)
+    if a.is_cuda:
+        from fp8conv.kernels.gemm import fp8_gemm_triton
+
+        return fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, out=out)
+    return _into("out", fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype), out)
 
 
-def fp4_dequant(blocks, scales, out_dtype=torch.bfloat16):
+def fp4_dequant(
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Dequantize MX FP4 blocks uint8 [..., G, 16] (two e2m1 codes a byte, low nibble first) with e8m0
-    exponent bytes [..., G]; returns [..., G*32]. The torch path on every device for now (its
-    elementwise ops run on the tensor's device); a Triton kernel goes here, bit-exact to it."""
-    return fp4_dequant_torch(blocks, scales, out_dtype)
+    exponent bytes [..., G]; returns [..., G*32]. Triton on CUDA (fp4.py, bit-identical to the torch
+    path), torch on CPU."""
+    if blocks.is_cuda:
+        from fp8conv.kernels.fp4 import fp4_dequant_triton
+
+        return fp4_dequant_triton(blocks, scales.to(blocks.device, non_blocking=True), out_dtype, out=out)
+    return _into("out", fp4_dequant_torch(blocks, scales, out_dtype), out)

@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from fp8conv.kernels.triton_kernels import LAUNCH_OPTS, _grouped_tile
+from fp8conv.kernels.common import LAUNCH_OPTS, Launch, desc_like, grouped_tile
 
 # The TMA tile load and the cp.async copy are tma / async_copy.async_copy_global_to_shared in Triton
 # 3.6 (the version this kernel is measured and tested with); later versions call them async_load and
@@ -52,7 +52,7 @@ from fp8conv.kernels.triton_kernels import LAUNCH_OPTS, _grouped_tile
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
-__all__ = ["fp8_gemm_wgmma", "usable", "block_n_for", "WGMMA_CONFIG"]
+__all__ = ["fp8_gemm_wgmma", "prepare", "usable", "block_n_for", "WGMMA_CONFIG"]
 
 # 128-row tiles (two consumer warpgroups of 64 rows). BLOCK_N 128, or 64 where 128-wide tiles would
 # leave multiprocessors idle (block_n_for). Measured on an H100 (bench/NOTES.md): a 192-row tile with
@@ -61,7 +61,8 @@ __all__ = ["fp8_gemm_wgmma", "usable", "block_n_for", "WGMMA_CONFIG"]
 WGMMA_CONFIG = {
     "BLOCK_M": 128,
     "GROUP_M": 8,
-    "STAGES": {128: 4, 64: 6},  # per BLOCK_N: 32 KB and 24 KB of tiles per stage
+    "STAGES_128": 4,  # stages for BLOCK_N 128 and 64: 32 KB and 24 KB of tiles per stage
+    "STAGES_64": 6,
     "CONSUMER_REGS": 232,
     "PRODUCER_REGS": 40,
     # a 64-wide tile does this much of a 128-wide one's work per unit time (sweep at M = 256-4096)
@@ -73,7 +74,7 @@ WGMMA_CONFIG = {
 def _tile(t, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
     """Tile t's (row, column) offsets in the Triton kernels' grouped order (GROUP_M row tiles sweep
     the N tiles together, so B tiles stay in L2)."""
-    pid_m, pid_n = _grouped_tile(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     return pid_m * BLOCK_M, pid_n * BLOCK_N
 
 
@@ -280,34 +281,48 @@ def block_n_for(m: int, n: int, sms: int) -> int:
     return 64 if busy(64) * WGMMA_CONFIG["N64_EFFICIENCY"] > busy(128) else 128
 
 
+class _WgmmaRun:
+    """The Gluon kernel for one problem: tile width, grid and shared layouts chosen once, descriptor
+    templates that hold no tensor (each call copies one over its operand), the launch."""
+
+    def __init__(self, a2, a_scale2, b, b_scale, block_n: int | None = None):
+        m, k = a2.shape
+        n = b.shape[0]
+        sms = _sms(a2.device)
+        bn = block_n or block_n_for(m, n, sms)
+        lay_a = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
+        lay_b = gl.NVMMASharedLayout.get_default_for([bn, 128], gl.float8e4nv)
+        self.a_tmpl = TensorDescriptor.from_tensor(a2, [64, 128], lay_a)
+        self.b_tmpl = TensorDescriptor.from_tensor(b, [bn, 128], lay_b)
+        self.a_tmpl.base = self.b_tmpl.base = None
+        tiles = triton.cdiv(m, WGMMA_CONFIG["BLOCK_M"]) * triton.cdiv(n, bn)
+        self.launch = Launch(
+            _fp8_gemm_wgmma_kernel,
+            (min(tiles, sms),),
+            dict(
+                GROUP_M=WGMMA_CONFIG["GROUP_M"],
+                STAGES=WGMMA_CONFIG[f"STAGES_{bn}"],
+                CONSUMER_REGS=WGMMA_CONFIG["CONSUMER_REGS"],
+                PRODUCER_REGS=WGMMA_CONFIG["PRODUCER_REGS"],
+            ),
+            dict(num_warps=4, **LAUNCH_OPTS),
+        )
+        self.ints = (m, n, triton.cdiv(k, 128), a_scale2.stride(0), a_scale2.stride(1))
+
+    def __call__(self, a, a_scale, b, b_scale, c):
+        """a and a_scale may be the N-d tensors whose 2-D views built this run (same storage)."""
+        self.launch(desc_like(self.a_tmpl, a), desc_like(self.b_tmpl, b), c, a_scale, b_scale, *self.ints)
+
+
+def prepare(a2, a_scale2, b, b_scale, block_n: int | None = None) -> _WgmmaRun:
+    """The launch state for c = fp8_gemm_wgmma(a2, a_scale2, b, b_scale, c): call it with the
+    operands (any with the same shapes, strides, dtypes, device and alignment) and c."""
+    return _WgmmaRun(a2, a_scale2, b, b_scale, block_n)
+
+
 def fp8_gemm_wgmma(a2, a_scale2, b, b_scale, c, block_n: int | None = None) -> torch.Tensor:
     """c[M, N] = (a2 * a_scale2) @ (b * b_scale)^T, operands as fp8_gemm_triton's (checked there);
-    a_scale2 is [M, ceil(K/128)] with any strides."""
-    m, k = a2.shape
-    n = b.shape[0]
-    sms = _sms(a2.device)
-    bn = block_n or block_n_for(m, n, sms)
-    lay_a = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
-    lay_b = gl.NVMMASharedLayout.get_default_for([bn, 128], gl.float8e4nv)
-    a_desc = TensorDescriptor.from_tensor(a2, [64, 128], lay_a)
-    b_desc = TensorDescriptor.from_tensor(b, [bn, 128], lay_b)
-    tiles = triton.cdiv(m, WGMMA_CONFIG["BLOCK_M"]) * triton.cdiv(n, bn)
-    _fp8_gemm_wgmma_kernel[(min(tiles, sms),)](
-        a_desc,
-        b_desc,
-        c,
-        a_scale2,
-        b_scale,
-        m,
-        n,
-        triton.cdiv(k, 128),
-        a_scale2.stride(0),
-        a_scale2.stride(1),
-        GROUP_M=WGMMA_CONFIG["GROUP_M"],
-        STAGES=WGMMA_CONFIG["STAGES"][bn],
-        CONSUMER_REGS=WGMMA_CONFIG["CONSUMER_REGS"],
-        PRODUCER_REGS=WGMMA_CONFIG["PRODUCER_REGS"],
-        num_warps=4,
-        **LAUNCH_OPTS,
-    )
+    a_scale2 is [M, ceil(K/128)] with any strides. Builds the launch state every call (fp8_gemm_triton
+    keeps it)."""
+    prepare(a2, a_scale2, b, b_scale, block_n)(a2, a_scale2, b, b_scale, c)
     return c

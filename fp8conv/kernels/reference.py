@@ -1,6 +1,6 @@
 """Torch paths of the block-FP8 kernels: the CPU implementation and the oracle for the Triton ones.
 
-Every function here has a Triton twin in `triton_kernels.py` with the same signature and, for
+Every function here has a Triton twin (`quant.py`, `gemm.py`) with the same signature and, for
 `weight_dequant`, `weight_quant` and `act_quant`, the same output bytes. The numerics, fixed for both:
 
   dequantize:  y = cast_out(fp32(q) * s)                         one fp32 multiply, one RNE cast

@@ -54,11 +54,39 @@ FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
+@pytest.fixture(autouse=True)
+def fresh_launch_state():
+    """Tuning tables and FP8CONV_GEMM_* switches are read when a launch state is built: every test
+    starts (and leaves) with none cached, so what it patches takes effect."""
+    from fp8conv.kernels.common import clear_launch_state
+
+    clear_launch_state()
+    yield
+    clear_launch_state()
+
+
+def _switch(monkeypatch, name: str, value: str) -> None:
+    """Set an FP8CONV_GEMM_* switch for the calls that follow (new launch states)."""
+    from fp8conv.kernels.common import clear_launch_state
+
+    monkeypatch.setenv(name, value)
+    clear_launch_state()
+
+
 @pytest.fixture(scope="module")
 def tk():
-    from fp8conv.kernels import triton_kernels
+    """The quantize / dequantize family."""
+    from fp8conv.kernels import quant
 
-    return triton_kernels
+    return quant
+
+
+@pytest.fixture(scope="module")
+def gk():
+    """The GEMM family."""
+    from fp8conv.kernels import gemm
+
+    return gemm
 
 
 def _gen() -> torch.Generator:
@@ -409,9 +437,9 @@ def _gemm_operands(m, n, k, g):
     return aq, as_, bq, bs
 
 
-def _check_gemm(tk, aq, as_, bq, bs, out_dtype, what):
+def _check_gemm(gk, aq, as_, bq, bs, out_dtype, what):
     poison(aq.shape[0] * bq.shape[0] * 4)
-    c = tk.fp8_gemm_triton(aq.cuda(), as_.cuda(), bq.cuda(), bs.cuda(), out_dtype)
+    c = gk.fp8_gemm_triton(aq.cuda(), as_.cuda(), bq.cuda(), bs.cuda(), out_dtype)
     assert c.dtype == out_dtype and c.shape == (*aq.shape[:-1], bq.shape[0])
     c = c.cpu()
     assert not c.isnan().any(), f"{what}: NaN in the output"
@@ -425,26 +453,26 @@ def _check_gemm(tk, aq, as_, bq, bs, out_dtype, what):
 # on Hopper (1040: a ragged last K block zero-filled by TMA).
 @pytest.mark.parametrize("nk", [(1000, 300), (384, 1040), (130, 200), (256, 4096)], ids=str)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fp8_gemm_ragged(tk, m, nk, out_dtype):
+def test_fp8_gemm_ragged(gk, m, nk, out_dtype):
     n, k = nk
     aq, as_, bq, bs = _gemm_operands(m, n, k, _gen())
-    _check_gemm(tk, aq, as_, bq, bs, out_dtype, f"gemm {m}x{n}x{k}")
+    _check_gemm(gk, aq, as_, bq, bs, out_dtype, f"gemm {m}x{n}x{k}")
 
 
 @pytest.mark.parametrize("nk", [(7168, 18432), (24576, 1536), (4096, 7168), (7168, 2048)], ids=str)
-def test_fp8_gemm_model_shapes(tk, nk):
+def test_fp8_gemm_model_shapes(gk, nk):
     n, k = nk
     aq, as_, bq, bs = _gemm_operands(128, n, k, _gen())
-    _check_gemm(tk, aq, as_, bq, bs, torch.bfloat16, f"gemm 128x{n}x{k}")
+    _check_gemm(gk, aq, as_, bq, bs, torch.bfloat16, f"gemm 128x{n}x{k}")
 
 
 @pytest.mark.parametrize("kernel", ["wgmma", "tma", "pointer"])
 @pytest.mark.parametrize("mnk", [(300, 1000, 1040), (4096, 384, 7168), (257, 7168, 2048)], ids=str)
-def test_fp8_gemm_each_kernel(tk, monkeypatch, kernel, mnk):
+def test_fp8_gemm_each_kernel(gk, monkeypatch, kernel, mnk):
     """The Gluon (warp-specialized), TMA and pointer kernels on the same problems: M and N ragged,
     K % 128 != 0, and model shapes."""
     monkeypatch.setenv("FP8CONV_GEMM_WGMMA", "1" if kernel == "wgmma" else "0")
-    monkeypatch.setattr(tk, "GEMM_WGMMA_MIN_M", 0)  # the Gluon kernel at any M it accepts
+    monkeypatch.setattr(gk, "GEMM_WGMMA_MIN_M", 0)  # the Gluon kernel at any M it accepts
     monkeypatch.setenv("FP8CONV_GEMM_TMA", "0" if kernel == "pointer" else "1")
     if kernel == "wgmma":
         from fp8conv.kernels import gluon_gemm
@@ -454,10 +482,10 @@ def test_fp8_gemm_each_kernel(tk, monkeypatch, kernel, mnk):
         )
     aq, as_, bq, bs = _gemm_operands(*mnk, _gen())
     for out_dtype in (torch.float32, torch.bfloat16):
-        _check_gemm(tk, aq, as_, bq, bs, out_dtype, f"gemm {mnk} {kernel} {out_dtype}")
+        _check_gemm(gk, aq, as_, bq, bs, out_dtype, f"gemm {mnk} {kernel} {out_dtype}")
 
 
-def test_fp8_gemm_falls_back_when_gluon_does_not_compile(tk, monkeypatch):
+def test_fp8_gemm_falls_back_when_gluon_does_not_compile(gk, monkeypatch):
     """A Triton whose Gluon API the Hopper kernel does not compile with: fp8_gemm warns once and
     gives the Triton kernels' bits."""
     import ast
@@ -472,9 +500,9 @@ def test_fp8_gemm_falls_back_when_gluon_does_not_compile(tk, monkeypatch):
     a, a_s = ref.act_quant_torch(torch.randn(300, 1024, generator=g))
     b, b_s = ref.weight_quant_torch(torch.randn(512, 1024, generator=g))
     args = (a.cuda(), a_s.cuda(), b.cuda(), b_s.cuda())
-    monkeypatch.setenv("FP8CONV_GEMM_WGMMA", "0")
-    want = tk.fp8_gemm_triton(*args)
-    monkeypatch.setenv("FP8CONV_GEMM_WGMMA", "1")
+    _switch(monkeypatch, "FP8CONV_GEMM_WGMMA", "0")
+    want = gk.fp8_gemm_triton(*args)
+    _switch(monkeypatch, "FP8CONV_GEMM_WGMMA", "1")
     calls = []
 
     def broken(*a, **k):
@@ -484,12 +512,13 @@ def test_fp8_gemm_falls_back_when_gluon_does_not_compile(tk, monkeypatch):
         except RuntimeError as inner:
             raise CompilationError("x = 1", ast.parse("x = 1").body[0], None) from inner
 
-    monkeypatch.setattr(gluon_gemm, "fp8_gemm_wgmma", broken)
-    monkeypatch.setattr(tk, "_WGMMA_BROKEN", [])
+    # the launch state is built as usual; its first launch (where Triton compiles) fails
+    monkeypatch.setattr(gluon_gemm, "prepare", lambda *a, **k: broken)
+    monkeypatch.setattr(gk, "_WGMMA_BROKEN", [])
     with pytest.warns(RuntimeWarning, match="has been removed"):
-        got = tk.fp8_gemm_triton(*args)
+        got = gk.fp8_gemm_triton(*args)
     assert_same_bytes(got, want, "fallback after a Gluon compile failure")
-    got2 = tk.fp8_gemm_triton(*args)  # no second attempt
+    got2 = gk.fp8_gemm_triton(*args)  # no second attempt
     assert_same_bytes(got2, want, "second call")
     assert calls == [1]
 
@@ -507,7 +536,7 @@ def test_fp8_gemm_falls_back_when_gluon_does_not_compile(tk, monkeypatch):
     ],
     ids=str,
 )
-def test_fp8_gemm_gluon_scale_layouts_and_tile_widths(tk, monkeypatch, mnk):
+def test_fp8_gemm_gluon_scale_layouts_and_tile_widths(gk, monkeypatch, mnk):
     """The Gluon kernel with row-major and MN-major A scales and with 64- and 128-wide tiles: the same
     bits every way (the same block sums in the same order), within the bound of the float64 reference;
     the public call with MN-major scales matches too, also through the Triton kernels."""
@@ -531,8 +560,8 @@ def test_fp8_gemm_gluon_scale_layouts_and_tile_widths(tk, monkeypatch, mnk):
     err = ((first.double() - want).norm() / want.norm()).item()
     assert err <= GEMM_TOL[torch.float32], f"gemm {mnk}: relative error {err:.2e}"
     for wgmma in ("1", "0"):
-        monkeypatch.setenv("FP8CONV_GEMM_WGMMA", wgmma)
-        c = tk.fp8_gemm_triton(aq, as_mn, bq, bs, torch.float32).cpu()
+        _switch(monkeypatch, "FP8CONV_GEMM_WGMMA", wgmma)
+        c = gk.fp8_gemm_triton(aq, as_mn, bq, bs, torch.float32).cpu()
         err = ((c.double() - want).norm() / want.norm()).item()
         assert err <= GEMM_TOL[torch.float32], f"gemm {mnk} public, WGMMA={wgmma}: error {err:.2e}"
         if wgmma == "1" and m >= 33:
@@ -540,20 +569,20 @@ def test_fp8_gemm_gluon_scale_layouts_and_tile_widths(tk, monkeypatch, mnk):
             assert same, f"gemm {mnk}: public call differs from the kernel called directly"
 
 
-def test_fp8_gemm_batched_leading_dims(tk):
+def test_fp8_gemm_batched_leading_dims(gk):
     aq, as_, bq, bs = _gemm_operands(2 * 3 * 5, 260, 384, _gen())
     aq, as_ = aq.reshape(2, 15, 384), as_.reshape(2, 15, 3)
-    _check_gemm(tk, aq, as_, bq, bs, torch.float32, "gemm [2, 15, 384]")
+    _check_gemm(gk, aq, as_, bq, bs, torch.float32, "gemm [2, 15, 384]")
 
 
-def test_fp8_gemm_validates(tk):
+def test_fp8_gemm_validates(gk):
     aq, as_, bq, bs = (t.cuda() for t in _gemm_operands(4, 256, 256, _gen()))
     with pytest.raises(ValueError, match="a_scale"):
-        tk.fp8_gemm_triton(aq, as_[:, :1].contiguous(), bq, bs)
+        gk.fp8_gemm_triton(aq, as_[:, :1].contiguous(), bq, bs)
     with pytest.raises(ValueError, match="inner"):
-        tk.fp8_gemm_triton(aq, as_, bq[:, :128].contiguous(), bs)
+        gk.fp8_gemm_triton(aq, as_, bq[:, :128].contiguous(), bs)
     with pytest.raises(ValueError, match="dtype"):
-        tk.fp8_gemm_triton(aq.view(torch.uint8), as_, bq, bs)
+        gk.fp8_gemm_triton(aq.view(torch.uint8), as_, bq, bs)
 
 
 # ---- the quantizers' division ----------------------------------------------------------------
@@ -630,3 +659,147 @@ def test_act_quant_division_paths(tk, monkeypatch, div, dtype):
     qr, sr = ref.act_quant_torch(x)
     assert_same_bytes_but_nan_sign(s, sr, f"act scales div={div} {dtype}")
     assert_same_bytes_but_nan_sign(q, qr, f"act codes div={div} {dtype}")
+
+
+# ---- FP4 (MX e2m1) dequantization --------------------------------------------------------------
+
+
+def random_fp4(shape, g, nan_scales: bool = True):
+    """Random code bytes [..., G, 16] and e8m0 scale bytes [..., G] over the whole exponent range
+    (0 = 2**-127, a float32 subnormal; 255 = NaN where nan_scales)."""
+    blocks = torch.randint(0, 256, shape, dtype=torch.int32, generator=g).to(torch.uint8)
+    scales = torch.randint(0, 256 if nan_scales else 255, shape[:-1], dtype=torch.int32, generator=g)
+    return blocks, scales.to(torch.uint8)
+
+
+def assert_same_bytes_or_both_nan(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """NaN in the same places (the GPU writes the canonical NaN, the CPU keeps the scale's payload);
+    every other element bit for bit."""
+    got = got.cpu()
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN in different places"
+    keep = ~want.isnan()
+    assert_same_bytes(got[keep], want[keep], what)
+
+
+FP4_SHAPES = [(1, 16), (3, 16), (257, 16), (2, 7, 3, 16), (4, 640, 90, 16), (129, 1, 16)]
+
+
+@pytest.mark.parametrize("shape", FP4_SHAPES, ids=["x".join(map(str, s)) for s in FP4_SHAPES])
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=lambda d: _DT[d])
+def test_fp4_dequant_bit_exact(shape, out_dtype):
+    """The Triton kernel against reference.fp4_dequant_torch on the CPU, every exponent byte."""
+    from fp8conv.kernels import fp4
+
+    blocks, scales = random_fp4(shape, _gen())
+    want = ref.fp4_dequant_torch(blocks, scales, out_dtype)
+    poison(want.numel() * want.element_size())
+    got = fp4.fp4_dequant_triton(blocks.cuda(), scales.cuda(), out_dtype)
+    assert got.shape == want.shape and got.dtype == out_dtype
+    assert_same_bytes_or_both_nan(got, want, f"fp4 {shape} {out_dtype}")
+    # again with the same shapes and new data: the cached launch state, launched directly
+    blocks, scales = random_fp4(shape, _gen())
+    got = fp4.fp4_dequant_triton(blocks.cuda(), scales.cuda(), out_dtype)
+    assert_same_bytes_or_both_nan(got, ref.fp4_dequant_torch(blocks, scales, out_dtype), "fp4, second call")
+
+
+def test_fp4_dequant_storage_dtypes_and_dispatch():
+    """int8 code bytes and float8_e8m0fnu scales read as their bytes; the public dispatch takes the
+    kernel on CUDA and writes into out=."""
+    from fp8conv import kernels
+
+    blocks, scales = random_fp4((3, 50, 16), _gen())
+    want = ref.fp4_dequant_torch(blocks, scales)
+    b, s = blocks.cuda(), scales.cuda()
+    assert_same_bytes_or_both_nan(kernels.fp4_dequant(b.view(torch.int8), s), want, "int8 blocks")
+    e8m0 = getattr(torch, "float8_e8m0fnu", None)
+    if e8m0 is not None:
+        assert_same_bytes_or_both_nan(kernels.fp4_dequant(b, s.view(e8m0)), want, "e8m0 scales")
+    out = torch.full(want.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    assert kernels.fp4_dequant(b, s, out=out) is out
+    assert_same_bytes_or_both_nan(out, want, "out=")
+    with pytest.raises(ValueError, match="shape"):
+        kernels.fp4_dequant(b, s, out=out[:1])
+
+
+# ---- out= buffers and the cached launch state --------------------------------------------------
+
+
+def test_out_buffers_are_written_and_returned(tk, gk):
+    from fp8conv import kernels
+
+    g = _gen()
+    x = random_weights((300, 260), torch.bfloat16, g).cuda()
+    q_ref, s_ref = kernels.weight_quant(x)
+    q_out = torch.empty_like(q_ref)
+    s_out = torch.full_like(s_ref, float("nan"))
+    q, s = kernels.weight_quant(x, out=(q_out, s_out))
+    assert q is q_out and s is s_out
+    assert_same_bytes(q, q_ref, "weight_quant out=")
+    assert_same_bytes(s, s_ref, "weight_quant out= scales")
+    y_out = torch.full(x.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    assert kernels.weight_dequant(q, s, out=y_out) is y_out
+    assert_same_bytes(y_out, kernels.weight_dequant(q, s), "weight_dequant out=")
+    for mn_major in (False, True):
+        aq_ref, as_ref = kernels.act_quant(x, mn_major=mn_major)
+        aq_out = torch.empty_like(aq_ref)
+        as_out = ref.empty_scales((300,), 3, "cuda", mn_major).fill_(float("nan"))
+        aq, as_ = kernels.act_quant(x, mn_major=mn_major, out=(aq_out, as_out))
+        assert aq is aq_out and as_ is as_out
+        assert_same_bytes(aq, aq_ref, "act_quant out=")
+        assert_same_bytes(as_.contiguous(), as_ref.contiguous(), "act_quant out= scales")
+    with pytest.raises(ValueError, match="strides"):
+        kernels.act_quant(x, mn_major=True, out=(None, torch.empty(300, 3, device="cuda")))
+    aq, as_ = kernels.act_quant(x)
+    c_out = torch.full((300, 300), float("nan"), dtype=torch.float32, device="cuda")
+    assert kernels.fp8_gemm(aq, as_, q, s, torch.float32, out=c_out) is c_out
+    assert_same_bytes(c_out, kernels.fp8_gemm(aq, as_, q, s, torch.float32), "fp8_gemm out=")
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.fp8_gemm(aq, as_, q, s, torch.bfloat16, out=c_out)
+
+
+def test_launch_state_is_keyed_and_reused(tk, gk):
+    """A repeated call reuses its state and launches the compiled kernel directly (same bits); a new
+    shape, dtype, stride pattern or pointer alignment builds a new state, never a wrong one."""
+    from fp8conv.kernels import common
+
+    common.clear_launch_state()
+    g = _gen()
+    x = random_weights((256, 384), torch.bfloat16, g).cuda()
+    q1, s1 = tk.weight_quant_triton(x)
+    keys = common.launch_state_keys()
+    assert len(keys) == 1
+    q2, s2 = tk.weight_quant_triton(x.clone())
+    assert common.launch_state_keys() == keys
+    _, launch, _ = common.launch_state(keys[0])
+    assert launch.direct >= 1, "the second call did not launch the compiled kernel directly"
+    assert_same_bytes(q2, q1, "direct launch codes")
+    assert_same_bytes(s2, s1, "direct launch scales")
+    # other shape, dtype, and a view 2 bytes into its storage (not 16-byte aligned): new states, right bits
+    others = [
+        random_weights((128, 384), torch.bfloat16, g).cuda(),
+        random_weights((256, 384), torch.float16, g).cuda(),
+        torch.empty(256 * 384 + 8, dtype=torch.bfloat16, device="cuda")[1 : 1 + 256 * 384].view(256, 384),
+    ]
+    others[2].copy_(random_weights((256, 384), torch.bfloat16, g))
+    for i, xo in enumerate(others):
+        q, s = tk.weight_quant_triton(xo)
+        qr, sr = ref.weight_quant_torch(xo.cpu())
+        assert_same_bytes(q, qr, f"other input {i}")
+        assert_same_bytes(s, sr, f"other input {i} scales")
+        # and the first shape again still right after the others
+        q, _ = tk.weight_quant_triton(x)
+        assert_same_bytes(q, q1, f"first input after other {i}")
+    assert len(common.launch_state_keys()) == 4
+    # fp8_gemm: same shapes twice (direct), then transposed-layout scales (a new state)
+    aq, as_, bq, bs = (t.cuda() for t in _gemm_operands(200, 384, 512, g))
+    c1 = gk.fp8_gemm_triton(aq, as_, bq, bs, torch.float32)
+    c2 = gk.fp8_gemm_triton(aq.clone(), as_.clone(), bq.clone(), bs.clone(), torch.float32)
+    assert_same_bytes(c2, c1, "gemm direct launch")
+    c3 = gk.fp8_gemm_triton(aq, ref.to_mn_major(as_), bq, bs, torch.float32)
+    assert_same_bytes(c3, c1, "gemm with MN-major scales")
+    common.Launch.enabled = False
+    try:
+        c4 = gk.fp8_gemm_triton(aq, as_, bq, bs, torch.float32)  # the JIT path, same bits
+    finally:
+        common.Launch.enabled = True
+    assert_same_bytes(c4, c1, "gemm through the JIT")
