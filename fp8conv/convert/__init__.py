@@ -160,7 +160,7 @@ def _plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
             "each tensor is kept",
         )
     # Plan.notes: what the caller should be told (the CLI prints them, the API adds them to the summary).
-    setattr(plan, "notes", notes)
+    plan.notes = notes  # type: ignore[attr-defined]
     return plan
 
 
