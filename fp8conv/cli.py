@@ -538,7 +538,7 @@ def print_plan(plan, command: str, json_target: str | None, full: bool) -> None:
                 "modules_to_not_convert": plan.modules_to_not_convert,
                 "totals": {
                     "tensors": len(rows),
-                    "converted": n_conv,
+                    f"{verb}d": n_conv,
                     "bytes_before": total_b,
                     "bytes_after": total_a,
                 },
@@ -678,7 +678,8 @@ def verify(
             device=device,
             experts=experts,
         )
-        return verify_checkpoint(resolve_source(ckpt, revision), opts, ConsoleProgress(quiet, "verify", transient=True, shards=False))
+        progress = ConsoleProgress(quiet, "verify", transient=True, shards=False)
+        return verify_checkpoint(resolve_source(ckpt, revision), opts, progress)
 
     report = run_guarded(go, json_out, resumable=False)
     emit_json(json_out, report.to_dict())

@@ -87,6 +87,12 @@ def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
     if ref is None:
         if revision is not None:
             raise UsageError(f"{os.fspath(src)}: --revision applies to a Hugging Face repo id, not a folder")
+        if not Path(src).exists():
+            raise InvalidCheckpoint(
+                "checkpoint folder does not exist (nor is it a Hugging Face repo id, org/name)",
+                file=src,
+                hint="check the path; `ls` the parent folder",
+            )
         return Path(src)
     return Path(_snapshot(ref))
 

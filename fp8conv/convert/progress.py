@@ -57,6 +57,11 @@ class ProgressCounter:
                 self.converted += held
             self.shards += 1
 
+    def note(self, message: str) -> None: ...
+
+    def close(self) -> None:
+        self.flush()
+
     def flush(self) -> None:
         with self._lock:
             self.converted += sum(self._held.values())
