@@ -290,7 +290,7 @@ NEXT_STEP = {
 
 
 def interrupted_message(e: Interrupted, resumable: bool) -> str:
-    how = "stopped by SIGTERM" if e.signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+    how = "interrupted by SIGTERM" if e.signum == signal.SIGTERM else "interrupted (Ctrl-C)"
     if resumable:
         return (
             f"{how}; finished shards are kept and nothing partial sits under a final name: "

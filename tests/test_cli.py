@@ -334,7 +334,7 @@ def test_sigterm_says_how_to_resume(sample, tmp_path):
     )
     assert p.returncode == 143
     line = [ln for ln in p.stderr.splitlines() if ln.startswith("error")][0]
-    assert line.startswith("error (exit 143): stopped by SIGTERM")
+    assert line.startswith("error (exit 143): interrupted by SIGTERM")
     assert "run the same command again to resume" in line and "signal 15" not in p.stderr
 
 
