@@ -23,6 +23,7 @@ from fp8conv.errors import EXIT_CODES, Fp8convError, Interrupted, UsageError
 
 app = typer.Typer(
     no_args_is_help=True,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Convert large-model checkpoints between BF16 and block-scaled FP8, and verify them.",
     epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()),
