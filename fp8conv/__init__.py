@@ -86,13 +86,20 @@ def _verify(
     return verify_checkpoint(resolve_source(ckpt, revision), opts, _progress(progress, "verify"))
 
 
-def inspect(ckpt: str | os.PathLike[str], *, revision: str | None = None) -> dict:
+def inspect(ckpt: str | os.PathLike[str], progress: Any = False, *, revision: str | None = None) -> dict:
     """Describe a checkpoint (a folder, cache snapshot or repo id): format, quantization config,
-    shards, tensors by dtype and role, and anything odd, as a JSON-ready dict (docs/verify.md)."""
+    shards, tensors by dtype and role, and anything odd, as a JSON-ready dict (docs/verify.md).
+    progress: True for a tqdm bar (where the inspection reports progress), False for none."""
+    from inspect import signature
+
     from fp8conv.checkpoint.source import resolve_source
+    from fp8conv.convert import _progress
     from fp8conv.verify.inspect import inspect_checkpoint
 
-    return inspect_checkpoint(resolve_source(ckpt, revision))
+    path = resolve_source(ckpt, revision)
+    if "progress" in signature(inspect_checkpoint).parameters:
+        return inspect_checkpoint(path, progress=_progress(progress, "inspect"))
+    return inspect_checkpoint(path)
 
 
 class _CallableModule(types.ModuleType):
@@ -103,13 +110,14 @@ class _CallableModule(types.ModuleType):
     def __call__(self, *args: Any, **kwargs: Any) -> VerifyReport:
         return _verify(*args, **kwargs)
 
+    __call__.__doc__ = _verify.__doc__
+
 
 class _Package(types.ModuleType):
     def __setattr__(self, name: str, value: Any) -> None:
         # The import system sets `fp8conv.verify` when the subpackage loads: make it callable then.
         if name == "verify" and isinstance(value, types.ModuleType):
             value.__class__ = _CallableModule
-            value.__call__.__func__.__doc__ = _verify.__doc__
         super().__setattr__(name, value)
 
     def __getattr__(self, name: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from inspect import signature
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -708,13 +709,22 @@ def inspect(
     ] = None,
     revision: RevisionOpt = None,
     json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Describe a checkpoint: format, quantization config, shards, tensors by dtype and role, oddities."""
     ckpt = _checkpoint_here_or_exit(ckpt, "inspect")
     from fp8conv.checkpoint.source import resolve_source
     from fp8conv.verify.inspect import inspect_checkpoint, inspect_table
 
-    info = run_guarded(lambda: inspect_checkpoint(resolve_source(ckpt, revision)), json_out, resumable=False)
+    def go():
+        path = resolve_source(ckpt, revision)
+        if "progress" in signature(inspect_checkpoint).parameters:  # reads headers; data checks may come
+            return inspect_checkpoint(
+                path, progress=ConsoleProgress(quiet, "inspect", transient=True, shards=False)
+            )
+        return inspect_checkpoint(path)
+
+    info = run_guarded(go, json_out, resumable=False)
     emit_json(json_out, info)
     (err if json_out == "-" else out).print(inspect_table(info))
 

@@ -348,3 +348,19 @@ def test_messages_add_a_next_step_when_the_error_has_none(sample, tmp_path):
     r = cli("dequantize", sample(DS), tmp_path / "busy")
     assert r.exit_code == 6
     assert "--overwrite" in r.stderr
+
+
+def test_a_changed_source_is_named_in_words(sample, tmp_path):
+    src = sample(LLAMA)
+    assert cli("quantize", src, tmp_path / "o", "-q").exit_code == 0
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rope_theta"] = 1.0
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "extra.txt").write_text("new")
+    r = cli("quantize", src, tmp_path / "o", "-q")
+    assert r.exit_code == 6
+    line = r.stderr.strip().splitlines()[-1]
+    assert (
+        "config.json changed since this output was started" in line and "SRC has a new file extra.txt" in line
+    )
+    assert "--overwrite" in line and "[" not in line.split("settings:", 1)[1].split("(")[0]
