@@ -359,7 +359,7 @@ def where_to(src: str, dst: Path | None, suffix: str, revision: str | None) -> P
 
 
 # -------------------------------------------------------------------------------------- commands
-@app.command()
+@app.command(short_help="FP8 -> bf16, fp16 or fp32 (DST by default: SRC-bf16)")
 def dequantize(
     src: SrcArg,
     dst: DstArg = None,
@@ -393,7 +393,7 @@ def dequantize(
     report_summary(summary, quiet, json_out)
 
 
-@app.command()
+@app.command(short_help="bf16/fp16/fp32 -> block FP8 (DST by default: SRC-fp8)")
 def quantize(
     src: SrcArg,
     dst: DstArg = None,
@@ -612,7 +612,7 @@ def _checkpoint_here_or_exit(ckpt: str | None, what: str) -> str:
     raise AssertionError  # fail() always exits
 
 
-@app.command()
+@app.command(short_help="check a converted checkpoint (by default the current folder)")
 def verify(
     ckpt: Annotated[
         Optional[str],
@@ -697,7 +697,7 @@ def verify(
         raise typer.Exit(VerificationFailed.exit_code)
 
 
-@app.command()
+@app.command(short_help="describe a checkpoint: format, config, tensors, oddities")
 def inspect(
     ckpt: Annotated[
         Optional[str],
@@ -731,7 +731,7 @@ def inspect(
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="fp8conv")
     except KeyboardInterrupt:
         stop_displays()
         log("interrupted (Ctrl-C); run the same command again to resume", style="bold red")

@@ -129,3 +129,32 @@ def test_default_dst_and_refusals_from_python(sample, monkeypatch, tmp_path):
     assert not (tmp_path / "o").exists()
     monkeypatch.chdir(tmp_path)
     assert fp8conv.convert.default_dst("deepseek-ai/DeepSeek-V3", "bf16") == Path("DeepSeek-V3-bf16")
+
+
+def test_cpu_install_needs_no_triton(sample, tmp_path):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("triton") for d in meta["dependencies"])
+    assert any(d.startswith("triton") for d in meta["optional-dependencies"]["gpu"])
+    assert meta["license"] == "Apache-2.0" and (ROOT / "LICENSE").read_text().split()[:3] == [
+        "Apache",
+        "License",
+        "Version",
+    ]
+    # A conversion, a check and the kernels' CPU path with `import triton` failing, as on a CPU box.
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import fp8conv\n"
+        f"s = fp8conv.quantize({str(sample(LLAMA))!r}, {str(tmp_path / 'o')!r}, progress=False)\n"
+        f"r = fp8conv.verify({str(tmp_path / 'o')!r}, progress=False)\n"
+        "print(s.tensors_converted, r.ok)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["14", "True"]
