@@ -159,8 +159,9 @@ def _plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
             hint="check --only/--skip and --block-size; `fp8conv quantize SRC --dry-run` shows why "
             "each tensor is kept",
         )
-    # Plan.notes: what the caller should be told (the CLI prints them, the API adds them to the summary).
-    plan.notes = notes  # type: ignore[attr-defined]
+    # Plan.notes: what the caller should be told (the CLI prints them, the API adds them to the
+    # summary); added to any notes the planner made.
+    plan.notes = [*plan_notes(plan), *notes]  # type: ignore[attr-defined]
     return plan
 
 
