@@ -158,3 +158,19 @@ def test_cpu_install_needs_no_triton(sample, tmp_path):
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["14", "True"]
+
+
+def test_tqdm_rate_leaves_out_resumed_bytes(capsys):
+    from fp8conv.convert.progress import TqdmProgress
+
+    p = TqdmProgress("dequantize")
+    p.start(3000, 3, "cpu")
+    p.advance(1000)
+    p.shard_done("model-00001-of-00003.safetensors", skipped=True)  # kept from an earlier run
+    p.advance(400)
+    p.advance(600)
+    p.shard_done("model-00002-of-00003.safetensors")
+    d = p.bar.format_dict
+    assert d["n"] == 2000 and d["initial"] == 1000  # tqdm's rate is (n - initial) / elapsed
+    p.close()
+    assert "2/3 shards" in capsys.readouterr().err
