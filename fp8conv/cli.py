@@ -594,7 +594,7 @@ def print_plan(plan, command: str, json_target: str | None, full: bool) -> None:
     )
 
 
-def _checkpoint_here_or_exit(ckpt: str | None, what: str) -> str:
+def _checkpoint_here_or_exit(ckpt: str | None, what: str, json_target: str | None) -> str:
     """CKPT as given, or the current folder when it holds a checkpoint (exit 2 when it does not)."""
     if ckpt is not None:
         return ckpt
@@ -607,7 +607,7 @@ def _checkpoint_here_or_exit(ckpt: str | None, what: str) -> str:
             "(no model.safetensors.index.json or model.safetensors)",
             hint=f"run `fp8conv {what}` inside a checkpoint folder, or name one: `fp8conv {what} PATH`",
         ),
-        None,
+        json_target,
     )
     raise AssertionError  # fail() always exits
 
@@ -663,7 +663,7 @@ def verify(
     quiet: QuietOpt = False,
 ) -> None:
     """Check an FP8 or dequantized checkpoint: structure, scales, NaN codes, GEMM numerics, --reference."""
-    ckpt = _checkpoint_here_or_exit(ckpt, "verify")
+    ckpt = _checkpoint_here_or_exit(ckpt, "verify", json_out)
     from fp8conv.checkpoint.source import resolve_source
     from fp8conv.errors import VerificationFailed
     from fp8conv.verify import VerifyOptions, verify_checkpoint
@@ -712,7 +712,7 @@ def inspect(
     quiet: QuietOpt = False,
 ) -> None:
     """Describe a checkpoint: format, quantization config, shards, tensors by dtype and role, oddities."""
-    ckpt = _checkpoint_here_or_exit(ckpt, "inspect")
+    ckpt = _checkpoint_here_or_exit(ckpt, "inspect", json_out)
     from fp8conv.checkpoint.source import resolve_source
     from fp8conv.verify.inspect import inspect_checkpoint, inspect_table
 

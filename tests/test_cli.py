@@ -99,9 +99,12 @@ def test_verify_and_inspect_default_to_the_current_folder(sample, monkeypatch, t
 
 def test_verify_outside_a_checkpoint_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    r = cli("verify")
+    r = cli("verify", "--json", "-")
     assert r.exit_code == 2
     assert "not a checkpoint" in r.stderr and "fp8conv verify PATH" in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == 2 and doc["error"] == "usage"
+    assert cli("inspect").exit_code == 2
 
 
 def test_version_help_and_python_dash_m():
