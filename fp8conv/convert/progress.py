@@ -70,7 +70,9 @@ class ProgressCounter:
     # -- figures ---------------------------------------------------------------------------------
     @property
     def done(self) -> int:
-        return self.converted + self.resumed + sum(self._held.values())
+        # Read by the display's refresh thread while writer threads advance: under the lock.
+        with self._lock:
+            return self.converted + self.resumed + sum(self._held.values())
 
     @property
     def elapsed(self) -> float:
