@@ -209,7 +209,7 @@ def test_external_sigterm(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
-    assert_clean_error(CliResult(p.returncode, out, err), 143, "interrupted by signal 15")
+    assert_clean_error(CliResult(p.returncode, out, err), 143, "interrupted by SIGTERM")
     assert tmp_leftovers(dst) == []
     assert_no_partial(dst, clean_run("quantize"))
     assert rerun("quantize", src, dst)["shards_skipped"] == 2

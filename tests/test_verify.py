@@ -596,6 +596,7 @@ def test_options_are_frozen_and_validated():
 # the strings "inf", "-inf", "nan".
 NUM = "num"
 REPORT = {
+    "schema_version": int,  # added by the CLI to every JSON document it writes (docs/api.md)
     "ok": bool,
     "command": str,
     "path": str,

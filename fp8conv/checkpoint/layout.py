@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fp8conv.checkpoint.safetensors_io import ShardHeader, TensorInfo, read_header
+from fp8conv.checkpoint.source import resolve_source
 from fp8conv.errors import InvalidCheckpoint, ResourceError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -147,9 +148,10 @@ def index_disagreements(root: Path, weight_map: dict[str, str], shards: dict[str
                 yield InvalidCheckpoint(rule, file=root / shard, tensor=tensor)
 
 
-def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
-    """Read every header and the index, check that they agree; raise InvalidCheckpoint if not."""
-    root = Path(src)
+def open_checkpoint(src: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+    """Read every header and the index, check that they agree; raise InvalidCheckpoint if not.
+    `src` is a folder, a cache snapshot or a Hugging Face repo id (checkpoint/source.py)."""
+    root = resolve_source(src, revision)
     try:
         root.resolve()
         os.stat(root)

@@ -1000,6 +1000,15 @@ def describe_difference(old: dict, new: dict, prefix: str = "") -> str:
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
                 walk(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{path}.{k}" if path else k)
+        elif a != b and path.startswith("source."):
+            # A source file's [size, hash] pair means nothing to a reader; say what happened to it.
+            name = path[len("source.") :]
+            if a == "<absent>":
+                diffs.append(f"SRC has a new file {name}")
+            elif b == "<absent>":
+                diffs.append(f"{name} is no longer in SRC")
+            else:
+                diffs.append(f"{name} changed since this output was started")
         elif a != b:
             diffs.append(f"{path}: was {a!r}, now {b!r}")
 

@@ -1,15 +1,28 @@
-"""Options for the conversion commands: frozen, validated once, built by the CLI or by callers."""
+"""Options for the conversion commands: frozen, validated once, built by the CLI or by callers.
+
+Choices are `Literal` types, so type checkers flag a typo and the CLI shows and validates the same
+choices. This module does not import torch (the CLI imports it to build its options and answers
+`--help` without torch); the torch dtype is looked up when a conversion asks for it.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-
-import torch
+from typing import TYPE_CHECKING, Literal, get_args
 
 from fp8conv.errors import UsageError
 
-OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+OutDtype = Literal["bf16", "fp16", "fp32"]
+QuantFormat = Literal["fp8", "compressed-tensors"]
+ScaleFmt = Literal["float", "ue8m0"]
+
+OUT_DTYPE_CHOICES: tuple[str, ...] = get_args(OutDtype)
+FORMAT_CHOICES: tuple[str, ...] = get_args(QuantFormat)
+SCALE_FMT_CHOICES: tuple[str, ...] = get_args(ScaleFmt)
 DTYPE_CONFIG_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -26,6 +39,7 @@ def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def parse_block(block: str | int | tuple[int, int]) -> tuple[int, int]:
+    """'128', 128, '128x64' or (128, 64) -> (rows, columns) of one scale tile."""
     if isinstance(block, tuple):
         bm, bn = block
     elif isinstance(block, int):
@@ -41,21 +55,35 @@ def parse_block(block: str | int | tuple[int, int]) -> tuple[int, int]:
     return bm, bn
 
 
+def _choice(option: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+
+
 @dataclass(frozen=True)
 class DequantizeOptions:
-    dtype: str = "bf16"
+    """How to dequantize: output dtype, device, and how to treat an existing DST.
+
+    dtype: "bf16" | "fp16" | "fp32". device: "auto" | "cpu" | "cuda" | "cuda:N".
+    overwrite: replace what DST holds. part: convert share I of N of the shards, (I, N) or "I/N".
+    dry_run: plan only; `fp8conv.dequantize` then returns the plan and writes nothing.
+    """
+
+    dtype: OutDtype = "bf16"
     device: str = "auto"
     overwrite: bool = False
     part: tuple[int, int] | None = None
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in OUT_DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(OUT_DTYPES)}, not {self.dtype!r}")
+        _choice("--dtype", self.dtype, OUT_DTYPE_CHOICES)
         object.__setattr__(self, "part", parse_part(self.part))
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return OUT_DTYPES[self.dtype]
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
 
     @property
     def dtype_name(self) -> str:
@@ -68,9 +96,18 @@ class DequantizeOptions:
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    format: str = "fp8"
+    """How to quantize to block FP8 (e4m3 codes, one float32 scale per tile).
+
+    format: "fp8" (DeepSeek-V3 layout, `weight_scale_inv`) | "compressed-tensors" (`weight_scale`).
+    block_size: tile shape, 128, "128", "128x128" or (128, 128). scale_fmt: "float" | "ue8m0"
+    (power-of-two scales). skip / only: globs on tensor names or `re:` regular expressions.
+    dry_run: plan only; `fp8conv.quantize` then returns the plan and writes nothing.
+    device, overwrite, part: as for DequantizeOptions.
+    """
+
+    format: QuantFormat = "fp8"
     block_size: tuple[int, int] = (128, 128)
-    scale_fmt: str = "float"
+    scale_fmt: ScaleFmt = "float"
     skip: tuple[str, ...] = ()
     only: tuple[str, ...] = ()
     dry_run: bool = False
@@ -79,13 +116,12 @@ class QuantizeOptions:
     part: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.format not in ("fp8", "compressed-tensors"):
-            raise UsageError(f"--format must be fp8 or compressed-tensors, not {self.format!r}")
-        if self.scale_fmt not in ("float", "ue8m0"):
-            raise UsageError(f"--scale-fmt must be float or ue8m0, not {self.scale_fmt!r}")
+        _choice("--format", self.format, FORMAT_CHOICES)
+        _choice("--scale-fmt", self.scale_fmt, SCALE_FMT_CHOICES)
         object.__setattr__(self, "block_size", parse_block(self.block_size))
-        object.__setattr__(self, "skip", tuple(self.skip))
-        object.__setattr__(self, "only", tuple(self.only))
+        for field_name in ("skip", "only"):
+            value = getattr(self, field_name)
+            object.__setattr__(self, field_name, (value,) if isinstance(value, str) else tuple(value))
         for p in self.skip + self.only:
             if p.startswith("re:"):
                 try:
