@@ -40,6 +40,7 @@ TRANSFORMERS_FP8 = (
 TRANSFORMERS_FP8_QUANTIZER = "transformers 5.24 quantizers/quantizer_finegrained_fp8.py, installed"
 COMPRESSED_TENSORS = "compressed-tensors 0.20.1 quantization/quant_config.py (QuantizationConfig), installed"
 VLLM_QUANT_UTILS = (
-    "vllm-project/vllm vllm/model_executor/layers/quantization/utils/quant_utils.py (is_layer_skipped)"
+    "vllm-project/vllm vllm/model_executor/layers/quantization/utils/quant_utils.py "
+    "@4de0dd6db70fbcfdb5420b3de5892d06ed1624c8 (is_layer_skipped)"
 )
 VLLM_MODEL_CONFIG = "vllm-project/vllm vllm/config (ModelConfig.verify_with_parallel_config)"
