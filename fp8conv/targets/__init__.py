@@ -5,6 +5,7 @@ it returns findings (data) and never prints. The pieces are usable per tensor by
 
 - `arch.plan_model(config, tensors)`: the serving layers (column / row / merged / replicated / MoE);
 - `tp.check_layer(layer, tp, ep, block, loader)`: the first partition rule a layer breaks;
+- `tp.check_tensor(plan, tensor, tp, ep, block, loader)`: the same for one tensor in a scheme to be;
 - `loaders.check_loaders(...)`: per target, loads or not and why;
 - `requant.requant_loss(...)`: the error Blackwell's UE8M0 requant adds to one tensor.
 """
