@@ -181,7 +181,7 @@ def test_shard_without_format_metadata_loads_in_transformers(tmp_path):
     save_file(t, path / "model.safetensors", None)
     v = verdict(path, "transformers")
     info = next(f for f in v.findings if f.rule == "shard metadata")
-    assert v.loads and info.severity == "info" and "5.24 load them anyway" in info.message
+    assert v.loads and info.severity == "info" and "5.24 loads them anyway" in info.message
     model, loading = load(path)
     assert torch.equal(model.state_dict()[DOWN], ours(path, DOWN))
 
