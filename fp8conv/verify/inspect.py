@@ -20,7 +20,6 @@ from fp8conv.checkpoint.layout import (
     SINGLE_NAME,
     Checkpoint,
     check_shard_name,
-    find_quantization_config,
     index_disagreements,
     list_other_files,
     load_json,
@@ -35,6 +34,7 @@ from fp8conv.checkpoint.safetensors_io import (
 )
 from fp8conv.convert.plan import SCALE_SUFFIXES, block_from_config
 from fp8conv.errors import InvalidCheckpoint, ResourceError
+from fp8conv.formats import find_quantization_config
 
 # Name fragments of embedding tables: 2-D float `.weight`s that are not Linear layers.
 EMBED_HINTS = ("embed", "wte", "wpe")
@@ -303,7 +303,7 @@ def classify(ckpt: Checkpoint, unreadable: dict[str, str] | None = None) -> Role
 
 
 def quant_method(ckpt: Checkpoint) -> str | None:
-    qc = ckpt.quantization_config
+    qc = find_quantization_config(ckpt.config)
     return None if qc is None else str(qc.get("quant_method"))
 
 
@@ -378,7 +378,7 @@ def linear_like(info: TensorInfo) -> bool:
 
 # ----------------------------------------------------------------------------------------- inspect
 def describe_format(ckpt: Checkpoint, roles: Roles) -> tuple[str, str]:
-    qc = ckpt.quantization_config
+    qc = find_quantization_config(ckpt.config)
     method = quant_method(ckpt)
     float_bytes: dict[str, int] = defaultdict(int)
     for name in roles.unquantized:
@@ -485,7 +485,7 @@ def inspect_checkpoint(path) -> dict:
     for s in roles.scales:
         if s in ckpt:
             scale_dtypes[ckpt.info(s).dtype] += 1
-    qc = ckpt.quantization_config
+    qc = find_quantization_config(ckpt.config)
     locations = quantization_config_locations(ckpt.config)
     return {
         "path": str(ckpt.root),

@@ -38,6 +38,7 @@ from fp8conv.checkpoint.safetensors_io import (
 )
 from fp8conv.convert.plan import SCALE_DTYPES, SCALE_SUFFIXES, block_from_config, find_scale, scale_block
 from fp8conv.errors import InvalidCheckpoint, UsageError
+from fp8conv.formats import find_quantization_config
 from fp8conv.kernels import act_quant, fp8_gemm, resolve_device, scale_to_float32, weight_dequant
 from fp8conv.kernels.reference import fp8_gemm_torch, weight_dequant_torch
 from fp8conv.verify.inspect import (
@@ -340,7 +341,7 @@ class _Verifier:
         self.unreadable = scan.unreadable
         self.findings: list[Finding] = list(scan.findings)
         self.roles = classify(self.ckpt, self.unreadable)
-        self.qc = self.ckpt.quantization_config
+        self.qc = find_quantization_config(self.ckpt.config)
         self.method = quant_method(self.ckpt)
         self.ref = ref
         self.ref_roles = classify(ref) if ref is not None else None
