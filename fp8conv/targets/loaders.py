@@ -182,7 +182,7 @@ def _scale_rules(target: str, scheme: Scheme, tensors) -> list[LoaderFinding]:
                     src,
                 )
             )
-        if target == "transformers":
+        if target == "transformers" and scheme.method == "fp8":  # compressed-tensors pads, as vLLM does
             srows, scols = sshape[-2], sshape[-1]
             if rows % srows or cols % scols:
                 out.append(
