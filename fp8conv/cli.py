@@ -216,6 +216,16 @@ def quantize(
     src: Annotated[Path, typer.Argument(help="bf16/fp16/fp32 checkpoint folder")],
     dst: Annotated[Path, typer.Argument(help="output folder (new or empty)")],
     format: Annotated[str, typer.Option("--format", help="fp8 | compressed-tensors")] = "fp8",
+    scheme: Annotated[
+        str, typer.Option("--scheme", help="fp8-block | fp8-channel | mxfp8 (docs/schemes.md)")
+    ] = "fp8-block",
+    target: Annotated[
+        str,
+        typer.Option("--target", help="any | transformers | vllm | sglang: keep bf16 what it cannot run"),
+    ] = "any",
+    allow_ragged: Annotated[
+        bool, typer.Option("--allow-ragged", help="keep ragged edge tiles (vllm / sglang read them)")
+    ] = False,
     block_size: Annotated[str, typer.Option("--block-size", help="128 or MxN")] = "128",
     scale_fmt: Annotated[str, typer.Option("--scale-fmt", help="float | ue8m0")] = "float",
     skip: Annotated[
@@ -231,13 +241,16 @@ def quantize(
     overwrite: OverwriteOpt = False,
     part: PartOpt = None,
 ) -> None:
-    """bf16/fp16/fp32 checkpoint -> block FP8 (e4m3 weights, one scale per tile)."""
+    """bf16/fp16/fp32 checkpoint -> FP8 (e4m3 weights): block tiles, per-channel or MXFP8 scales."""
     from fp8conv.convert import QuantizeOptions, plan_for_quantize
     from fp8conv.convert import quantize as run_quantize
 
     def options():
         return QuantizeOptions(
             format=format,
+            scheme=scheme,
+            target=target,
+            allow_ragged=allow_ragged,
             block_size=block_size,
             scale_fmt=scale_fmt,
             skip=tuple(skip or ()),
@@ -294,6 +307,7 @@ def print_plan(plan, json_target: str | None) -> None:
                 "dry_run": True,
                 "tensors": rows,
                 "modules_to_not_convert": plan.modules_to_not_convert,
+                "notes": plan.notes,
                 "totals": {
                     "tensors": len(rows),
                     "quantized": n_q,
@@ -319,6 +333,8 @@ def print_plan(plan, json_target: str | None) -> None:
     table.add_section()
     table.add_row(f"total: {len(rows)} tensors", "", "", f"{n_q} quantized", f"{total_b:,} -> {total_a:,}")
     out.print(table)
+    for note in plan.notes:
+        out.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

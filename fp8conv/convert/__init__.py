@@ -8,7 +8,8 @@ from fp8conv.checkpoint.layout import open_checkpoint
 from fp8conv.convert import engine
 from fp8conv.convert.engine import Progress, Summary
 from fp8conv.convert.options import DequantizeOptions, QuantizeOptions
-from fp8conv.convert.plan import Plan, plan_dequantize, plan_quantize
+from fp8conv.convert.plan import Plan, plan_dequantize
+from fp8conv.convert.plan_quantize import plan_quantize
 
 __all__ = [
     "DequantizeOptions",
@@ -46,11 +47,13 @@ def plan_for_quantize(src: str | Path, options: QuantizeOptions | None = None) -
 def quantize(
     src: str | Path, dst: str | Path, options: QuantizeOptions | None = None, progress: Progress | None = None
 ) -> Summary:
-    """Turn a bf16/fp16/fp32 checkpoint folder into block FP8 (e4m3, one scale per tile)."""
+    """Turn a bf16/fp16/fp32 checkpoint folder into FP8: block, per-channel or MXFP8 (options.scheme)."""
     opts = options or QuantizeOptions()
     ckpt = open_checkpoint(src)
     plan = plan_quantize(ckpt, opts)
-    return engine.run(
+    for note in plan.notes:
+        (progress or Progress()).note(note)
+    summary = engine.run(
         ckpt,
         plan,
         Path(dst),
@@ -62,3 +65,5 @@ def quantize(
         progress,
         scale_fmt=opts.scale_fmt,
     )
+    summary.notes.extend(plan.notes)
+    return summary

@@ -42,6 +42,7 @@ from fp8conv.checkpoint.output import (
 from fp8conv.checkpoint.safetensors_io import DTYPES, ITEMSIZE, ShardReader, build_header
 from fp8conv.convert import decode
 from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
+from fp8conv.convert.quantize_schemes import quantize_band, scale_dtype
 from fp8conv.errors import Interrupted, NonFiniteError, ResourceError
 from fp8conv.kernels import resolve_device, weight_quant
 from fp8conv.kernels.reference import weight_quant_torch
@@ -454,7 +455,7 @@ class _Converter:
         if job.action == "dequant":
             return self.source_scale(job)
         if piece.rows[:2] == (0, 0):
-            self.scales = {job.name: torch.empty(*job.src.shape[:-2], *_grid(job))}
+            self.scales = {job.name: torch.empty(*job.src.shape[:-2], *_grid(job), dtype=scale_dtype(job))}
         return self.scales[job.name]
 
     def convert(self, piece: _Piece, buf: torch.Tensor, out: torch.Tensor, s: torch.Tensor) -> int:
@@ -486,7 +487,11 @@ class _Converter:
         src = buf[: piece.length].view(job.src.torch_dtype).view(r1 - r0, n)
         dst = out[:nbytes_out].view(DTYPES[job.out_dtype]).view(r1 - r0, n)
         # quant
-        if self.device.type == "cpu":
+        if job.quantizer != "block":  # per-channel, MXFP8
+            s_rows, finite = quantize_band(job, src, dst, self.device)
+            if not finite:
+                _check_finite(src, job, e, r0, self.ckpt)
+        elif self.device.type == "cpu":
             _, s_rows = weight_quant_torch(src, job.block, self.scale_fmt, q_out=dst)
             # torch's amax propagates NaN and Inf into the scale: one cheap test per tile instead
             # of isfinite over every element (0.6 GB/s on bf16 here, 4x slower than quantizing).

@@ -66,9 +66,18 @@ class DequantizeOptions:
         return {"command": "dequantize", "dtype": self.dtype}
 
 
+SCHEMES = ("fp8-block", "fp8-channel", "mxfp8")
+TARGETS = ("any", "transformers", "vllm", "sglang")
+
+
 @dataclass(frozen=True)
 class QuantizeOptions:
     format: str = "fp8"
+    scheme: str = "fp8-block"
+    target: str = "any"  # the loader the output must load and run in; any: every loader of the format
+    allow_ragged: bool = (
+        False  # keep block tiles ragged at the edges (DeepSeek-style) where a loader reads them
+    )
     block_size: tuple[int, int] = (128, 128)
     scale_fmt: str = "float"
     skip: tuple[str, ...] = ()
@@ -83,7 +92,30 @@ class QuantizeOptions:
             raise UsageError(f"--format must be fp8 or compressed-tensors, not {self.format!r}")
         if self.scale_fmt not in ("float", "ue8m0"):
             raise UsageError(f"--scale-fmt must be float or ue8m0, not {self.scale_fmt!r}")
+        if self.scheme not in SCHEMES:
+            raise UsageError(f"--scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
+        if self.target not in TARGETS:
+            raise UsageError(f"--target must be one of {', '.join(TARGETS)}, not {self.target!r}")
         object.__setattr__(self, "block_size", parse_block(self.block_size))
+        if self.scheme != "fp8-block" and self.block_size != (128, 128):
+            raise UsageError(
+                f"--block-size applies to --scheme fp8-block; {self.scheme} fixes its tile "
+                "(fp8-channel: one scale per row, mxfp8: 1 x 32 groups)"
+            )
+        if self.scheme == "fp8-channel" and self.scale_fmt == "ue8m0":
+            raise UsageError(
+                "--scale-fmt ue8m0 applies to fp8-block (mxfp8 scales are always e8m0): compressed-tensors' "
+                "FP8_DYNAMIC has float per-channel scales"
+            )
+        from fp8conv.formats.writers import writer
+
+        writer(self.format, self.scheme)  # refuses a pair no loader reads, with the reason
+        if self.allow_ragged and self.target == "transformers":
+            raise UsageError(
+                "--allow-ragged with --target transformers: transformers refuses ragged tiles "
+                "(it infers the block as weight shape / scale grid)",
+                hint="drop --allow-ragged, or pick --target vllm, sglang or any",
+            )
         object.__setattr__(self, "skip", tuple(self.skip))
         object.__setattr__(self, "only", tuple(self.only))
         for p in self.skip + self.only:

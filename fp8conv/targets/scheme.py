@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fp8conv.checkpoint.layout import Checkpoint, find_quantization_config
+from fp8conv.checkpoint.layout import Checkpoint
+from fp8conv.formats import find_quantization_config
 
 
 @dataclass(frozen=True)
