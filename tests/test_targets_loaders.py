@@ -16,7 +16,7 @@ import torch
 from fp8conv.checkpoint.safetensors_io import load_file, save_file
 from fp8conv.convert import QuantizeOptions, quantize
 from fp8conv.kernels import weight_dequant
-from fp8conv.targets import serving_report
+from fp8conv.targets import TARGETS, serving_report
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -78,7 +78,7 @@ def load(path: Path, level: int = logging.ERROR):
 
 
 def verdict(path: Path, target: str):
-    return next(v for v in serving_report(path, (1,)).loaders if v.target == target)
+    return next(v for v in serving_report(path, (1,), targets=TARGETS).loaders if v.target == target)
 
 
 def ours(path: Path, weight: str) -> torch.Tensor:
@@ -216,3 +216,13 @@ def test_fp8_lm_head_is_refused_for_vllm(tmp_path):
         shutil.rmtree(path)
         pytest.skip("quantize leaves lm_head in bf16 even when asked")
     assert "lm_head" in verdict(path, "vllm").why
+
+
+def test_default_targets_are_the_loaders_of_the_format(tmp_path):
+    native = serving_report(fp8_llama(tmp_path, "native"), ())
+    assert [v.target for v in native.loaders] == ["transformers", "vllm", "sglang"]
+    ct = serving_report(fp8_llama(tmp_path, "ct", fmt="compressed-tensors"), ())
+    assert [v.target for v in ct.loaders] == list(TARGETS)
+    assert native.ok  # no TP size asked for, no target named
+    named = serving_report(tmp_path / "native", (), targets=("compressed-tensors",))
+    assert not named.ok  # a target named by the user that does not load fails the report

@@ -24,6 +24,7 @@ import torch
 from fp8conv.checkpoint.safetensors_io import save_file
 from fp8conv.targets import serving_report
 from fp8conv.targets.arch import Role, plan_model
+from fp8conv.targets.tp import check_tensor
 
 BLOCK = 128
 TP_SIZES = (1, 2, 4, 8, 16)
@@ -438,3 +439,17 @@ def test_unquantized_layers_only_need_the_split(tmp_path):
     (root / "config.json").write_text(json.dumps(cfg))
     report = serving_report(root, (1, 2, 4, 8))
     assert report.working_tp == [1, 2, 4]
+
+
+def test_planner_asks_per_tensor_for_a_scheme_to_be():
+    # a bf16 Llama with head_dim 64 and 2 kv heads: block 128 breaks k_proj at TP 2, no block does not
+    cfg, shapes = llama_like("LlamaForCausalLM", 256, 4, 2, 64, inter=512)
+    plan = plan_model(cfg, {n: ("BF16", s) for n, s in shapes.items()})
+    k = "model.layers.0.self_attn.k_proj.weight"
+    f = check_tensor(plan, k, 2, False, (128, 128), "vllm")
+    assert f.tensor == k and f.message.startswith("Weight output_partition_size = 64 ")
+    assert check_tensor(plan, k, 2, False, None, "vllm") is None
+    assert check_tensor(plan, k, 2, False, (64, 64), "vllm") is None
+    assert check_tensor(plan, "model.layers.0.mlp.down_proj.weight", 2, False, (128, 128), "sglang") is None
+    with pytest.raises(KeyError):
+        check_tensor(plan, "model.norm.weight", 2, False, (128, 128), "vllm")

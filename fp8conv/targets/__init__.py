@@ -5,6 +5,7 @@ it returns findings (data) and never prints. The pieces are usable per tensor by
 
 - `arch.plan_model(config, tensors)`: the serving layers (column / row / merged / replicated / MoE);
 - `tp.check_layer(layer, tp, ep, block, loader)`: the first partition rule a layer breaks;
+- `tp.check_tensor(plan, tensor, tp, ep, block, loader)`: the same for one tensor in a scheme to be;
 - `loaders.check_loaders(...)`: per target, loads or not and why;
 - `requant.requant_loss(...)`: the error Blackwell's UE8M0 requant adds to one tensor.
 """
@@ -43,9 +44,10 @@ def parse_tp_sizes(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(sizes)))
 
 
-def parse_targets(text: str | None) -> tuple[str, ...]:
+def parse_targets(text: str | None) -> tuple[str, ...] | None:
+    """'vllm,sglang' -> ('vllm', 'sglang'); None or '' -> None (the loaders of the checkpoint's format)."""
     if not text:
-        return TARGETS
+        return None
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     bad = [t for t in names if t not in TARGETS]
     if bad:
@@ -60,6 +62,7 @@ class ServingReport:
     plan: ModelPlan
     tp_sizes: tuple[int, ...]
     ep: bool
+    targets_requested: bool = False  # loader verdicts count towards `ok` only when targets were named
     cells: list[TpCell] = field(default_factory=list)
     fixes: dict[tuple[int, str], str] = field(default_factory=dict)
     loaders: list[LoaderVerdict] = field(default_factory=list)
@@ -69,7 +72,7 @@ class ServingReport:
     def failed_tp(self) -> list[int]:
         """Requested TP sizes that some loader refuses (or that cannot be judged)."""
         if not self.plan.known:
-            return list(self.tp_sizes)
+            return list(self.tp_sizes)  # cannot be judged: not a pass
         return sorted({c.tp for c in self.cells if not c.ok})
 
     @property
@@ -78,7 +81,9 @@ class ServingReport:
 
     @property
     def ok(self) -> bool:
-        return not self.failed_tp
+        """No requested TP size fails, and every loader that was asked for by name loads."""
+        loaders_ok = not self.targets_requested or all(v.loads for v in self.loaders)
+        return not self.failed_tp and loaders_ok
 
     def to_dict(self) -> dict:
         return {
@@ -181,18 +186,24 @@ def serving_report(
     ckpt: str | os.PathLike | Checkpoint,
     tp_sizes: tuple[int, ...] = DEFAULT_TP,
     ep: bool = False,
-    targets: tuple[str, ...] = TARGETS,
+    targets: tuple[str, ...] | None = None,
     blackwell: bool = False,
 ) -> ServingReport:
     """For each TP size and each of vLLM/SGLang: ok, or the first failing tensor with the loader's error;
     per target: loads or not and why; with `blackwell`, the UE8M0 requant error per tensor, worst first.
+    `targets` None checks the loaders that read the checkpoint's format (compressed-tensors only for a
+    compressed-tensors checkpoint); named targets also decide `ok`. `tp_sizes` () skips the TP matrix.
     Headers and config only, except `blackwell`, which reads every FP8 weight and its scale."""
     if not isinstance(ckpt, Checkpoint):
         ckpt = open_checkpoint(ckpt)
     tensors = _tensors(ckpt)
     scheme = read_scheme(ckpt)
     plan = plan_model(ckpt.config, tensors)
-    report = ServingReport(plan.architecture, scheme, plan, tuple(tp_sizes), ep)
+    report = ServingReport(plan.architecture, scheme, plan, tuple(tp_sizes), ep, targets is not None)
+    if targets is None:
+        targets = tuple(
+            t for t in TARGETS if t != "compressed-tensors" or scheme.method == "compressed-tensors"
+        )
     if plan.known:
         for tp in report.tp_sizes:
             for loader in TP_LOADERS:

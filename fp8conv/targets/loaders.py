@@ -114,7 +114,7 @@ def _config_rules(target: str, scheme: Scheme) -> list[LoaderFinding]:
                 "fail",
                 "quant_method",
                 f"{where}: quant_method is {scheme.method!r}; compressed-tensors reads only "
-                "'compressed-tensors' checkpoints (fp8conv convert --format compressed-tensors)",
+                "'compressed-tensors' checkpoints (fp8conv quantize --format compressed-tensors)",
                 None,
                 sources.COMPRESSED_TENSORS,
             )

@@ -17,7 +17,7 @@ consumer's error text, so a failing cell reads exactly as the server's traceback
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fp8conv.targets import sources
 from fp8conv.targets.arch import ModelPlan, ParallelLayer, Role
@@ -200,6 +200,18 @@ def check_layer(
             )
         return None
     raise AssertionError(f"unhandled role {role}")
+
+
+def check_tensor(
+    plan: ModelPlan, tensor: str, tp: int, ep: bool, block: tuple[int, int] | None, loader: str
+) -> TpFailure | None:
+    """Can `loader` build, at `tp`, the layer holding checkpoint weight `tensor` quantized with `block`
+    (None: left unquantized)? For a planner deciding per tensor before anything is written; the
+    checkpoint's current dtype does not matter. Raises KeyError for a tensor no serving layer holds."""
+    for layer in plan.layers:
+        if any(p.tensor == tensor for p in layer.parts):
+            return check_layer(replace(layer, quantized=block is not None), tp, ep, block, loader)
+    raise KeyError(tensor)
 
 
 def _heads_failure(plan: ModelPlan, tp: int) -> TpFailure | None:
