@@ -59,6 +59,7 @@ class ShardPlan:
     name: str
     metadata: dict[str, str] | None
     jobs: list[TensorJob] = field(default_factory=list)
+    indexed: bool = True  # named by the index (Mistral's consolidated.safetensors is not)
 
     @property
     def out_bytes(self) -> int:
@@ -85,11 +86,13 @@ class Plan:
 
     @property
     def weight_map(self) -> dict[str, str]:
-        return {j.name: s.name for s in self.shards for j in s.jobs}
+        """The output index's weight_map: the tensors of the shards the index lists."""
+        return {j.name: s.name for s in self.shards if s.indexed for j in s.jobs}
 
     @property
     def tensor_bytes(self) -> int:
-        return sum(s.out_bytes for s in self.shards)
+        """The output index's total_size."""
+        return sum(s.out_bytes for s in self.shards if s.indexed)
 
 
 def find_scale(ckpt: Checkpoint, weight: str) -> TensorInfo | None:
@@ -144,7 +147,7 @@ def plan_dequantize(ckpt: Checkpoint, opts: DequantizeOptions) -> Plan:
     found = detect(ckpt)
     shards = []
     for shard_name, header in ckpt.shards.items():
-        sp = ShardPlan(shard_name, header.metadata)
+        sp = ShardPlan(shard_name, header.metadata, indexed=shard_name not in ckpt.unindexed)
         for name, info in header.tensors.items():
             if name in found.artifacts:
                 continue

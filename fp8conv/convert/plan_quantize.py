@@ -158,6 +158,12 @@ def _layer_rules(ckpt: Checkpoint, quant: dict[str, str | None], w: Writer, opts
 
 
 def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
+    for shard in ckpt.unindexed:
+        raise InvalidCheckpoint(
+            "Mistral's native tensors are not quantized by fp8conv",
+            file=ckpt.root / shard,
+            hint="quantize a folder without it (the HF shards and config.json)",
+        )
     for name, shard in ckpt.weight_map.items():
         info = ckpt.shards[shard].tensors[name]
         if info.dtype in FP8_WEIGHT_DTYPES:

@@ -40,6 +40,7 @@ class ArtifactKind(str, Enum):
 # static FP8 and AutoFP8 `input_scale`; Mistral `activation_scale` / native `qscale_act`; ModelOpt and
 # compressed-tensors `k_scale` / `v_scale` on the attention or on k_proj / v_proj; `kv_scale` (older vLLM)).
 ACTIVATION_ARTIFACTS: tuple[tuple[re.Pattern, ArtifactKind], ...] = (
+    (re.compile(r"(^|\.)(kv|q|k|v)_fake_quantizer\.qscale_act$"), ArtifactKind.KV_SCALE),
     (
         re.compile(r"(^|[._])(input_scale|activation_scale|qscale_act|input_scale_ub)$"),
         ArtifactKind.INPUT_SCALE,

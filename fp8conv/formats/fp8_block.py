@@ -16,6 +16,7 @@ Public facts this module follows (FORMATS.md "Published layouts"):
 - DeepSeek-V4: block scales named `X.scale` (e8m0), experts FP4 (int8 bytes, two e2m1 codes each, low
   nibble first) with e8m0 `X.scale` per 1 x 32 (transformers renames `.scale` to `weight_scale_inv` and
   unpacks int8 experts in Fp8Dequantize._unpack_fp4).
+- Mistral's native `consolidated.safetensors` beside the HF shards: `X.qscale_weight` (see mistral.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fp8conv.formats.base import (
     is_fp8,
     looks_packed,
 )
+from fp8conv.formats.mistral import add_native_mistral
 from fp8conv.formats.scheme import MX_GROUP, Granularity, grid_of
 from fp8conv.formats.settings import Settings
 
@@ -98,7 +100,8 @@ class Fp8Block(Layout):
         for name in ckpt.weight_map:
             info = ckpt.info(name)
             if is_fp8(info):
-                add_fp8(found, ckpt, name, scale_names(name), allowed, block)
+                if not add_fp8(found, ckpt, name, scale_names(name), allowed, block):
+                    add_native_mistral(found, ckpt, name)
             elif looks_packed(info) and name.endswith(".weight"):
                 sname = name[: -len(".weight")] + ".scale"
                 if sname in ckpt and _fits_fp4(info.shape, ckpt.info(sname).shape):
