@@ -223,9 +223,6 @@ def quantize(
         str,
         typer.Option("--target", help="any | transformers | vllm | sglang: keep bf16 what it cannot run"),
     ] = "any",
-    allow_ragged: Annotated[
-        bool, typer.Option("--allow-ragged", help="keep ragged edge tiles (vllm / sglang read them)")
-    ] = False,
     block_size: Annotated[str, typer.Option("--block-size", help="128 or MxN")] = "128",
     scale_fmt: Annotated[str, typer.Option("--scale-fmt", help="float | ue8m0")] = "float",
     skip: Annotated[
@@ -250,7 +247,6 @@ def quantize(
             format=format,
             scheme=scheme,
             target=target,
-            allow_ragged=allow_ragged,
             block_size=block_size,
             scale_fmt=scale_fmt,
             skip=tuple(skip or ()),

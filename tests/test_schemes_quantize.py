@@ -132,8 +132,8 @@ def test_refused_pairs_and_options_say_why(sample, tmp_path):
     assert "--block-size applies to --scheme fp8-block" in r.output
     r = cli("quantize", src, tmp_path / "x", "--scheme", "fp8-nope", code=2)
     assert "--scheme must be one of" in r.output
-    r = cli("quantize", src, tmp_path / "x", "--target", "transformers", "--allow-ragged", code=2)
-    assert "refuses ragged tiles" in r.output
+    r = cli("quantize", src, tmp_path / "x", "--target", "tgi", code=2)
+    assert "--target must be one of" in r.output
     assert not (tmp_path / "x").exists()
 
 

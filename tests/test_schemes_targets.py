@@ -92,15 +92,15 @@ def test_transformers_target_keeps_ragged_mlp_and_loads(model8640, tmp_path):
 
 
 def test_sglang_target_keeps_the_mlp_for_its_own_rules(model8640, tmp_path):
-    """--allow-ragged lifts transformers' rule only: SGLang refuses gate/up as one merged layer with
-    8640-row parts (validate_fp8_block_shape) and down_proj's K = 8640 (activation group 128)."""
-    p = plan(model8640, "--target", "sglang", "--allow-ragged")
+    """SGLang refuses gate/up as one merged layer with 8640-row parts (validate_fp8_block_shape) and
+    down_proj's K = 8640 (activation group 128)."""
+    p = plan(model8640, "--target", "sglang")
     kept = kept_linears(p)
     assert set(kept) == set(MLP)
     assert "activation group 128" in kept["down_proj"]
     assert "block_n" in kept["gate_proj"] and kept["gate_proj"] == kept["up_proj"]
     dst = tmp_path / "sglang"
-    cli("quantize", model8640, dst, "--target", "sglang", "--allow-ragged", "-q")
+    cli("quantize", model8640, dst, "--target", "sglang", "-q")
     t = load_file(dst / "model.safetensors")
     assert {n for n in MLP if t[f"model.layers.0.mlp.{n}.weight"].dtype == torch.bfloat16} == set(MLP)
 
@@ -132,11 +132,22 @@ def test_channel_and_mxfp8_quantize_every_linear_of_8640(model8640, scheme):
     assert p["notes"] == []
 
 
-def test_any_target_applies_every_loader(model8640):
-    assert set(kept_linears(plan(model8640))) == set(MLP)
-    # --allow-ragged lifts transformers' rule only; vLLM's own rules still keep the MLP
-    kept = kept_linears(plan(model8640, "--allow-ragged", "--target", "vllm"))
-    assert set(kept) == set(MLP) and all(why.startswith("vllm") for why in kept.values())
+def test_any_target_keeps_ragged_tiles_and_says_who_would_refuse(model8640, tmp_path):
+    """The default writes every tile (DeepSeek-style ragged ones too) and says, loader by loader, which
+    weights each cannot load or run; transformers indeed fails to load that output."""
+    p = plan(model8640)
+    assert kept_linears(p) == {}
+    for loader in ("transformers", "vllm", "sglang"):
+        assert any(n.startswith(f"{loader} cannot load or run") and "down_proj" in n for n in p["notes"]), (
+            loader
+        )
+    dst = tmp_path / "any"
+    cli("quantize", model8640, dst, "-q")
+    from transformers import AutoModelForCausalLM
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with pytest.raises(Exception, match="issues during automatic conversion of the weights"):
+        AutoModelForCausalLM.from_pretrained(dst, dtype=torch.bfloat16)
 
 
 def test_deepseek_mtp_layer_stays_bf16_by_default(tmp_path):

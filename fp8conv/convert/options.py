@@ -74,10 +74,7 @@ TARGETS = ("any", "transformers", "vllm", "sglang")
 class QuantizeOptions:
     format: str = "fp8"
     scheme: str = "fp8-block"
-    target: str = "any"  # the loader the output must load and run in; any: every loader of the format
-    allow_ragged: bool = (
-        False  # keep block tiles ragged at the edges (DeepSeek-style) where a loader reads them
-    )
+    target: str = "any"  # the loader the output must load and run in; any: no loader's restrictions
     block_size: tuple[int, int] = (128, 128)
     scale_fmt: str = "float"
     skip: tuple[str, ...] = ()
@@ -110,12 +107,6 @@ class QuantizeOptions:
         from fp8conv.formats.writers import writer
 
         writer(self.format, self.scheme)  # refuses a pair no loader reads, with the reason
-        if self.allow_ragged and self.target == "transformers":
-            raise UsageError(
-                "--allow-ragged with --target transformers: transformers refuses ragged tiles "
-                "(it infers the block as weight shape / scale grid)",
-                hint="drop --allow-ragged, or pick --target vllm, sglang or any",
-            )
         object.__setattr__(self, "skip", tuple(self.skip))
         object.__setattr__(self, "only", tuple(self.only))
         for p in self.skip + self.only:

@@ -13,8 +13,9 @@ rules: embeddings, lm_head, norms, routers, DeepSeek-V3's MTP projections), does
 - vLLM, SGLang: the block-shape rules of fused layers (validate_fp8_block_shape, in fp8conv.targets.tp),
   and every shard of a fused layer (q/k/v, gate/up) in one precision.
 
-`--target any` applies every loader's rules, so the output loads everywhere; `--allow-ragged` keeps
-DeepSeek-style ragged tiles for the loaders that read them (vLLM, SGLang).
+`--target any` (the default) applies none of them: every tile fp8conv can write, ragged ones too, as the
+DeepSeek releases lay them out; the plan's notes then say, loader by loader, which weights it would not
+load or run and why (`--target X` keeps exactly those bf16).
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def skip_reason(info: TensorInfo, opts: QuantizeOptions, w: Writer | None = None
 
 
 def targets_of(opts: QuantizeOptions) -> tuple[str, ...]:
-    return LOADERS if opts.target == "any" else (opts.target,)
+    """The loaders whose rules decide what stays bf16: none for `any` (every tile fp8conv can write,
+    ragged ones too, as DeepSeek lays them out; the plan's notes say what each loader would refuse)."""
+    return () if opts.target == "any" else (opts.target,)
 
 
 def loader_reason(shape: tuple[int, ...], w: Writer, opts: QuantizeOptions, target: str) -> str | None:
@@ -104,10 +107,10 @@ def loader_reason(shape: tuple[int, ...], w: Writer, opts: QuantizeOptions, targ
         return None  # per-channel: per-token activations; MXFP8: K % 32 is the scheme's own rule
     m, n = shape[-2:]
     bm, bn = w.tile(shape, opts.block_size)
-    if target == "transformers" and w.format == "fp8" and (m % bm or n % bn) and not opts.allow_ragged:
+    if target == "transformers" and w.format == "fp8" and (m % bm or n % bn):
         return (
             f"transformers: {m}x{n} leaves ragged {bm}x{bn} tiles, and transformers infers the block as "
-            "weight shape / scale grid and refuses it (--allow-ragged keeps them for vllm / sglang)"
+            "weight shape / scale grid and refuses it"
         )
     group = w.act_group or bn  # quant_method fp8: activations quantized per 1 x block_k
     if n % group and (target in ("vllm", "sglang") or w.format == "compressed-tensors"):
@@ -118,13 +121,15 @@ def loader_reason(shape: tuple[int, ...], w: Writer, opts: QuantizeOptions, targ
     return None
 
 
-def _layer_rules(ckpt: Checkpoint, quant: dict[str, str | None], w: Writer, opts: QuantizeOptions) -> None:
+def _layer_rules(
+    ckpt: Checkpoint, quant: dict[str, str | None], w: Writer, opts: QuantizeOptions, targets: tuple[str, ...]
+) -> None:
     """vLLM / SGLang: block-shape rules of fused layers at TP 1 and one precision per fused layer.
     Updates `quant` (name -> None if quantized, else the reason) in place until nothing changes."""
     from fp8conv.targets.arch import plan_model
     from fp8conv.targets.tp import check_layer
 
-    loaders = [t for t in targets_of(opts) if t in ("vllm", "sglang")]
+    loaders = [t for t in targets if t in ("vllm", "sglang")]
     if not loaders:
         return
     block = opts.block_size if w.scheme == "fp8-block" else None
@@ -174,17 +179,8 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
                 hint="run `fp8conv convert` to change its layout or scheme, or `fp8conv dequantize` first",
             )
     w = writer(opts.format, opts.scheme)
-    quant: dict[str, str | None] = {}
-    for name in ckpt.weight_map:
-        info = ckpt.info(name)
-        why = skip_reason(info, opts, w)
-        if why is None:
-            for target in targets_of(opts):
-                why = loader_reason(tuple(info.shape), w, opts, target)
-                if why is not None:
-                    break
-        quant[name] = why
-    _layer_rules(ckpt, quant, w, opts)
+    base = {name: skip_reason(ckpt.info(name), opts, w) for name in ckpt.weight_map}
+    quant = _apply_targets(ckpt, base, w, opts, targets_of(opts))
 
     shards = []
     not_converted: list[str] = []
@@ -221,8 +217,33 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
         shards.append(sp)
     module_list = sorted(set(not_converted) | {"lm_head"})
     plan = Plan(shards, quantized_config(ckpt.config, opts, module_list), module_list)
-    plan.notes = target_notes(quant, opts)
+    if opts.target == "any":
+        plan.notes = [
+            note
+            for loader in LOADERS
+            for note in target_notes(
+                _apply_targets(ckpt, base, w, opts, (loader,)), f"{loader} cannot load or run"
+            )
+        ]
+    else:
+        plan.notes = target_notes(quant, f"--target {opts.target}: kept as they are")
     return plan
+
+
+def _apply_targets(
+    ckpt: Checkpoint, base: dict[str, str | None], w: Writer, opts: QuantizeOptions, targets: tuple[str, ...]
+) -> dict[str, str | None]:
+    """`base` (the skip rules' verdicts) with the loaders' per-tensor and per-layer rules added."""
+    quant = dict(base)
+    for name, why in base.items():
+        if why is None:
+            for target in targets:
+                why = loader_reason(tuple(ckpt.info(name).shape), w, opts, target)
+                if why is not None:
+                    break
+            quant[name] = why
+    _layer_rules(ckpt, quant, w, opts, targets)
+    return quant
 
 
 def _quantizer(w: Writer) -> str:
@@ -233,8 +254,8 @@ def _quantizer(w: Writer) -> str:
     return "block"
 
 
-def target_notes(quant: dict[str, str | None], opts: QuantizeOptions) -> list[str]:
-    """One line per loader reason: how many weights stay unquantized for it, and which."""
+def target_notes(quant: dict[str, str | None], lead: str) -> list[str]:
+    """One line per loader reason: how many weights it concerns, and which."""
     by_reason: dict[str, list[str]] = defaultdict(list)
     for name, why in quant.items():
         if why and why.split(":", 1)[0] in LOADERS:
@@ -242,7 +263,7 @@ def target_notes(quant: dict[str, str | None], opts: QuantizeOptions) -> list[st
     out = []
     for why, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
         shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
-        out.append(f"--target {opts.target}: kept as they are: {shown}: {why}")
+        out.append(f"{lead}: {shown}: {why}")
     return out
 
 
