@@ -334,6 +334,87 @@ def print_plan(plan, json_target: str | None) -> None:
 
 
 @app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="FP8 checkpoint folder")],
+    dst: Annotated[Path, typer.Argument(help="output folder (new or empty)")],
+    format: Annotated[
+        Optional[str], typer.Option("--format", help="fp8 | compressed-tensors (default: the source's)")
+    ] = None,
+    scheme: Annotated[
+        Optional[str],
+        typer.Option("--scheme", help="fp8-block | fp8-channel | mxfp8 (default: the source's)"),
+    ] = None,
+    scale_fmt: Annotated[
+        str, typer.Option("--scale-fmt", help="keep | ue8m0 (requantize as DeepGEMM does at load)")
+    ] = "keep",
+    block_size: Annotated[
+        Optional[str], typer.Option("--block-size", help="MxN nested in the source's tiles")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan; write nothing")] = False,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """FP8 checkpoint -> FP8: another layout, scheme, scale format or block, saying what was lossless."""
+    from fp8conv.convert import ConvertOptions, plan_for_convert
+    from fp8conv.convert import convert as run_convert
+
+    def options():
+        return ConvertOptions(
+            format=format,
+            scheme=scheme,
+            scale_fmt=scale_fmt,
+            block_size=block_size,
+            dry_run=dry_run,
+            device=device,
+            overwrite=overwrite,
+        )
+
+    if dry_run:
+        cp = run_guarded(lambda: plan_for_convert(src, options()), json_out)
+        rows = cp.report()
+        lossy = [r["tensor"] for r in rows if not r["lossless"]]
+        emit_json(json_out, {"ok": True, "dry_run": True, "lossless": not lossy, "tensors": rows})
+        if json_out != "-":
+            out.print(
+                f"convert plan ({cp.source_format} {cp.source_scheme} -> "
+                f"{cp.writer.format} {cp.writer.scheme}): "
+                f"{len(rows)} FP8 weights, "
+                + (
+                    "all lossless"
+                    if not lossy
+                    else f"{len(lossy)} requantized (lossy, measured when written)"
+                ),
+                highlight=False,
+            )
+        return
+    summary, cp = run_guarded(
+        lambda: run_convert(src, dst, options(), ConsoleProgress(quiet, "convert")), json_out
+    )
+    rows = cp.report()
+    lossy = [r for r in rows if not r["lossless"]]
+    if not quiet:
+        if lossy:
+            table = Table(title=f"lossy: {len(lossy)} of {len(rows)} weights requantized (worst first)")
+            for col in ("tensor", "how", "SQNR dB", "rel. error"):
+                table.add_column(col)
+            for r in lossy:
+                sq = r["sqnr_db"]
+                table.add_row(
+                    r["tensor"],
+                    r["how"],
+                    f"{sq:.2f}" if sq is not None else "-",
+                    f"{r['rel_error'] or 0:.3e}",
+                )
+            err.print(table)
+        else:
+            err.print(f"lossless: all {len(rows)} FP8 weights kept their values exactly", highlight=False)
+    report_summary(summary, quiet, None)
+    emit_json(json_out, {"ok": True, **summary.to_dict(), "lossless": not lossy, "tensors": rows})
+
+
+@app.command()
 def verify(
     ckpt: Annotated[Path, typer.Argument(help="checkpoint folder to check (FP8 or dequantized)")],
     reference: Annotated[

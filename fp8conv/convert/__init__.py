@@ -7,11 +7,15 @@ from pathlib import Path
 from fp8conv.checkpoint.layout import open_checkpoint
 from fp8conv.convert import engine
 from fp8conv.convert.engine import Progress, Summary
+from fp8conv.convert.fp8_to_fp8 import ConvertOptions, ConvertPlan, plan_convert, run_convert
 from fp8conv.convert.options import DequantizeOptions, QuantizeOptions
 from fp8conv.convert.plan import Plan, plan_dequantize
 from fp8conv.convert.plan_quantize import plan_quantize
 
 __all__ = [
+    "ConvertOptions",
+    "convert",
+    "plan_for_convert",
     "DequantizeOptions",
     "Plan",
     "Progress",
@@ -67,3 +71,19 @@ def quantize(
     )
     summary.notes.extend(plan.notes)
     return summary
+
+
+def plan_for_convert(src: str | Path, options: ConvertOptions | None = None) -> ConvertPlan:
+    """The convert plan (what --dry-run shows): per tensor what changes and whether it is lossless."""
+    return plan_convert(open_checkpoint(src), options or ConvertOptions())
+
+
+def convert(
+    src: str | Path, dst: str | Path, options: ConvertOptions | None = None, progress: Progress | None = None
+) -> tuple[Summary, ConvertPlan]:
+    """FP8 checkpoint -> FP8 checkpoint in another layout, scheme, scale format or block. Returns the
+    summary and the plan, whose report() gives per tensor how it changed and the loss, worst first."""
+    opts = options or ConvertOptions()
+    ckpt = open_checkpoint(src)
+    cp = plan_convert(ckpt, opts)
+    return run_convert(ckpt, cp, Path(dst), opts, progress), cp

@@ -377,7 +377,7 @@ def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
         if job.action == "copy":
             yield _Piece(job, "copy", job.src.start, job.src.nbytes, dst0, last=True)
             continue
-        if job.action == "scale":
+        if job.action in ("scale", "compute"):
             yield _Piece(job, "emit", 0, 0, dst0, last=True)
             continue
         src = job.src
@@ -676,7 +676,8 @@ class _ShardWriter:
         if piece.kind == "emit":  # the scales are complete once every piece before is converted
             while self.converting:
                 self._finish_convert(summary)
-            self._submit_write(self._pwrite, self.conv.emit(self.weight_job), piece.dst_off, job)
+            data = job.compute() if job.action == "compute" else self.conv.emit(self.weight_job)
+            self._submit_write(self._pwrite, data, piece.dst_off, job)
             return
         f.result()
         while len(self.converting) >= self.workers:

@@ -4,6 +4,7 @@ the quantize plan in plan_quantize.py."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fp8conv.checkpoint.layout import Checkpoint
@@ -38,7 +39,7 @@ class TensorJob:
     """One output tensor (or pair, for quantize) and how to make it from the source."""
 
     name: str  # output name
-    action: str  # "copy" | "dequant" | "quant" | "scale" (the scale written by a "quant")
+    action: str  # "copy" | "dequant" | "quant" | "scale" (the scale written by a "quant") | "compute"
     src: TensorInfo | None
     out_dtype: str
     out_shape: tuple[int, ...]
@@ -48,6 +49,7 @@ class TensorJob:
     reason: str = ""  # why copied (for --dry-run and inspect)
     weight: QuantizedWeight | None = None  # dequant: the layout's account of the weight and its scale
     quantizer: str = "block"  # quant: "block", "channel", "mx-ceil" or "mx-ct" (convert/quantize_schemes.py)
+    compute: Callable[[], bytes] | None = None  # "compute": the whole tensor's bytes (fp8_to_fp8.py)
 
     @property
     def out_bytes(self) -> int:
