@@ -159,26 +159,31 @@ def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
             )
     if opts.scale_fmt == "ue8m0" and (scheme != "fp8-block" or block != src_block):
         raise UsageError(
-            "--scale-fmt ue8m0 requantizes block scales in place: use it without --scheme/--block-size"
+            "--scale-fmt ue8m0 requantizes block scales in place: use it without --scheme or --block-size"
         )
     cp = ConvertPlan(Plan([], None), found.family, src_scheme, w, block if scheme == "fp8-block" else None)
     power_of_two = (
         _all_power_of_two(ckpt, found) if scheme == "mxfp8" and src_scheme == "fp8-block" else False
     )
+    # the codes job where the source's codes are, the scale job where its scale is (same shards, same
+    # order: a relayout's round trip is byte-identical)
+    jobs = {}
+    for qw in found.weights.values():
+        codes, scale = _weight_jobs(
+            ckpt, cp, qw, ckpt.info(qw.name), w, block, src_scheme, opts, power_of_two
+        )
+        jobs[qw.name], jobs[qw.scale.name] = codes, scale
     shards = []
     not_converted: list[str] = []
     for shard_name, header in ckpt.shards.items():
         sp = ShardPlan(shard_name, header.metadata)
         for name, info in header.tensors.items():
-            if name in found.artifacts:
+            if name in jobs:
+                sp.jobs.append(jobs[name])
                 continue
-            qw = found.weights.get(name)
-            if qw is None:
-                sp.jobs.append(TensorJob(name, "copy", info, info.dtype, info.shape, reason="not FP8"))
-                if name.endswith(".weight") and info.dtype in FLOAT_DTYPES and len(info.shape) in (2, 3):
-                    not_converted.append(name[: -len(".weight")])
-                continue
-            sp.jobs.extend(_weight_jobs(ckpt, cp, qw, info, w, block, src_scheme, opts, power_of_two))
+            sp.jobs.append(TensorJob(name, "copy", info, info.dtype, info.shape, reason="not FP8"))
+            if name.endswith(".weight") and info.dtype in FLOAT_DTYPES and len(info.shape) in (2, 3):
+                not_converted.append(name[: -len(".weight")])
         shards.append(sp)
     config = strip_config(ckpt.config, _dtype_name(ckpt.config))
     skipped = sorted(set(not_converted) | {"lm_head"})
@@ -232,8 +237,8 @@ def _weight_jobs(ckpt, cp, qw: QuantizedWeight, info, w: Writer, block, src_sche
         sdt = qw.scale.dtype
         keep = sdt in FLOAT_DTYPES if w.scale_dtype == "F32" else sdt == "U8"
         if keep and tuple(qw.scale.shape) == sshape:
-            return [codes, TensorJob(sname, "copy", qw.scale, sdt, sshape, reason="relayout: scale renamed")]
-        return [codes, _scale_compute(ckpt, qw, sname, sshape, w, lambda s: s)]
+            return codes, TensorJob(sname, "copy", qw.scale, sdt, sshape, reason="relayout: scale renamed")
+        return codes, _scale_compute(ckpt, qw, sname, sshape, w, lambda s: s)
     if w.scheme == "fp8-block" and opts.scale_fmt != "ue8m0":  # nested tiles
         cp.changes[name] = TensorChange(name, "nested tiles", True)
         codes = TensorJob(
@@ -243,7 +248,7 @@ def _weight_jobs(ckpt, cp, qw: QuantizedWeight, info, w: Writer, block, src_sche
         def nest(s: torch.Tensor) -> torch.Tensor:
             return _inherit(s, shape, src_tile, block)
 
-        return [codes, _scale_compute(ckpt, qw, sname, sshape, w, nest)]
+        return codes, _scale_compute(ckpt, qw, sname, sshape, w, nest)
     if w.scheme == "mxfp8" and src_scheme == "fp8-block" and power_of_two and src_tile[1] % MX_GROUP == 0:
         cp.changes[name] = TensorChange(name, "inherited exponents", True)
         codes = TensorJob(
@@ -253,7 +258,7 @@ def _weight_jobs(ckpt, cp, qw: QuantizedWeight, info, w: Writer, block, src_sche
         def inherit(s: torch.Tensor) -> torch.Tensor:
             return _inherit(s, shape, src_tile, (1, MX_GROUP))
 
-        return [codes, _scale_compute(ckpt, qw, sname, sshape, w, inherit)]
+        return codes, _scale_compute(ckpt, qw, sname, sshape, w, inherit)
     return _requant_jobs(ckpt, cp, qw, w, sname, sshape, opts)
 
 
@@ -291,38 +296,44 @@ def _dequant_fp32(ckpt, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor
     return q, s, ref
 
 
-def _requant_jobs(ckpt, cp, qw: QuantizedWeight, w: Writer, sname, sshape, opts) -> list[TensorJob]:
-    """Codes and scale of one weight quantized again (lossy); the loss recorded when it is written."""
+def _requant_jobs(
+    ckpt, cp, qw: QuantizedWeight, w: Writer, sname, sshape, opts
+) -> tuple[TensorJob, TensorJob]:
+    """Codes and scale of one weight quantized again (lossy); the loss recorded when it is computed.
+    Whichever of the two is written first computes both (they may lie in different shards)."""
     name = qw.name
     state: dict[str, torch.Tensor] = {}
     cp.changes[name] = TensorChange(name, "requantized", False)
 
-    def codes() -> bytes:
-        q, s, ref = _dequant_fp32(ckpt, qw)
-        if opts.scale_fmt == "ue8m0":
-            from fp8conv.targets.requant import requant_ue8m0
+    def result(part: str) -> torch.Tensor:
+        if not state:
+            q, s, ref = _dequant_fp32(ckpt, qw)
+            if opts.scale_fmt == "ue8m0":
+                from fp8conv.targets.requant import requant_ue8m0
 
-            q2, s2 = requant_ue8m0(q, s, qw.layout.tile)
-            tile = qw.layout.tile
-        elif w.scheme == "fp8-channel":
-            q2, s2 = channel_quant(ref)
-            tile = (1, qw.shape[-1])
-        else:
-            q2, e = mx_quant(ref, w.mx_rule)
-            s2 = scale_to_float32(e)
-            tile = (1, MX_GROUP)
-        got = q2.float() * expand_scales(s2, tuple(qw.shape), tile)
-        _record(cp.changes[name], ref, got)
-        state["scale"] = s2
-        return q2.contiguous().view(torch.uint8).numpy().tobytes()
+                q2, s2 = requant_ue8m0(q, s, qw.layout.tile)
+                tile = qw.layout.tile
+            elif w.scheme == "fp8-channel":
+                q2, s2 = channel_quant(ref)
+                tile = (1, qw.shape[-1])
+            else:
+                q2, e = mx_quant(ref, w.mx_rule)
+                s2 = scale_to_float32(e)
+                tile = (1, MX_GROUP)
+            _record(cp.changes[name], ref, q2.float() * expand_scales(s2, tuple(qw.shape), tile))
+            state.update(codes=q2, scale=s2)
+        return state.pop(part)
+
+    def codes() -> bytes:
+        return result("codes").contiguous().view(torch.uint8).numpy().tobytes()
 
     def scale() -> bytes:
-        return _scale_out(state.pop("scale"), w)
+        return _scale_out(result("scale"), w)
 
-    return [
+    return (
         TensorJob(name, "compute", None, "F8_E4M3", tuple(qw.shape), compute=codes),
         TensorJob(sname, "compute", None, w.scale_dtype, sshape, compute=scale),
-    ]
+    )
 
 
 def _record(change: TensorChange, ref: torch.Tensor, got: torch.Tensor) -> None:
