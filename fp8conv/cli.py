@@ -223,6 +223,10 @@ def quantize(
         str,
         typer.Option("--target", help="any | transformers | vllm | sglang: keep bf16 what it cannot run"),
     ] = "any",
+    like: Annotated[
+        Optional[Path],
+        typer.Option("--like", help="FP8 checkpoint whose scheme, layout, FP8 tensor set and config to copy"),
+    ] = None,
     block_size: Annotated[str, typer.Option("--block-size", help="128 or MxN")] = "128",
     scale_fmt: Annotated[str, typer.Option("--scale-fmt", help="float | ue8m0")] = "float",
     skip: Annotated[
@@ -247,6 +251,7 @@ def quantize(
             format=format,
             scheme=scheme,
             target=target,
+            like=str(like) if like else None,
             block_size=block_size,
             scale_fmt=scale_fmt,
             skip=tuple(skip or ()),

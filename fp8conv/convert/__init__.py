@@ -44,17 +44,18 @@ def dequantize(
 
 def plan_for_quantize(src: str | Path, options: QuantizeOptions | None = None) -> Plan:
     """The quantize plan (what --dry-run shows), from headers alone; nothing is written."""
-    opts = options or QuantizeOptions()
-    return plan_quantize(open_checkpoint(src), opts)
+    ckpt = open_checkpoint(src)
+    opts, ref = _like(options or QuantizeOptions())
+    return plan_quantize(ckpt, opts, ref)
 
 
 def quantize(
     src: str | Path, dst: str | Path, options: QuantizeOptions | None = None, progress: Progress | None = None
 ) -> Summary:
     """Turn a bf16/fp16/fp32 checkpoint folder into FP8: block, per-channel or MXFP8 (options.scheme)."""
-    opts = options or QuantizeOptions()
     ckpt = open_checkpoint(src)
-    plan = plan_quantize(ckpt, opts)
+    opts, ref = _like(options or QuantizeOptions())
+    plan = plan_quantize(ckpt, opts, ref)
     for note in plan.notes:
         (progress or Progress()).note(note)
     summary = engine.run(
@@ -87,3 +88,13 @@ def convert(
     ckpt = open_checkpoint(src)
     cp = plan_convert(ckpt, opts)
     return run_convert(ckpt, cp, Path(dst), opts, progress), cp
+
+
+def _like(opts: QuantizeOptions):
+    """--like REF: the options taken from the reference, and the reference."""
+    if not opts.like:
+        return opts, None
+    from fp8conv.convert.like import options_like, read_reference
+
+    ref = read_reference(open_checkpoint(opts.like))
+    return options_like(opts, ref), ref

@@ -75,6 +75,7 @@ class QuantizeOptions:
     format: str = "fp8"
     scheme: str = "fp8-block"
     target: str = "any"  # the loader the output must load and run in; any: no loader's restrictions
+    like: str | None = None  # --like REF: scheme, layout, block, scale format and FP8 set of REF
     block_size: tuple[int, int] = (128, 128)
     scale_fmt: str = "float"
     skip: tuple[str, ...] = ()

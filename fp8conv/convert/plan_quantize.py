@@ -26,6 +26,7 @@ from collections import defaultdict
 
 from fp8conv.checkpoint.layout import Checkpoint
 from fp8conv.checkpoint.safetensors_io import FLOAT_DTYPES, FP8_WEIGHT_DTYPES, TensorInfo
+from fp8conv.convert.like import Reference, check_same_tensors
 from fp8conv.convert.options import QuantizeOptions
 from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
 from fp8conv.errors import InvalidCheckpoint
@@ -162,7 +163,9 @@ def _layer_rules(
             return
 
 
-def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
+def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions, like: Reference | None = None) -> Plan:
+    """The quantize plan; with `like` (--like REF, opts already taken from it), exactly the reference's
+    FP8 tensor set and its quantization_config."""
     for shard in ckpt.unindexed:
         raise InvalidCheckpoint(
             "Mistral's native tensors are not quantized by fp8conv",
@@ -179,8 +182,16 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
                 hint="run `fp8conv convert` to change its layout or scheme, or `fp8conv dequantize` first",
             )
     w = writer(opts.format, opts.scheme)
-    base = {name: skip_reason(ckpt.info(name), opts, w) for name in ckpt.weight_map}
-    quant = _apply_targets(ckpt, base, w, opts, targets_of(opts))
+    if like is not None:
+        check_same_tensors(ckpt, like)
+        base = {
+            n: None if n in like.fp8 else f"not FP8 in the --like reference {like.root}"
+            for n in ckpt.weight_map
+        }
+        quant = base
+    else:
+        base = {name: skip_reason(ckpt.info(name), opts, w) for name in ckpt.weight_map}
+        quant = _apply_targets(ckpt, base, w, opts, targets_of(opts))
 
     shards = []
     not_converted: list[str] = []
@@ -217,6 +228,10 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
         shards.append(sp)
     module_list = sorted(set(not_converted) | {"lm_head"})
     plan = Plan(shards, quantized_config(ckpt.config, opts, module_list), module_list)
+    if like is not None:
+        if plan.config is not None and like.quantization_config is not None:
+            plan.config["quantization_config"] = like.quantization_config
+        return plan
     if opts.target == "any":
         plan.notes = [
             note
