@@ -14,6 +14,7 @@ from fp8conv.checkpoint.safetensors_io import (
     ITEMSIZE,
     TensorInfo,
 )
+from fp8conv.convert import decode
 from fp8conv.convert.options import DequantizeOptions
 from fp8conv.errors import InvalidCheckpoint
 from fp8conv.formats import (
@@ -156,7 +157,7 @@ def plan_dequantize(ckpt: Checkpoint, opts: DequantizeOptions) -> Plan:
             w = found.weights.get(name)
             if w is not None:
                 job = TensorJob(w.out_name, "dequant", info, out_dtype, w.out_shape, scale=w.scale)
-                job.block, job.weight = w.layout.tile, w
+                job.block, job.weight = decode.kernel_tile(w), w
                 sp.jobs.append(job)
             else:
                 sp.jobs.append(

@@ -121,6 +121,23 @@ class Detection:
     def scale_encodings(self) -> list[ScaleEncoding]:
         return list(dict.fromkeys(w.layout.encoding for w in self.weights.values()))
 
+    def summary(self) -> dict:
+        """What inspect shows, JSON-ready: family, schemes, encodings, artifacts by kind, owned settings."""
+        kinds: dict[str, list[str]] = {}
+        for a in self.artifacts.values():
+            kinds.setdefault(a.kind.value, []).append(a.name)
+        return {
+            "family": self.family,
+            "title": self.title,
+            "schemes": [s.describe() for s in self.schemes],
+            "scale_encodings": [e.value for e in self.scale_encodings],
+            "quantized_weights": len(self.weights),
+            "artifacts": {k: sorted(v) for k, v in sorted(kinds.items())},
+            "config_keys": list(self.config_keys),
+            "side_files": list(self.side_files),
+            "params_quantization": self.rewrite_params,
+        }
+
     def weight_of(self, scale_name: str) -> QuantizedWeight | None:
         a = self.artifacts.get(scale_name)
         return self.weights.get(a.of) if a is not None and a.of else None
@@ -183,8 +200,8 @@ def fit_or_refuse(
             else ""
         )
         raise InvalidCheckpoint(
-            f"scale shape {list(scale.shape)} does not fit weight {weight!r} of shape {list(shape)} under "
-            f"any {family} scheme ({kinds}{blk})",
+            f"scale shape {list(scale.shape)} does not fit weight {list(shape)} ({weight}) under any "
+            f"{family} scheme ({kinds}{blk})",
             file=ckpt.root / ckpt.weight_map[scale.name],
             tensor=scale.name,
         )
