@@ -508,7 +508,7 @@ def verify(
         return verify_checkpoint(ckpt, opts, Bar())
 
     report = run_guarded(go, json_out)
-    serving = serving_for(ckpt, tp, ep, target, blackwell, json_out)
+    serving = serving_for(ckpt, tp, ep, target, blackwell, json_out, device)
     payload = report.to_dict()
     if serving is not None:
         payload["serving"] = serving.to_dict()
@@ -566,7 +566,7 @@ BlackwellOpt = Annotated[
 ]
 
 
-def serving_for(ckpt, tp, ep, target, blackwell, json_out):
+def serving_for(ckpt, tp, ep, target, blackwell, json_out, device="cpu"):
     """The serving report when any of its options is given, else None."""
     if tp is None and target is None and not blackwell and not ep:
         return None
@@ -574,7 +574,7 @@ def serving_for(ckpt, tp, ep, target, blackwell, json_out):
 
     def go():
         sizes = targets.parse_tp_sizes(tp) if tp is not None else (targets.DEFAULT_TP if ep else ())
-        return targets.serving_report(ckpt, sizes, ep, targets.parse_targets(target), blackwell)
+        return targets.serving_report(ckpt, sizes, ep, targets.parse_targets(target), blackwell, device)
 
     return run_guarded(go, json_out)
 

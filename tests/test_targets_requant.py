@@ -131,3 +131,19 @@ def test_report_lists_tensors_worst_first(tmp_path):
         q, s = tensors[r.tensor], tensors[r.tensor + "_scale_inv"]
         assert r == requant_loss(r.tensor, q, s, (128, 128), expert=False)
     assert report.to_dict()["blackwell_requant"][0]["tensor"] == report.requant[0].tensor
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(4096, 14336), (576, 7168), (384, 130)])
+def test_requant_on_the_gpu_is_the_cpu_one(shape):
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(shape, generator=g) * 0.02).bfloat16()
+    q, s = weight_quant(w)
+    q2, s2 = requant_ue8m0(q, s, (128, 128))
+    gq, gs = requant_ue8m0(q.cuda(), s.cuda(), (128, 128))
+    assert torch.equal(gq.cpu().view(torch.uint8), q2.view(torch.uint8)) and torch.equal(gs.cpu(), s2)
+    cpu = requant_loss("w", q, s, (128, 128), expert=True)
+    gpu = requant_loss("w", q.cuda(), s.cuda(), (128, 128), expert=True)
+    assert gpu.max_abs_error == cpu.max_abs_error and gpu.scales_changed == cpu.scales_changed
+    assert gpu.rel_error == pytest.approx(cpu.rel_error, rel=1e-9, abs=0)

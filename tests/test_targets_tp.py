@@ -274,6 +274,12 @@ CASES = {
     "qwen2": (lambda: llama_like("Qwen2ForCausalLM", 256, 16, 16, 128, inter=640), [1]),
     # Qwen3-MoE: expert intermediate 384 -> 192 per rank at TP 2; EP fixes it
     "qwen3-moe": (lambda: llama_like("Qwen3MoeForCausalLM", 256, 16, 4, 128, moe=(4, 384, "hf")), [1]),
+    # Qwen3-30B-A3B's shapes (4 of its 128 experts): 768 / 4 = 192 per rank, the published TP 4 failure
+    # (vllm #25292; QwenLM/Qwen3 #1485: "only TP1 and TP2")
+    "qwen3-30b-a3b": (
+        lambda: llama_like("Qwen3MoeForCausalLM", 2048, 32, 4, 128, moe=(4, 768, "hf")),
+        [1, 2],
+    ),
     # MiniMax-M2 naming (block_sparse_moe.experts.E.w1/w2/w3), expert intermediate 1536 as released
     "minimax": (
         lambda: llama_like(

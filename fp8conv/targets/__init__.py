@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from fp8conv.checkpoint.layout import Checkpoint, open_checkpoint
 from fp8conv.checkpoint.safetensors_io import ShardReader
 from fp8conv.errors import UsageError
+from fp8conv.kernels import resolve_device
 from fp8conv.targets.arch import FP8_DTYPES, ModelPlan, Role, plan_model
 from fp8conv.targets.loaders import TARGETS, LoaderVerdict, check_loaders
 from fp8conv.targets.requant import RequantLoss, requant_loss
@@ -152,7 +153,7 @@ def _tensors(ckpt: Checkpoint) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {name: (ckpt.info(name).dtype, tuple(ckpt.info(name).shape)) for name in ckpt.weight_map}
 
 
-def _blackwell(ckpt: Checkpoint, scheme: Scheme, plan: ModelPlan, tensors) -> list[RequantLoss]:
+def _blackwell(ckpt: Checkpoint, scheme: Scheme, plan: ModelPlan, tensors, device) -> list[RequantLoss]:
     if scheme.block is None or scheme.scale_suffix is None:
         return []
     experts = {p.tensor for layer in plan.layers if layer.role == Role.MOE for p in layer.parts}
@@ -165,8 +166,8 @@ def _blackwell(ckpt: Checkpoint, scheme: Scheme, plan: ModelPlan, tensors) -> li
             scale = name[: -len("weight")] + scheme.scale_suffix if name.endswith(".weight") else None
             if scale is None or scale not in tensors:
                 continue
-            q = _read(ckpt, readers, name)
-            s = _read(ckpt, readers, scale)
+            q = _read(ckpt, readers, name).to(device)
+            s = _read(ckpt, readers, scale).to(device)
             out.append(requant_loss(name, q, s, scheme.block, name in experts))
     finally:
         for r in readers.values():
@@ -188,12 +189,14 @@ def serving_report(
     ep: bool = False,
     targets: tuple[str, ...] | None = None,
     blackwell: bool = False,
+    device: str = "cpu",
 ) -> ServingReport:
     """For each TP size and each of vLLM/SGLang: ok, or the first failing tensor with the loader's error;
     per target: loads or not and why; with `blackwell`, the UE8M0 requant error per tensor, worst first.
     `targets` None checks the loaders that read the checkpoint's format (compressed-tensors only for a
     compressed-tensors checkpoint); named targets also decide `ok`. `tp_sizes` () skips the TP matrix.
-    Headers and config only, except `blackwell`, which reads every FP8 weight and its scale."""
+    Headers and config only, except `blackwell`, which reads every FP8 weight and its scale and computes
+    the requant on `device` (auto | cpu | cuda | cuda:N; the figures agree across devices)."""
     if not isinstance(ckpt, Checkpoint):
         ckpt = open_checkpoint(ckpt)
     tensors = _tensors(ckpt)
@@ -214,5 +217,5 @@ def serving_report(
     no_format = [n for n, h in ckpt.shards.items() if (h.metadata or {}).get("format") != "pt"]
     report.loaders = check_loaders(scheme, plan, tensors, no_format, targets)
     if blackwell:
-        report.requant = _blackwell(ckpt, scheme, plan, tensors)
+        report.requant = _blackwell(ckpt, scheme, plan, tensors, resolve_device(device)[0])
     return report

@@ -13,7 +13,7 @@ findings (data). The rules are the loaders' own checks, with their messages wher
 - compressed-tensors' group-quantized activations need K % group_size == 0 (the forward fails);
 - every shard of a fused layer (q/k/v, gate/up) in the same precision (vLLM `is_layer_skipped`);
 - embeddings and lm_head are never FP8 layers in vLLM/SGLang (no scale parameter to load into);
-- shard metadata `{"format": "pt"}`: transformers 5.17 and 5.24 load shards without it.
+- shard metadata `{"format": "pt"}`: transformers 5.24 loads shards without it.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def _metadata_rules(target: str, shards_without_format: list[str]) -> list[Loade
             "info",
             "shard metadata",
             f'{len(shards_without_format)} shard(s) lack {{"format": "pt"}} metadata '
-            f"({shards_without_format[0]}, ...): transformers 5.17 and 5.24 load them anyway",
+            f"({shards_without_format[0]}, ...): transformers 5.24 loads them anyway",
             None,
             sources.TRANSFORMERS_FP8_QUANTIZER,
         )

@@ -1,18 +1,18 @@
-"""The quantization facts the serving rules need, read from a checkpoint's settings in one place.
+"""The quantization facts the serving rules need, read through the layouts layer (`fp8conv.formats`).
 
-A small adapter: the layouts layer (`fp8conv/formats/`) will own reading schemes; until it does, this
-reads `quantization_config` (also under `text_config`), `compression_config` and `hf_quant_config.json`
-the way vLLM and SGLang look for them, and nothing else reads them in this package.
+Where the settings live (config.json `quantization_config`, also under `text_config`, the old
+`compression_config`, `hf_quant_config.json`) is `formats.read_settings`' job. The block a server sees
+is read the server's way: vLLM's and SGLang's `Fp8Config` take `weight_block_size` as written, so a
+missing one means per-tensor there (fp8conv's own dequantizer assumes 128 x 128 for it, as
+transformers does).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from fp8conv.checkpoint.layout import Checkpoint
-from fp8conv.formats import find_quantization_config
+from fp8conv.formats import read_settings
 
 
 @dataclass(frozen=True)
@@ -35,19 +35,13 @@ def _block(value) -> tuple[int, int] | None:
 
 
 def read_scheme(ckpt: Checkpoint) -> Scheme:
-    qc, where = find_quantization_config(ckpt.config), "config.json quantization_config"
-    if qc is None and ckpt.config and isinstance(ckpt.config.get("compression_config"), dict):
-        qc, where = ckpt.config["compression_config"], "config.json compression_config"
-    hf_quant = Path(ckpt.root) / "hf_quant_config.json"
-    if qc is None and hf_quant.is_file():
-        try:
-            data = json.loads(hf_quant.read_text())
-        except (OSError, ValueError):
-            data = None
-        if isinstance(data, dict):
-            qc, where = data.get("quantization", data), "hf_quant_config.json"
+    settings = read_settings(ckpt)
+    qc = settings.config if settings.config is not None else settings.hf_quant
     if qc is None:
         return Scheme(None, None, None, None, None, None, None, None, None)
+    if settings.config is None and isinstance(qc.get("quantization"), dict):  # hf_quant_config.json
+        qc = qc["quantization"]
+    where = settings.where()
     method = qc.get("quant_method") or (qc.get("quant_algo") and "modelopt")
     if method == "compressed-tensors":
         weights, acts = {}, {}
