@@ -364,6 +364,12 @@ E4M3_EMAX = 8  # floor(log2(448)): the largest power of two e4m3 holds
 MX_RULES = ("ceil", "ct")
 
 
+def _fp8_max_tensor(like: torch.Tensor) -> torch.Tensor:
+    """448 as a 0-d tensor on `like`'s device: CUDA divides by a Python scalar as a multiplication by
+    its reciprocal (not IEEE division, and 1/448 is inexact); by a tensor it divides elementwise."""
+    return torch.tensor(FP8_E4M3_MAX, dtype=torch.float32, device=like.device)
+
+
 def channel_quant_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel FP8: one float32 scale per row of [..., M, N] (compressed-tensors FP8_DYNAMIC's
     weights). The block numerics with a 1 x N tile: s = max(amax / 448, 2**-126), q = e4m3(x / s).
@@ -371,7 +377,7 @@ def channel_quant_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (amax is exact; one IEEE division, one round-to-nearest-even cast)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    s = (amax / FP8_E4M3_MAX).clamp_min(SCALE_FLOOR)
+    s = (amax / _fp8_max_tensor(amax)).clamp_min(SCALE_FLOOR)
     q = (xf / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q, s
 
@@ -391,7 +397,7 @@ def mx_exponents(amax: torch.Tensor, rule: str) -> torch.Tensor:
     a = amax.float()
     bad = ~torch.isfinite(a)
     if rule == "ceil":
-        s = (a / FP8_E4M3_MAX).clamp_min(SCALE_FLOOR)
+        s = (a / _fp8_max_tensor(a)).clamp_min(SCALE_FLOOR)
         bits = s.view(torch.int32)
         e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
         e = torch.where(a == 0, torch.full_like(e, 127), e)

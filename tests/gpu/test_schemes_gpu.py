@@ -30,11 +30,13 @@ def test_channel_and_mx_quant_gpu_equal_cpu(shape):
     x = edge_data(*shape)
     q, s = channel_quant(x)
     qg, sg = channel_quant(x.cuda())
-    assert torch.equal(q.view(torch.uint8), qg.cpu().view(torch.uint8)) and torch.equal(s, sg.cpu())
+    assert torch.equal(s, sg.cpu()), "channel scales"
+    assert torch.equal(q.view(torch.uint8), qg.cpu().view(torch.uint8)), "channel codes"
     for rule in ("ceil", "ct"):
         q, e = mx_quant(x, rule)
         qg, eg = mx_quant(x.cuda(), rule)
-        assert torch.equal(q.view(torch.uint8), qg.cpu().view(torch.uint8)) and torch.equal(e, eg.cpu()), rule
+        assert torch.equal(e, eg.cpu()), f"mx {rule} exponents"
+        assert torch.equal(q.view(torch.uint8), qg.cpu().view(torch.uint8)), f"mx {rule} codes"
 
 
 @pytest.mark.parametrize(
