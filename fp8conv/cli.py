@@ -355,6 +355,12 @@ def convert(
     block_size: Annotated[
         Optional[str], typer.Option("--block-size", help="MxN nested in the source's tiles")
     ] = None,
+    reference: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--reference", help="the original BF16 checkpoint: measure lossy tensors against it too"
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan; write nothing")] = False,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = None,
@@ -371,6 +377,7 @@ def convert(
             scheme=scheme,
             scale_fmt=scale_fmt,
             block_size=block_size,
+            reference=str(reference) if reference else None,
             dry_run=dry_run,
             device=device,
             overwrite=overwrite,
@@ -402,16 +409,20 @@ def convert(
     if not quiet:
         if lossy:
             table = Table(title=f"lossy: {len(lossy)} of {len(rows)} weights requantized (worst first)")
-            for col in ("tensor", "how", "SQNR dB", "rel. error"):
+            cols = ["tensor", "how", "SQNR dB", "rel. error"]
+            if reference:
+                cols += ["SQNR vs BF16 dB (was)"]
+            for col in cols:
                 table.add_column(col)
+
+            def db(v) -> str:
+                return f"{v:.2f}" if v is not None else "-"
+
             for r in lossy:
-                sq = r["sqnr_db"]
-                table.add_row(
-                    r["tensor"],
-                    r["how"],
-                    f"{sq:.2f}" if sq is not None else "-",
-                    f"{r['rel_error'] or 0:.3e}",
-                )
+                row = [r["tensor"], r["how"], db(r["sqnr_db"]), f"{r['rel_error'] or 0:.3e}"]
+                if reference:
+                    row.append(f"{db(r['sqnr_vs_reference_db'])} ({db(r['source_sqnr_vs_reference_db'])})")
+                table.add_row(*row)
             err.print(table)
         else:
             err.print(f"lossless: all {len(rows)} FP8 weights kept their values exactly", highlight=False)

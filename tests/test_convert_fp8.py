@@ -226,3 +226,46 @@ def test_refusals(sample, tmp_path):
     )
     assert "without --scheme or --block-size" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    d = float((got.double() - ref.double()).pow(2).sum())
+    return 10 * math.log10(float(ref.double().pow(2).sum()) / d)
+
+
+def test_reference_measures_against_the_original_bf16(sample, tmp_path):
+    src = sample("llama-tiny-bf16")
+    cli("quantize", src, tmp_path / "fp8", "-q")
+    out = tmp_path / "ue8m0"
+    r = cli(
+        "convert",
+        tmp_path / "fp8",
+        out,
+        "--scale-fmt",
+        "ue8m0",
+        "--reference",
+        src,
+        "--json",
+        tmp_path / "r.json",
+    )
+    assert "SQNR vs BF16" in r.output
+    rows = json.loads((tmp_path / "r.json").read_text())["tensors"]
+    orig = tensors(src)
+    before = dequantized(tmp_path / "fp8", tmp_path, "before", "fp32")
+    after = dequantized(out, tmp_path, "after", "fp32")
+    assert len(rows) == 14
+    for row in rows:
+        k = row["tensor"]
+        assert row["sqnr_vs_reference_db"] == pytest.approx(_sqnr(orig[k], after[k]), rel=1e-9), k
+        assert row["source_sqnr_vs_reference_db"] == pytest.approx(_sqnr(orig[k], before[k]), rel=1e-9), k
+    r = cli(
+        "convert",
+        tmp_path / "fp8",
+        tmp_path / "x",
+        "--scale-fmt",
+        "ue8m0",
+        "--reference",
+        sample("deepseek-tiny-fp8"),
+        code=3,
+    )
+    assert "--reference" in r.output and not (tmp_path / "x").exists()

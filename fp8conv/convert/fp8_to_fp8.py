@@ -17,7 +17,8 @@ weights scaled per block, per channel or per 1 x 32 MX group):
   new scheme (kernels.channel_quant / mx_quant). Lossy.
 
 Every lossy tensor is measured against the FP8 source's own dequantized weight: SQNR in dB and
-relative Frobenius error, reported worst first.
+relative Frobenius error, reported worst first; with `--reference BF16`, also the SQNR of the new and of
+the source weight against the original BF16 one.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class ConvertOptions:
     scheme: str | None = None  # None: the source's scheme
     scale_fmt: str = "keep"
     block_size: tuple[int, int] | None = None  # None: the source's block
+    reference: str | None = None  # the original BF16 checkpoint: lossy tensors are also measured against it
     dry_run: bool = False
     device: str = "cpu"
     overwrite: bool = False
@@ -75,6 +77,9 @@ class TensorChange:
     lossless: bool
     sqnr_db: float | None = None  # lossy: against the source's dequantized weight
     rel_error: float | None = None
+    # with --reference: the new weight and the FP8 source each against the original BF16 weight
+    sqnr_vs_reference_db: float | None = None
+    source_sqnr_vs_reference_db: float | None = None
 
 
 @dataclass
@@ -85,6 +90,7 @@ class ConvertPlan:
     writer: Writer
     block: tuple[int, int] | None
     changes: dict[str, TensorChange] = field(default_factory=dict)  # filled as tensors are written
+    reference: Checkpoint | None = None  # --reference: the original BF16 checkpoint
 
     @property
     def lossless(self) -> bool:
@@ -162,6 +168,7 @@ def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
             "--scale-fmt ue8m0 requantizes block scales in place: use it without --scheme or --block-size"
         )
     cp = ConvertPlan(Plan([], None), found.family, src_scheme, w, block if scheme == "fp8-block" else None)
+    cp.reference = _open_reference(opts.reference, found, ckpt) if opts.reference else None
     power_of_two = (
         _all_power_of_two(ckpt, found) if scheme == "mxfp8" and src_scheme == "fp8-block" else False
     )
@@ -320,7 +327,12 @@ def _requant_jobs(
                 q2, e = mx_quant(ref, w.mx_rule)
                 s2 = scale_to_float32(e)
                 tile = (1, MX_GROUP)
-            _record(cp.changes[name], ref, q2.float() * expand_scales(s2, tuple(qw.shape), tile))
+            got = q2.float() * expand_scales(s2, tuple(qw.shape), tile)
+            _record(cp.changes[name], ref, got)
+            if cp.reference is not None:
+                orig = _read(cp.reference, cp.reference.info(name)).double()
+                cp.changes[name].sqnr_vs_reference_db = _sqnr(orig, got)
+                cp.changes[name].source_sqnr_vs_reference_db = _sqnr(orig, ref)
             state.update(codes=q2, scale=s2)
         return state.pop(part)
 
@@ -334,6 +346,33 @@ def _requant_jobs(
         TensorJob(name, "compute", None, "F8_E4M3", tuple(qw.shape), compute=codes),
         TensorJob(sname, "compute", None, w.scale_dtype, sshape, compute=scale),
     )
+
+
+def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    d = (got.double() - ref.double()).pow(2).sum()
+    r = ref.double().pow(2).sum()
+    return float(10 * torch.log10(r / d)) if d > 0 and r > 0 else math.inf
+
+
+def _open_reference(path: str, found, ckpt: Checkpoint) -> Checkpoint:
+    """The original BF16 checkpoint; every FP8 weight of the source must be in it, same name and shape."""
+    from fp8conv.checkpoint.layout import open_checkpoint
+
+    ref = open_checkpoint(path)
+    for qw in found.weights.values():
+        if qw.name not in ref:
+            raise InvalidCheckpoint(
+                f"--reference {path} has no tensor {qw.name!r}", file=ref.root, tensor=qw.name
+            )
+        info = ref.info(qw.name)
+        if tuple(info.shape) != tuple(qw.shape) or info.dtype not in FLOAT_DTYPES:
+            raise InvalidCheckpoint(
+                f"--reference holds {qw.name} as {info.dtype} {list(info.shape)}; the source's weight is "
+                f"{list(qw.shape)} (a float tensor of that shape is needed)",
+                file=ref.root / ref.weight_map[qw.name],
+                tensor=qw.name,
+            )
+    return ref
 
 
 def _record(change: TensorChange, ref: torch.Tensor, got: torch.Tensor) -> None:
