@@ -180,3 +180,38 @@ def test_transformers_dequantizes_gpt_oss_mxfp4_to_our_bytes_and_loads_our_outpu
     back = load_model(tmp_path / "out").state_dict()
     for k, v in ours.items():
         assert torch.equal(back[k], v), k
+
+
+def test_transformers_dequantizes_a_qwen3_moe_fp8_to_our_bytes(tmp_path):
+    """A Qwen3-MoE (per-expert 2-D experts in the file, fused 3-D in the model) quantized by fp8conv:
+    transformers' FP8 loader with dequantize=True, and transformers loading fp8conv's dequantized
+    output, hold the same model bit for bit (experts fused by transformers' own conversion both times)."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    cfg = Qwen3MoeConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    cli("quantize", tmp_path / "bf16", tmp_path / "fp8", "-q")
+    assert any(
+        ".experts.0." in k and v.dtype == torch.float8_e4m3fn for k, v in _tensors(tmp_path / "fp8").items()
+    )
+    cli("dequantize", tmp_path / "fp8", tmp_path / "back", "-q")
+    theirs = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "fp8"), quantization_config=FineGrainedFP8Config(dequantize=True), dtype=torch.bfloat16
+    ).state_dict()
+    ours = load_model(tmp_path / "back").state_dict()
+    assert set(ours) == set(theirs) and any(k.endswith("experts.gate_up_proj") for k in ours)
+    for k, v in ours.items():
+        assert torch.equal(theirs[k], v), k

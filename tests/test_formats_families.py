@@ -315,3 +315,57 @@ def test_leftovers_are_found(plant, kind):
     assert (
         dequantized_leftovers(tensors if "tensor" not in plant else {"y.weight": ("BF16", "m")}, {}, []) == []
     )
+
+
+@pytest.mark.parametrize(
+    "scale,index",
+    [(torch.tensor(float("nan")), "[]"), (torch.tensor([1.0, 0.0, 1.0, 1.0]).reshape(4, 1), "[1, 0]")],
+)
+def test_bad_broadcast_scale_is_refused_at_its_stored_index(tmp_path, scale, index):
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(
+        {"a.weight": fp8_codes((4, 64), torch.Generator()), "a.weight_scale": scale},
+        src / "model.safetensors",
+        {"format": "pt"},
+    )
+    qc = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "g": {
+                "weights": {
+                    "num_bits": 8,
+                    "type": "float",
+                    "strategy": "tensor" if scale.dim() == 0 else "channel",
+                }
+            }
+        },
+    }
+    (src / "config.json").write_text(json.dumps({"quantization_config": qc}))
+    r = cli("dequantize", src, tmp_path / "out")
+    assert r.exit_code == 4, r.output
+    assert f"scale element {index}" in r.output and "a.weight_scale" in r.output
+
+
+def test_fit_scale_rules():
+    """The shape rules of fp8conv.formats.scheme.fit_scale, case by case."""
+    from fp8conv.formats.scheme import fit_scale
+
+    enc, every = ScaleEncoding.FLOAT32, frozenset(Granularity)
+    cases = [
+        ((576, 7168), (5, 56), (128, 128), Granularity.BLOCK, (128, 128)),
+        ((4, 300, 260), (4, 3, 3), (128, 128), Granularity.BLOCK, (128, 128)),
+        ((40, 96), (40, 3), (1, 32), Granularity.GROUP, (1, 32)),
+        ((200, 96), (), None, Granularity.TENSOR, (200, 96)),
+        ((3, 80, 64), (3,), None, Granularity.EXPERT, (80, 64)),
+        ((96, 64), (96, 1), None, Granularity.CHANNEL, (1, 64)),
+        ((2, 64, 96), (2, 1, 96), None, Granularity.COLUMN, (64, 1)),
+        ((3, 80, 64), (3, 2, 1), None, Granularity.HALF, (40, 64)),
+    ]
+    for shape, s, block, gran, tile in cases:
+        lay = fit_scale(shape, s, enc, every, block)
+        assert lay is not None and (lay.granularity, lay.tile) == (gran, tile), (shape, s)
+    assert fit_scale((1000, 64), (2, 1), enc, every, (128, 128)) is None  # not halves of a 2-D weight
+    assert fit_scale((256, 256), (3, 2), enc, every, (128, 128)) is None
+    assert fit_scale((96, 64), (96, 1), enc, frozenset({Granularity.BLOCK}), (128, 128)) is None

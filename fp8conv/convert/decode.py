@@ -55,9 +55,9 @@ def scale_grid_tensor(w: QuantizedWeight, raw: torch.Tensor) -> torch.Tensor:
     return s.contiguous()
 
 
-def bad_scale(w: QuantizedWeight, s: torch.Tensor) -> tuple[tuple[int, ...], float] | None:
-    """The first scale element that is not finite and > 0 (e8m0: the NaN byte 255), or None."""
-    f = scale_to_float32(s) if s.dtype == torch.uint8 else s
+def bad_scale(s: torch.Tensor) -> tuple[tuple[int, ...], float] | None:
+    """The first element of a stored scale that is not finite and > 0 (e8m0: the NaN byte 255)."""
+    f = scale_to_float32(s)
     bad = ~(torch.isfinite(f) & (f > 0))
     if not bool(bad.any()):
         return None

@@ -436,8 +436,7 @@ class _Converter:
             info = job.scale
             shard = self.ckpt.weight_map[info.name]
             raw = self._reader(shard).read_tensor(info)
-            s = decode.scale_grid_tensor(job.weight, raw)
-            bad = decode.bad_scale(job.weight, s)
+            bad = decode.bad_scale(raw)  # checked as stored, so the index is the file's
             if bad is not None:
                 idx, value = bad
                 raise NonFiniteError(
@@ -445,6 +444,7 @@ class _Converter:
                     file=self.ckpt.root / shard,
                     tensor=info.name,
                 )
+            s = decode.scale_grid_tensor(job.weight, raw)
             self.scales = {job.name: s}
         return s
 

@@ -113,7 +113,9 @@ def fit_scale(
     def make(g: Granularity, tile: tuple[int, int], view: tuple[int, ...]) -> ScaleLayout:
         return ScaleLayout(g, tile, grid_of(shape, tile), view, encoding)
 
-    for g in (Granularity.BLOCK, Granularity.GROUP):
+    # a 1 x g tile is a group along the rows (MX); any other configured tile a block
+    order = (Granularity.GROUP, Granularity.BLOCK) if block and block[0] == 1 else (Granularity.BLOCK,)
+    for g in order:
         if g in allowed and block is not None and s == grid_of(shape, block):
             return make(g, block, s)
     if Granularity.TENSOR in allowed and k == 1:
@@ -125,6 +127,7 @@ def fit_scale(
     if Granularity.COLUMN in allowed and s in ((*lead_t, 1, n), (*lead_t, n, 1)):
         # [*lead, n, 1] holds the same elements in the same order as [*lead, 1, n]
         return make(Granularity.COLUMN, (m, 1), (*lead_t, 1, n))
-    if Granularity.HALF in allowed and s == (*lead_t, 2, 1) and m % 2 == 0:
+    # only stacked experts have fused gate / up halves; a 2-D [2, 1] scale is a misfit, not halves
+    if Granularity.HALF in allowed and lead_t and s == (*lead_t, 2, 1) and m % 2 == 0:
         return make(Granularity.HALF, (m // 2, n), s)
     return None
