@@ -158,6 +158,23 @@ def test_compressed_tensors_aligned_runs_and_unaligned_k_fails_as_reported(tmp_p
             model(torch.tensor([[1, 2, 3]]))
 
 
+def test_ragged_compressed_tensors_run_right_in_transformers(tmp_path):
+    # through compressed-tensors, transformers takes the block from the settings and pads edge tiles:
+    # gate/up of 320 rows (3 ragged tiles) run; down_proj (K = 320) stays bf16 for the activation groups
+    pytest.importorskip("compressed_tensors")
+    src = llama_bf16(tmp_path / "bf16", inter=320)
+    path = tmp_path / "ct"
+    quantize(src, path, QuantizeOptions(format="compressed-tensors", skip=("*down_proj*",), device="cpu"))
+    v = verdict(path, "transformers")
+    assert v.loads and not [f for f in v.findings if f.rule == "ragged tiles"]
+    prompt = torch.tensor([[1, 17, 42, 99, 123, 256, 300, 511]])
+    with torch.no_grad():
+        got = load(path)[0](prompt).logits.float()
+        ref = load(src)[0](prompt).logits.float()
+    # e4m3 weights and dynamic e4m3 activations, ~3% each (tests/test_consumers.py CT_LOGITS_REL_BOUND)
+    assert float((got - ref).norm() / ref.norm()) < 0.12
+
+
 def test_compressed_tensors_settings_against_the_library(tmp_path):
     from compressed_tensors.quantization import QuantizationConfig
     from pydantic import ValidationError

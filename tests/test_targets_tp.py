@@ -24,7 +24,7 @@ import torch
 from fp8conv.checkpoint.safetensors_io import save_file
 from fp8conv.targets import serving_report
 from fp8conv.targets.arch import Role, plan_model
-from fp8conv.targets.tp import check_tensor
+from fp8conv.targets.tp import check_tensor, check_tp, suggest_fix
 
 BLOCK = 128
 TP_SIZES = (1, 2, 4, 8, 16)
@@ -432,6 +432,12 @@ def test_fp8_tensor_without_a_rule_is_listed_not_guessed():
     tensors["model.layers.0.self_attn.rotary_proj.weight"] = ("F8_E4M3", (128, 256))
     plan = plan_model(cfg, tensors)
     assert plan.unmapped == ["model.layers.0.self_attn.rotary_proj.weight"]
+    # the split of that tensor is not guessed: every TP size is unverified, the other rules still run
+    cell = check_tp(plan, 1, False, (128, 128), "vllm")
+    assert [f.rule for f in cell.failures] == ["unknown layer"] and not cell.ok
+    assert "no partition rule" in suggest_fix(plan, cell, (128, 128))
+    cell = check_tp(plan, 8, False, (128, 128), "vllm")
+    assert cell.failures[0].rule == "attention heads % tp" and cell.failures[-1].rule == "unknown layer"
 
 
 def test_unquantized_layers_only_need_the_split(tmp_path):

@@ -70,7 +70,7 @@ def _config_rules(target: str, scheme: Scheme) -> list[LoaderFinding]:
     qc = scheme.config or {}
     where = scheme.where or "config.json"
     if scheme.method == "fp8" and target in ("vllm", "sglang"):
-        src = sources.VLLM_FP8_MOE if target == "vllm" else sources.SGLANG_FP8_MOE
+        src = sources.VLLM_FP8_CONFIG
         if "activation_scheme" not in qc:
             out.append(
                 LoaderFinding(
@@ -90,7 +90,7 @@ def _config_rules(target: str, scheme: Scheme) -> list[LoaderFinding]:
                     "fail",
                     "weight_block_size",
                     f"{where}: The quantization block size of weight must have 2 dimensions, "
-                    f"but got {len(raw_block) if isinstance(raw_block, list) else raw_block} dimensions",
+                    f"but got {len(raw_block) if isinstance(raw_block, list) else raw_block} dimensions.",
                     None,
                     src,
                 )
@@ -182,7 +182,7 @@ def _scale_rules(target: str, scheme: Scheme, tensors) -> list[LoaderFinding]:
                     src,
                 )
             )
-        if target == "transformers":
+        if target == "transformers" and scheme.method == "fp8":  # compressed-tensors pads, as vLLM does
             srows, scols = sshape[-2], sshape[-1]
             if rows % srows or cols % scols:
                 out.append(
@@ -227,7 +227,7 @@ def _plan_rules(target: str, scheme: Scheme, plan: ModelPlan, tensors) -> list[L
                     f"{layer.name} is FP8: {target} quantizes linear layers only, its embedding and lm_head "
                     "have no scale parameter (keep them in modules_to_not_convert)",
                     layer.first_tensor,
-                    sources.VLLM_FP8_MOE,
+                    sources.VLLM_FP8_CONFIG,
                 )
             )
         if len(dtypes) == 2 and layer.role in (Role.QKV, Role.MERGED_COLUMN, Role.MERGED_REPLICATED):

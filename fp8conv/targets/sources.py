@@ -44,3 +44,7 @@ VLLM_QUANT_UTILS = (
     "@4de0dd6db70fbcfdb5420b3de5892d06ed1624c8 (is_layer_skipped)"
 )
 VLLM_MODEL_CONFIG = "vllm-project/vllm vllm/config (ModelConfig.verify_with_parallel_config)"
+VLLM_FP8_CONFIG = (
+    "vllm-project/vllm vllm/model_executor/layers/quantization/fp8.py "
+    "@0071b24bf8fe8c3d1bc3516d0ff8477f07964aaf (Fp8Config.from_config, Fp8Config.get_quant_method)"
+)
