@@ -167,6 +167,16 @@ def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
         raise UsageError(
             "--scale-fmt ue8m0 requantizes block scales in place: use it without --scheme or --block-size"
         )
+    if w.format == "compressed-tensors":
+        stacked = next((qw for qw in found.weights.values() if len(qw.shape) != 2), None)
+        if stacked is not None:
+            raise InvalidCheckpoint(
+                f"stacked experts {list(stacked.shape)}: compressed-tensors' config groups target Linear "
+                "layers (2-D weights), so its loaders would not read this tensor as FP8",
+                file=ckpt.root / ckpt.weight_map[stacked.name],
+                tensor=stacked.name,
+                hint="keep --format fp8 for this checkpoint",
+            )
     cp = ConvertPlan(Plan([], None), found.family, src_scheme, w, block if scheme == "fp8-block" else None)
     cp.reference = _open_reference(opts.reference, found, ckpt) if opts.reference else None
     power_of_two = (

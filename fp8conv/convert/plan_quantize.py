@@ -79,6 +79,8 @@ def skip_reason(info: TensorInfo, opts: QuantizeOptions, w: Writer | None = None
         return f"{len(info.shape)}-D"
     if not name.endswith(".weight"):
         return "not a .weight"
+    if w.format == "compressed-tensors" and len(info.shape) == 3:
+        return "stacked experts: compressed-tensors' config groups target Linear layers (2-D weights)"
     bm, bn = w.tile(info.shape, opts.block_size)
     m, n = info.shape[-2:]
     if w.scheme == "mxfp8" and n % bn:
