@@ -280,3 +280,13 @@ def test_reference_measures_against_the_original_bf16(sample, tmp_path):
         code=3,
     )
     assert "--reference" in r.output and not (tmp_path / "x").exists()
+
+
+def test_dry_run_says_what_each_tensor_would_become(fp8_llama, tmp_path):
+    r = cli("convert", fp8_llama, tmp_path / "x", "--scheme", "mxfp8", "--dry-run", "--json", "-")
+    plan = json.loads(r.stdout)
+    assert plan["dry_run"] is True and plan["lossless"] is False
+    assert {t["how"] for t in plan["tensors"]} == {"requantized"} and len(plan["tensors"]) == 14
+    r = cli("convert", fp8_llama, tmp_path / "x", "--format", "compressed-tensors", "--dry-run")
+    assert "all lossless" in r.output
+    assert not (tmp_path / "x").exists()
