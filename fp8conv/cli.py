@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from fp8conv import JSON_SCHEMA_VERSION, __version__
-from fp8conv.convert.options import OutDtype, QuantFormat, ScaleFmt
+from fp8conv.convert.options import OutDtype, QuantFormat, ScaleFmt, Scheme, Target
 from fp8conv.convert.progress import ProgressCounter
 from fp8conv.errors import EXIT_CODES, Fp8convError, Interrupted, UsageError
 
@@ -447,6 +447,20 @@ def quantize(
     src: SrcArg,
     dst: DstArg = None,
     format: Annotated[QuantFormat, typer.Option("--format", help="output layout")] = "fp8",
+    scheme: Annotated[
+        Scheme, typer.Option("--scheme", help="block tiles, one scale per row, or MXFP8 1x32 groups")
+    ] = "fp8-block",
+    target: Annotated[
+        Target, typer.Option("--target", help="loader the output must run in; keeps bf16 what it cannot")
+    ] = "any",
+    like: Annotated[
+        Optional[str],
+        typer.Option(
+            "--like",
+            metavar="REF",
+            help="FP8 checkpoint whose scheme, layout, FP8 tensor set and config to copy",
+        ),
+    ] = None,
     block_size: Annotated[str, typer.Option("--block-size", metavar="N|MxN", help="scale tile")] = "128",
     scale_fmt: Annotated[
         ScaleFmt, typer.Option("--scale-fmt", help="float32 scales, or powers of two (ue8m0)")
@@ -468,13 +482,17 @@ def quantize(
     overwrite: OverwriteOpt = False,
     part: PartOpt = None,
 ) -> None:
-    """bf16/fp16/fp32 checkpoint -> block FP8, e4m3 weights with one scale per tile (DST: SRC-fp8)."""
+    """bf16/fp16/fp32 checkpoint -> FP8 (e4m3 weights): block tiles, per-channel or MXFP8 scales
+    (DST: SRC-fp8)."""
     from fp8conv.convert import QuantizeOptions, plan_for_quantize, plan_notes, quantize_suffix
     from fp8conv.convert import quantize as run_quantize
 
     def options():
         return QuantizeOptions(
             format=format,
+            scheme=scheme,
+            target=target,
+            like=like,
             block_size=block_size,
             scale_fmt=scale_fmt,
             skip=tuple(skip or ()),
@@ -494,12 +512,12 @@ def quantize(
         print_plan(plan, "quantize", json_out, full, (src,))
         return
     opts = run_guarded(options, json_out)
-    target = where_to(src, dst, quantize_suffix(opts), revision)
-    progress = ConsoleProgress(quiet, "quantize", dst=target)
+    out_dir = where_to(src, dst, quantize_suffix(opts), revision)
+    progress = ConsoleProgress(quiet, "quantize", dst=out_dir)
     summary = run_guarded(
-        lambda: run_quantize(src, target, opts, progress, revision=revision),
+        lambda: run_quantize(src, out_dir, opts, progress, revision=revision),
         json_out,
-        protect=(src, target),
+        protect=(src, out_dir),
     )
     report_summary(summary, quiet, json_out)
 
@@ -590,6 +608,7 @@ def print_plan(plan, command: str, json_target: str | None, full: bool, protect=
                 "dry_run": True,
                 "tensors": rows,
                 "modules_to_not_convert": plan.modules_to_not_convert,
+                "notes": plan.notes,
                 "totals": {
                     "tensors": len(rows),
                     f"{verb}d": n_conv,
@@ -644,6 +663,116 @@ def print_plan(plan, command: str, json_target: str | None, full: bool, protect=
     log(
         f"total: {len(rows)} tensors{groups}, {n_conv} to {verb}; {human(total_b)} -> {human(total_a)}",
         console=out,
+    )
+
+
+@app.command(short_help="FP8 -> FP8: relayout, requantize to ue8m0, block -> channel, -> MXFP8")
+def convert(
+    src: SrcArg,
+    dst: DstArg = None,
+    format: Annotated[
+        Optional[str], typer.Option("--format", help="fp8 | compressed-tensors (default: the source's)")
+    ] = None,
+    scheme: Annotated[
+        Optional[str],
+        typer.Option("--scheme", help="fp8-block | fp8-channel | mxfp8 (default: the source's)"),
+    ] = None,
+    scale_fmt: Annotated[
+        str, typer.Option("--scale-fmt", help="keep | ue8m0 (requantize as DeepGEMM does at load)")
+    ] = "keep",
+    block_size: Annotated[
+        Optional[str], typer.Option("--block-size", help="MxN nested in the source's tiles")
+    ] = None,
+    reference: Annotated[
+        Optional[str],
+        typer.Option(
+            "--reference",
+            metavar="BF16",
+            help="the original BF16 checkpoint: measure lossy tensors against it too",
+        ),
+    ] = None,
+    revision: RevisionOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", metavar="", help="print the plan; write nothing")
+    ] = False,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """FP8 checkpoint -> FP8: another layout, scheme, scale format or block, saying what was lossless."""
+    from fp8conv.convert import ConvertOptions, plan_for_convert
+    from fp8conv.convert import convert as run_convert
+
+    def options():
+        return ConvertOptions(
+            format=format,
+            scheme=scheme,
+            scale_fmt=scale_fmt,
+            block_size=block_size,
+            reference=reference,
+            dry_run=dry_run,
+            device=device,
+            overwrite=overwrite,
+        )
+
+    if dry_run:
+        cp = run_guarded(
+            lambda: plan_for_convert(src, options(), revision=revision), json_out, protect=(src,)
+        )
+        rows = cp.report()
+        lossy = [r["tensor"] for r in rows if not r["lossless"]]
+        emit_json(json_out, {"ok": True, "dry_run": True, "lossless": not lossy, "tensors": rows}, (src,))
+        if json_out != "-":
+            out.print(
+                f"convert plan ({cp.source_format} {cp.source_scheme} -> "
+                f"{cp.writer.format} {cp.writer.scheme}): "
+                f"{len(rows)} FP8 weights, "
+                + (
+                    "all lossless"
+                    if not lossy
+                    else f"{len(lossy)} requantized (lossy, measured when written)"
+                ),
+                highlight=False,
+            )
+        return
+    opts = run_guarded(options, json_out)
+    out_dir = where_to(src, dst, "fp8-converted", revision)
+    progress = ConsoleProgress(quiet, "convert", dst=out_dir)
+    summary, cp = run_guarded(
+        lambda: run_convert(src, out_dir, opts, progress, revision=revision),
+        json_out,
+        protect=(src, out_dir),
+    )
+    rows = cp.report()
+    lossy = [r for r in rows if not r["lossless"]]
+    if not quiet:
+        from rich.table import Table
+
+        if lossy:
+            table = Table(title=f"lossy: {len(lossy)} of {len(rows)} weights requantized (worst first)")
+            cols = ["tensor", "how", "SQNR dB", "rel. error"]
+            if reference:
+                cols += ["SQNR vs BF16 dB (was)"]
+            for col in cols:
+                table.add_column(col)
+
+            def db(v) -> str:
+                return f"{v:.2f}" if v is not None else "-"
+
+            for r in lossy:
+                row = [r["tensor"], r["how"], db(r["sqnr_db"]), f"{r['rel_error'] or 0:.3e}"]
+                if reference:
+                    row.append(f"{db(r['sqnr_vs_reference_db'])} ({db(r['source_sqnr_vs_reference_db'])})")
+                table.add_row(*row)
+            err.print(table)
+        else:
+            err.print(f"lossless: all {len(rows)} FP8 weights kept their values exactly", highlight=False)
+    report_summary(summary, quiet, None)
+    emit_json(
+        json_out,
+        {"ok": True, **summary.to_dict(), "lossless": not lossy, "tensors": rows},
+        (summary.src, summary.dst),
     )
 
 

@@ -19,9 +19,13 @@ from fp8conv.errors import InvalidCheckpoint
 if TYPE_CHECKING:
     from fp8conv.checkpoint.layout import Checkpoint
     from fp8conv.convert.engine import Progress, Summary
+    from fp8conv.convert.fp8_to_fp8 import ConvertOptions, ConvertPlan
     from fp8conv.convert.plan import Plan
 
 __all__ = [
+    "ConvertOptions",
+    "convert",
+    "plan_for_convert",
     "DequantizeOptions",
     "Plan",
     "Progress",
@@ -53,6 +57,10 @@ def __getattr__(name: str):
         from fp8conv.convert.plan import Plan
 
         return Plan
+    if name in ("ConvertOptions", "ConvertPlan"):
+        from fp8conv.convert import fp8_to_fp8
+
+        return getattr(fp8_to_fp8, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -72,8 +80,10 @@ def default_dst(src: SrcArg, suffix: str, revision: str | None = None) -> Path:
 
 
 def quantize_suffix(options: QuantizeOptions) -> str:
-    """The scheme in a default DST name: `fp8`, or `fp8-ct` for the compressed-tensors layout."""
-    return "fp8" if options.format == "fp8" else "fp8-ct"
+    """The scheme in a default DST name: `fp8` (block), `fp8-channel` or `mxfp8`, with `-ct` for the
+    compressed-tensors layout."""
+    base = {"fp8-block": "fp8", "fp8-channel": "fp8-channel", "mxfp8": "mxfp8"}[options.scheme]
+    return base if options.format == "fp8" else f"{base}-ct"
 
 
 def plan_notes(plan: Plan) -> list[str]:
@@ -91,7 +101,7 @@ def _progress(progress: ProgressArg, label: str):
 
 def unmatched_patterns(ckpt: Checkpoint, patterns: tuple[str, ...]) -> list[str]:
     """The patterns (globs or `re:` expressions) that match no tensor name in the checkpoint."""
-    from fp8conv.convert.plan import _match
+    from fp8conv.convert.plan_quantize import _match
 
     names = list(ckpt.weight_map)
     return [p for p in patterns if not any(_match(n, (p,)) for n in names)]
@@ -135,9 +145,10 @@ def plan_for_quantize(
 
 
 def _plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
-    from fp8conv.convert.plan import plan_quantize
+    from fp8conv.convert.plan_quantize import plan_quantize
 
-    plan = plan_quantize(ckpt, opts)
+    opts, ref = _like(opts)
+    plan = plan_quantize(ckpt, opts, ref)
     notes: list[str] = []
     unmatched_only = unmatched_patterns(ckpt, opts.only)
     if unmatched_only:
@@ -245,3 +256,43 @@ def quantize(
     )
     summary.notes.extend(plan_notes(plan))
     return summary
+
+
+def plan_for_convert(
+    src: SrcArg, options: ConvertOptions | None = None, *, revision: str | None = None
+) -> ConvertPlan:
+    """The convert plan (what --dry-run shows): per tensor what changes and whether it is lossless."""
+    from fp8conv.checkpoint.layout import open_checkpoint
+    from fp8conv.convert.fp8_to_fp8 import ConvertOptions, plan_convert
+
+    return plan_convert(open_checkpoint(src, revision), options or ConvertOptions())
+
+
+def convert(
+    src: SrcArg,
+    dst: SrcArg,
+    options: ConvertOptions | None = None,
+    progress: ProgressArg = True,
+    *,
+    revision: str | None = None,
+) -> tuple[Summary, ConvertPlan]:
+    """FP8 checkpoint -> FP8 checkpoint in another layout, scheme, scale format or block. Returns the
+    summary and the plan, whose report() gives per tensor how it changed and the loss, worst first."""
+    from fp8conv.checkpoint.layout import open_checkpoint
+    from fp8conv.convert.fp8_to_fp8 import ConvertOptions, plan_convert, run_convert
+
+    opts = options or ConvertOptions()
+    ckpt = open_checkpoint(src, revision)
+    cp = plan_convert(ckpt, opts)
+    return run_convert(ckpt, cp, Path(dst), opts, _progress(progress, "convert")), cp
+
+
+def _like(opts: QuantizeOptions):
+    """--like REF: the options taken from the reference, and the reference."""
+    if not opts.like:
+        return opts, None
+    from fp8conv.checkpoint.layout import open_checkpoint
+    from fp8conv.convert.like import options_like, read_reference
+
+    ref = read_reference(open_checkpoint(opts.like))
+    return options_like(opts, ref), ref

@@ -53,6 +53,7 @@ from fp8conv.checkpoint.output import (
 from fp8conv.checkpoint.safetensors_io import DTYPES, ITEMSIZE, ShardReader, build_header, read_header
 from fp8conv.convert import decode
 from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
+from fp8conv.convert.quantize_schemes import quantize_band, scale_dtype
 from fp8conv.errors import Fp8convError, Interrupted, NonFiniteError, ResourceError
 from fp8conv.kernels import resolve_device, scale_to_float32, weight_quant
 
@@ -524,7 +525,7 @@ def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
         if job.action == "copy":
             yield _Piece(job, "copy", job.src.start, job.src.nbytes, dst0, last=True)
             continue
-        if job.action == "scale":
+        if job.action in ("scale", "compute"):
             yield _Piece(job, "emit", 0, 0, dst0, last=True)
             continue
         src = job.src
@@ -604,7 +605,7 @@ class _Converter:
         if job.action == "dequant":
             return self.source_scale(job)
         if piece.rows[:2] == (0, 0):
-            self.scales = {job.name: torch.empty(*job.src.shape[:-2], *_grid(job))}
+            self.scales = {job.name: torch.empty(*job.src.shape[:-2], *_grid(job), dtype=scale_dtype(job))}
         return self.scales[job.name]
 
     def convert(self, piece: _Piece, buf: torch.Tensor, out: torch.Tensor, s: torch.Tensor) -> int:
@@ -637,7 +638,11 @@ class _Converter:
         src = buf[: piece.length].view(job.src.torch_dtype).view(r1 - r0, n)
         dst = out[:nbytes_out].view(DTYPES[job.out_dtype]).view(r1 - r0, n)
         # quant
-        if self.device.type == "cpu":
+        if job.quantizer != "block":  # per-channel, MXFP8
+            s_rows, finite = quantize_band(job, src, dst, self.device)
+            if not finite:
+                _check_finite(src, job, e, r0, self.ckpt)
+        elif self.device.type == "cpu":
             _, s_rows = weight_quant(src, job.block, self.scale_fmt, out=(dst, None))
             # torch's amax propagates NaN and Inf into the scale: one cheap test per tile instead
             # of isfinite over every element (0.6 GB/s on bf16 here, 4x slower than quantizing).
@@ -901,7 +906,7 @@ class _ShardWriter:
         if piece.kind == "emit":  # the scales are complete once every piece before is converted
             while self.converting:
                 self._finish_convert(summary)
-            data = self.conv.emit(self.weight_job)
+            data = job.compute() if job.action == "compute" else self.conv.emit(self.weight_job)
             self._submit_write(self._pwrite, data, piece.dst_off, job, hashed=self._hash(job, data))
             return
         f.result()

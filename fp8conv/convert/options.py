@@ -19,10 +19,14 @@ if TYPE_CHECKING:
 OutDtype = Literal["bf16", "fp16", "fp32"]
 QuantFormat = Literal["fp8", "compressed-tensors"]
 ScaleFmt = Literal["float", "ue8m0"]
+Scheme = Literal["fp8-block", "fp8-channel", "mxfp8"]
+Target = Literal["any", "transformers", "vllm", "sglang"]
 
 OUT_DTYPE_CHOICES: tuple[str, ...] = get_args(OutDtype)
 FORMAT_CHOICES: tuple[str, ...] = get_args(QuantFormat)
 SCALE_FMT_CHOICES: tuple[str, ...] = get_args(ScaleFmt)
+SCHEMES: tuple[str, ...] = get_args(Scheme)
+TARGETS: tuple[str, ...] = get_args(Target)
 DTYPE_CONFIG_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -96,16 +100,21 @@ class DequantizeOptions:
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """How to quantize to block FP8 (e4m3 codes, one float32 scale per tile).
+    """How to quantize to FP8 (e4m3 codes with per-tile, per-row or 1 x 32 group scales).
 
-    format: "fp8" (DeepSeek-V3 layout, `weight_scale_inv`) | "compressed-tensors" (`weight_scale`).
-    block_size: tile shape, 128, "128", "128x128" or (128, 128). scale_fmt: "float" | "ue8m0"
-    (power-of-two scales). skip / only: globs on tensor names or `re:` regular expressions.
-    dry_run: plan only; `fp8conv.quantize` then returns the plan and writes nothing.
-    device, overwrite, part: as for DequantizeOptions.
+    format: "fp8" (DeepSeek-V3 / transformers layout, `weight_scale_inv`) | "compressed-tensors"
+    (`weight_scale`). scheme: "fp8-block" | "fp8-channel" | "mxfp8". target: the loader the output
+    must load and run in ("any": no loader's restrictions). like: an FP8 checkpoint whose scheme,
+    layout, block, scale format and FP8 tensor set to reproduce. block_size: tile shape, 128, "128",
+    "128x128" or (128, 128). scale_fmt: "float" | "ue8m0" (power-of-two scales). skip / only: globs
+    on tensor names or `re:` regular expressions. dry_run: plan only; `fp8conv.quantize` then returns
+    the plan and writes nothing. device, overwrite, part: as for DequantizeOptions.
     """
 
     format: QuantFormat = "fp8"
+    scheme: Scheme = "fp8-block"
+    target: Target = "any"
+    like: str | None = None
     block_size: tuple[int, int] = (128, 128)
     scale_fmt: ScaleFmt = "float"
     skip: tuple[str, ...] = ()
@@ -118,7 +127,22 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         _choice("--format", self.format, FORMAT_CHOICES)
         _choice("--scale-fmt", self.scale_fmt, SCALE_FMT_CHOICES)
+        _choice("--scheme", self.scheme, SCHEMES)
+        _choice("--target", self.target, TARGETS)
         object.__setattr__(self, "block_size", parse_block(self.block_size))
+        if self.scheme != "fp8-block" and self.block_size != (128, 128):
+            raise UsageError(
+                f"--block-size applies to --scheme fp8-block; {self.scheme} fixes its tile "
+                "(fp8-channel: one scale per row, mxfp8: 1 x 32 groups)"
+            )
+        if self.scheme == "fp8-channel" and self.scale_fmt == "ue8m0":
+            raise UsageError(
+                "--scale-fmt ue8m0 applies to fp8-block (mxfp8 scales are always e8m0): compressed-tensors' "
+                "FP8_DYNAMIC has float per-channel scales"
+            )
+        from fp8conv.formats.writers import writer
+
+        writer(self.format, self.scheme)  # refuses a pair no loader reads, with the reason
         for field_name in ("skip", "only"):
             value = getattr(self, field_name)
             object.__setattr__(self, field_name, (value,) if isinstance(value, str) else tuple(value))

@@ -1,22 +1,21 @@
-"""What happens to each tensor: the plan for a dequantize or quantize job, built from headers alone."""
+"""What happens to each tensor: the plan of a job, built from headers alone; the dequantize plan here,
+the quantize plan in plan_quantize.py."""
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fp8conv.checkpoint.layout import Checkpoint
 from fp8conv.checkpoint.safetensors_io import (
     DTYPE_NAMES,
     FLOAT_DTYPES,
-    FP8_WEIGHT_DTYPES,
     ITEMSIZE,
     TensorInfo,
 )
 from fp8conv.convert import decode
-from fp8conv.convert.options import DequantizeOptions, QuantizeOptions
+from fp8conv.convert.options import DequantizeOptions
 from fp8conv.errors import InvalidCheckpoint
 from fp8conv.formats import (
     QuantizedWeight,
@@ -26,7 +25,6 @@ from fp8conv.formats import (
     fp8_block,
     strip_config,
     strip_params,
-    writer,
 )
 from fp8conv.formats.scheme import SCALE_ENCODINGS
 from fp8conv.kernels.reference import scale_grid
@@ -36,33 +34,13 @@ from fp8conv.kernels.reference import scale_grid
 SCALE_SUFFIXES = (fp8_block.SCALE_SUFFIX, compressed_tensors.SCALE_SUFFIX)
 SCALE_DTYPES = tuple(SCALE_ENCODINGS)
 
-# Left unquantized by default (FORMATS.md): embeddings, lm_head, norms, MoE router gates.
-DEFAULT_SKIP = (
-    "*embed_tokens*",
-    "*embeddings*",
-    "*word_embeddings*",
-    "*wte*",
-    "*wpe*",
-    "*embed*",
-    "lm_head*",
-    "*.lm_head*",
-    "*norm*",
-    "*LayerNorm*",
-    "*layernorm*",
-    "*ln_*",
-    "*.mlp.gate.weight",
-    "*.gate.weight",
-    "*router*",
-    "*shared_expert_gate*",
-)
-
 
 @dataclass
 class TensorJob:
     """One output tensor (or pair, for quantize) and how to make it from the source."""
 
     name: str  # output name
-    action: str  # "copy" | "dequant" | "quant" | "scale" (the scale written by a "quant")
+    action: str  # "copy" | "dequant" | "quant" | "scale" (the scale written by a "quant") | "compute"
     src: TensorInfo | None
     out_dtype: str
     out_shape: tuple[int, ...]
@@ -71,6 +49,8 @@ class TensorJob:
     scale_name: str | None = None  # quant: name of the scale output that follows
     reason: str = ""  # why copied (for --dry-run and inspect)
     weight: QuantizedWeight | None = None  # dequant: the layout's account of the weight and its scale
+    quantizer: str = "block"  # quant: "block", "channel", "mx-ceil" or "mx-ct" (convert/quantize_schemes.py)
+    compute: Callable[[], bytes] | None = None  # "compute": the whole tensor's bytes (fp8_to_fp8.py)
 
     @property
     def out_bytes(self) -> int:
@@ -97,6 +77,7 @@ class Plan:
     family: str | None = None  # dequantize: the source's layout family
     drop_files: tuple[str, ...] = ()  # other files of the source that the output does not get
     write_files: dict[str, bytes] = field(default_factory=dict)  # other files written instead of copied
+    notes: list[str] = field(default_factory=list)  # quantize: what the plan kept unquantized for a loader
 
     def copied_files(self, other_files: list[str]) -> list[str]:
         """The source's other files that are copied as they are."""
@@ -211,104 +192,8 @@ def dequantized_config(config: dict | None, dtype_name: str) -> dict | None:
     return strip_config(config, dtype_name)
 
 
-# ---------------------------------------------------------------------------------------- quantize
-def _match(name: str, patterns: tuple[str, ...]) -> str | None:
-    """The first pattern (glob, or `re:` regular expression) that matches the name."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.search(p[3:], name):
-                return p
-        elif fnmatch.fnmatchcase(name, p):
-            return p
-    return None
-
-
-def skip_reason(info: TensorInfo, opts: QuantizeOptions) -> str | None:
-    """Why a tensor is left as it is, or None if it is quantized."""
-    name = info.name
-    if info.dtype not in FLOAT_DTYPES:
-        return "not floating point"
-    if len(info.shape) not in (2, 3):
-        return f"{len(info.shape)}-D"
-    if info.numel == 0:
-        return "empty (no elements to quantize)"
-    if not name.endswith(".weight"):
-        return "not a .weight"
-    bm, bn = opts.block_size
-    if info.shape[-2] < bm or info.shape[-1] < bn:
-        return f"smaller than one {bm}x{bn} tile"
-    hit = _match(name, opts.skip)
-    if hit:
-        return f"--skip {hit}"
-    if opts.only:
-        return None if _match(name, opts.only) else "not matched by --only"
-    hit = _match(name, DEFAULT_SKIP)
-    if hit:
-        return f"default skip {hit} (embeddings, lm_head, norms, routers)"
-    return None
-
-
-def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
-    for shard in ckpt.unindexed:
-        raise InvalidCheckpoint(
-            "Mistral's native tensors are not quantized by fp8conv",
-            file=ckpt.root / shard,
-            hint="quantize a folder without it (the HF shards and config.json)",
-        )
-    for name, shard in ckpt.weight_map.items():
-        info = ckpt.shards[shard].tensors[name]
-        if info.dtype in FP8_WEIGHT_DTYPES:
-            raise InvalidCheckpoint(
-                f"input is already FP8 ({info.dtype})",
-                file=ckpt.root / shard,
-                tensor=name,
-                hint="run `fp8conv dequantize` first to get a BF16 checkpoint",
-            )
-    layout = writer(opts.format)
-    shards = []
-    not_converted: list[str] = []
-    for shard_name, header in ckpt.shards.items():
-        sp = ShardPlan(shard_name, header.metadata)
-        for name, info in header.tensors.items():
-            why = skip_reason(info, opts)
-            if why is None:
-                sname = layout.scale_name(name)
-                if sname in ckpt:
-                    raise InvalidCheckpoint(
-                        f"output scale name {sname!r} is already taken", file=ckpt.root / shard, tensor=name
-                    )
-                sp.jobs.append(
-                    TensorJob(
-                        name, "quant", info, "F8_E4M3", info.shape, block=opts.block_size, scale_name=sname
-                    )
-                )
-                sp.jobs.append(
-                    TensorJob(
-                        sname,
-                        "scale",
-                        None,
-                        "F32",
-                        scale_grid(info.shape, opts.block_size),
-                        block=opts.block_size,
-                    )
-                )
-            else:
-                sp.jobs.append(TensorJob(name, "copy", info, info.dtype, info.shape, reason=why))
-                if name.endswith(".weight") and info.dtype in FLOAT_DTYPES and len(info.shape) in (2, 3):
-                    not_converted.append(name[: -len(".weight")])
-        shards.append(sp)
-    module_list = sorted(set(not_converted) | {"lm_head"})
-    return Plan(shards, quantized_config(ckpt.config, opts, module_list), module_list)
-
-
 def native_fp8_config(
     block: tuple[int, int] = (128, 128), skipped: list[str] | None = None, scale_fmt: str = "float"
 ) -> dict:
     """`quantization_config` of the native block-FP8 layout (DeepSeek-V3, transformers' FP8 loader)."""
     return fp8_block.fp8_config(block, skipped, scale_fmt)
-
-
-def quantized_config(config: dict | None, opts: QuantizeOptions, skipped: list[str]) -> dict:
-    out = dict(config or {})
-    out["quantization_config"] = writer(opts.format).config(opts.block_size, skipped, opts.scale_fmt)
-    return out

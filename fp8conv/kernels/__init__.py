@@ -10,6 +10,8 @@ return; for the quantizers a pair (codes, scales), either of which may be None).
     act_quant(x, group_size=128, scale_fmt="float", mn_major=False, out=None) -> (q, s)
     fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, out=None) -> a @ b.T, dequantized
     fp4_dequant(blocks, scales, out_dtype=torch.bfloat16, out=None) -> y   (MX FP4: e2m1 codes, e8m0 scales)
+    channel_quant(x) -> (q, s)                 per-channel FP8: float32 scales [..., M, 1]
+    mx_quant(x, rule="ceil") -> (q, e)         MXFP8: uint8 e8m0 exponents [..., M, N/32]
 
 fp8_gemm takes a_scale row-major (as act_quant returns it by default) or MN-major
 (act_quant(..., mn_major=True), the layout cuBLAS's blockwise GEMM takes); on Hopper the MN-major
@@ -35,8 +37,10 @@ from fp8conv.kernels.reference import (
     FP8_E4M3_MAX,
     SCALE_FLOOR,
     act_quant_torch,
+    channel_quant_torch,
     fp4_dequant_torch,
     fp8_gemm_torch,
+    mx_quant_torch,
     scale_grid,
     scale_to_float32,
     weight_dequant_torch,
@@ -48,8 +52,10 @@ __all__ = [
     "FP8_E4M3_MAX",
     "SCALE_FLOOR",
     "act_quant",
+    "channel_quant",
     "fp4_dequant",
     "fp8_gemm",
+    "mx_quant",
     "resolve_device",
     "scale_grid",
     "scale_to_float32",
@@ -202,3 +208,16 @@ def fp4_dequant(
 
         return fp4_dequant_triton(blocks, scales.to(blocks.device, non_blocking=True), out_dtype, out=out)
     return _into("out", fp4_dequant_torch(blocks, scales, out_dtype), out)
+
+
+def channel_quant(x):
+    """Per-channel FP8 of weights [..., M, N]: e4m3 codes and one float32 scale per row [..., M, 1].
+    The torch path on every device (elementwise ops and a row amax, memory-bound; same bytes)."""
+    return channel_quant_torch(x)
+
+
+def mx_quant(x, rule="ceil"):
+    """MXFP8 of weights [..., M, N] (N % 32 == 0): e4m3 codes and uint8 e8m0 exponents [..., M, N/32];
+    rule "ceil" (OCP / DeepGEMM / transformers) or "ct" (compressed-tensors). The torch path on every
+    device (bit operations on float32; same bytes)."""
+    return mx_quant_torch(x, rule)

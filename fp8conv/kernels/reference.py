@@ -356,3 +356,72 @@ def _fp4_pairs(device) -> torch.Tensor:
     """[256, 2] float32: the e2m1 values of a byte's low and high nibble."""
     v = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32, device=device)
     return torch.stack((v.repeat(16), v.repeat_interleave(16)), dim=-1)
+
+
+# ------------------------------------------------------------------ per-channel and MXFP8 quantizers
+MX_GROUP = 32  # elements per e8m0 scale of MXFP8 (OCP MX v1.0)
+E4M3_EMAX = 8  # floor(log2(448)): the largest power of two e4m3 holds
+MX_RULES = ("ceil", "ct")
+
+
+def _fp8_max_tensor(like: torch.Tensor) -> torch.Tensor:
+    """448 as a 0-d tensor on `like`'s device: CUDA divides by a Python scalar as a multiplication by
+    its reciprocal (not IEEE division, and 1/448 is inexact); by a tensor it divides elementwise."""
+    return torch.tensor(FP8_E4M3_MAX, dtype=torch.float32, device=like.device)
+
+
+def channel_quant_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel FP8: one float32 scale per row of [..., M, N] (compressed-tensors FP8_DYNAMIC's
+    weights). The block numerics with a 1 x N tile: s = max(amax / 448, 2**-126), q = e4m3(x / s).
+    Returns codes [..., M, N] and scales [..., M, 1]. Plain torch ops, the same bytes on every device
+    (amax is exact; one IEEE division, one round-to-nearest-even cast)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    s = (amax / _fp8_max_tensor(amax)).clamp_min(SCALE_FLOOR)
+    q = (xf / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, s
+
+
+def mx_exponents(amax: torch.Tensor, rule: str) -> torch.Tensor:
+    """The e8m0 byte (value 2**(e-127)) of each group's scale from its float32 amax; NaN or Inf amax
+    gives 255 (e8m0's NaN), which callers treat as bad input.
+
+    "ceil" (OCP MX, DeepGEMM's `ceil_to_ue8m0`, transformers' `scale_fmt: ue8m0`, fp8conv's ue8m0 block
+    scales): the smallest power of two >= max(amax / 448, 2**-126), from the float32 bits of the
+    quotient; an all-zero group gets 127 (scale 1), as transformers' quantizer gives it.
+    "ct" (compressed-tensors `generate_mx_scales`): amax rounded to a power of two, up when its mantissa
+    is >= 0.75 (`round_to_power_2` with e2m1's one mantissa bit), minus floor(log2(448)) = 8, plus the
+    bias, clamped to [0, 254]; an all-zero group gets 0. The two differ where amax is 1.75 * 2**k
+    exactly (ct takes the larger scale) and at the bottom of the range.
+    Both are bit operations on float32, so every device gives the same bytes."""
+    a = amax.float()
+    bad = ~torch.isfinite(a)
+    if rule == "ceil":
+        s = (a / _fp8_max_tensor(a)).clamp_min(SCALE_FLOOR)
+        bits = s.view(torch.int32)
+        e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+        e = torch.where(a == 0, torch.full_like(e, 127), e)
+    elif rule == "ct":
+        bits = a.view(torch.int32)
+        e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) >= 0x600000).to(torch.int32) - E4M3_EMAX
+        e = torch.where(a == 0, torch.zeros_like(e), e.clamp(0, 254))
+    else:
+        raise ValueError(f"MX scale rule must be one of {', '.join(MX_RULES)}, not {rule!r}")
+    return torch.where(bad, torch.full_like(e, 255), e).to(torch.uint8)
+
+
+def mx_quant_torch(x: torch.Tensor, rule: str = "ceil") -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP8: e4m3 codes [..., M, N] and one e8m0 exponent byte per 1 x 32 group, uint8 [..., M, N/32].
+    N must be a multiple of 32. q = e4m3(clamp(x * 2**(127-e), +-448)): multiplying by the exact
+    reciprocal power of two is the division by the scale, with no rounding of its own."""
+    *lead, m, n = x.shape
+    if n % MX_GROUP:
+        raise ValueError(f"MXFP8 needs the last dimension to be a multiple of {MX_GROUP}, not {n}")
+    xf = x.float().reshape(*lead, m, n // MX_GROUP, MX_GROUP)
+    e = mx_exponents(xf.abs().amax(dim=-1), rule)
+    # 2**(127-e) as float32 bits (biased exponent 254-e): finite amax gives e <= 247 under both rules
+    # (float32's largest amax is below 2**128), so the reciprocal is a normal float; 255 (NaN) is refused
+    # by the caller.
+    inv = ((254 - e.to(torch.int32)).clamp(1, 254) << 23).view(torch.float32)
+    q = (xf * inv.unsqueeze(-1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(x.shape), e

@@ -1,0 +1,403 @@
+"""`fp8conv convert`: an FP8 checkpoint into another FP8 layout, scheme, scale format or block, without
+a BF16 round trip, saying for every tensor whether the change was lossless.
+
+What each request does to a quantized weight (source: any family fp8conv.formats detects, with e4m3
+weights scaled per block, per channel or per 1 x 32 MX group):
+
+- `--format` alone (relayout): codes copied byte for byte, the scale renamed (`weight_scale_inv` <->
+  `weight_scale`) and copied when its dtype is one the target layout stores (float scales; e8m0 bytes
+  for MXFP8), else widened to float32 exactly; the config rewritten. Lossless.
+- `--block-size B` where B's tiles nest in the source's (each new tile inside one old tile): codes copied,
+  every new tile inherits its old tile's scale. Lossless. Tiles that do not nest are refused.
+- `--scheme mxfp8` from a block scheme whose scales are all powers of two (UE8M0) and whose tile width
+  is a multiple of 32: codes copied, every 1 x 32 group inherits its tile's exponent. Lossless.
+- `--scale-fmt ue8m0`: DeepGEMM's load-time requant, done offline (fp8conv.targets.requant: dequantize in
+  float32, quantize again per tile with power-of-two scales). Lossy where a scale was not a power of two.
+- `--scheme fp8-channel`, or MXFP8 from float block scales: dequantize in float32, quantize again in the
+  new scheme (kernels.channel_quant / mx_quant). Lossy.
+
+Every lossy tensor is measured against the FP8 source's own dequantized weight: SQNR in dB and
+relative Frobenius error, reported worst first; with `--reference BF16`, also the SQNR of the new and of
+the source weight against the original BF16 one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fp8conv.checkpoint.layout import Checkpoint
+from fp8conv.checkpoint.safetensors_io import FLOAT_DTYPES, ShardReader, TensorInfo
+from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
+from fp8conv.errors import InvalidCheckpoint, UsageError
+from fp8conv.formats import Element, Granularity, QuantizedWeight, detect, strip_config, strip_params
+from fp8conv.formats.scheme import MX_GROUP
+from fp8conv.formats.writers import Writer, writer
+from fp8conv.kernels import channel_quant, mx_quant, scale_to_float32
+from fp8conv.kernels.reference import expand_scales
+
+SCALE_FMTS = ("keep", "float", "ue8m0")
+SCHEMES_IN = {Granularity.BLOCK: "fp8-block", Granularity.CHANNEL: "fp8-channel", Granularity.GROUP: "mxfp8"}
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    format: str | None = None  # None: the source's layout
+    scheme: str | None = None  # None: the source's scheme
+    scale_fmt: str = "keep"
+    block_size: tuple[int, int] | None = None  # None: the source's block
+    reference: str | None = None  # the original BF16 checkpoint: lossy tensors are also measured against it
+    dry_run: bool = False
+    device: str = "cpu"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from fp8conv.convert.options import parse_block
+
+        if self.scale_fmt not in SCALE_FMTS:
+            raise UsageError(f"--scale-fmt must be one of {', '.join(SCALE_FMTS)}, not {self.scale_fmt!r}")
+        if self.block_size is not None:
+            object.__setattr__(self, "block_size", parse_block(self.block_size))
+
+    def job_key(self) -> dict:
+        d = asdict(self)
+        for k in ("dry_run", "device", "overwrite"):
+            d.pop(k)
+        d["block_size"] = list(self.block_size) if self.block_size else None
+        return {"command": "convert", **d}
+
+
+@dataclass
+class TensorChange:
+    tensor: str
+    how: str  # "relayout", "nested tiles", "inherited exponents", "requantized"
+    lossless: bool
+    sqnr_db: float | None = None  # lossy: against the source's dequantized weight
+    rel_error: float | None = None
+    # with --reference: the new weight and the FP8 source each against the original BF16 weight
+    sqnr_vs_reference_db: float | None = None
+    source_sqnr_vs_reference_db: float | None = None
+
+
+@dataclass
+class ConvertPlan:
+    plan: Plan
+    source_format: str
+    source_scheme: str
+    writer: Writer
+    block: tuple[int, int] | None
+    changes: dict[str, TensorChange] = field(default_factory=dict)  # filled as tensors are written
+    reference: Checkpoint | None = None  # --reference: the original BF16 checkpoint
+
+    @property
+    def lossless(self) -> bool:
+        return all(c.lossless for c in self.changes.values())
+
+    def report(self) -> list[dict]:
+        """Per tensor, worst first (lowest SQNR), lossless ones last."""
+        rows = sorted(
+            self.changes.values(),
+            key=lambda c: (c.lossless, c.sqnr_db if c.sqnr_db is not None else math.inf, c.tensor),
+        )
+        return [asdict(c) for c in rows]
+
+
+def _source_scheme(found, ckpt: Checkpoint) -> tuple[str, tuple[int, int] | None]:
+    schemes, blocks = set(), set()
+    for w in found.weights.values():
+        g = w.layout.granularity
+        if w.element is not Element.FP8_E4M3 or g not in SCHEMES_IN:
+            raise InvalidCheckpoint(
+                f"{w.scheme.describe()}: fp8conv convert reads e4m3 weights scaled per block, per channel "
+                "or per 1 x 32 MX group",
+                file=ckpt.root / ckpt.weight_map[w.name],
+                tensor=w.name,
+                hint="fp8conv dequantize, then fp8conv quantize",
+            )
+        schemes.add(SCHEMES_IN[g])
+        if g is Granularity.BLOCK:
+            blocks.add(w.layout.tile)
+    if not schemes:
+        raise InvalidCheckpoint(
+            "no FP8 weight to convert", file=ckpt.root, hint="fp8conv quantize reads BF16"
+        )
+    if len(schemes) > 1 or len(blocks) > 1:
+        raise InvalidCheckpoint(
+            f"weights in more than one scheme ({', '.join(sorted(schemes))}; tiles {sorted(blocks)}): "
+            "fp8conv convert takes one scheme in",
+            file=ckpt.root,
+        )
+    return schemes.pop(), (blocks.pop() if blocks else None)
+
+
+def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
+    found = detect(ckpt)
+    for a in found.artifacts.values():
+        if a.kind.value != "weight_scale":
+            raise InvalidCheckpoint(
+                f"{a.kind.value} tensor: static activation or KV-cache scales have no place in the layouts "
+                "fp8conv convert writes",
+                file=ckpt.root / ckpt.weight_map[a.name],
+                tensor=a.name,
+            )
+    src_scheme, src_block = _source_scheme(found, ckpt)
+    fmt = opts.format or ("compressed-tensors" if found.family == "compressed-tensors" else "fp8")
+    scheme = opts.scheme or src_scheme
+    w = writer(fmt, scheme)
+    block = opts.block_size or src_block or (128, 128)
+    if scheme != "fp8-block" and opts.block_size is not None:
+        raise UsageError(f"--block-size applies to --scheme fp8-block; {scheme} fixes its tile")
+    if scheme == "fp8-block" and src_scheme != "fp8-block":
+        raise UsageError(
+            f"--scheme fp8-block from {src_scheme}: a block tile spans rows that each had their own scale",
+            hint="fp8conv dequantize, then fp8conv quantize",
+        )
+    if scheme == "fp8-block" and block != src_block and opts.scale_fmt == "keep":
+        bm, bn = block
+        if src_block[0] % bm or src_block[1] % bn:
+            raise UsageError(
+                f"--block-size {bm}x{bn} does not nest in the source's {src_block[0]}x{src_block[1]} tiles: "
+                "each new tile must lie inside one old tile",
+                hint=f"pick a block whose sides divide {src_block[0]} and {src_block[1]}",
+            )
+    if opts.scale_fmt == "ue8m0" and (scheme != "fp8-block" or block != src_block):
+        raise UsageError(
+            "--scale-fmt ue8m0 requantizes block scales in place: use it without --scheme or --block-size"
+        )
+    if w.format == "compressed-tensors":
+        stacked = next((qw for qw in found.weights.values() if len(qw.shape) != 2), None)
+        if stacked is not None:
+            raise InvalidCheckpoint(
+                f"stacked experts {list(stacked.shape)}: compressed-tensors' config groups target Linear "
+                "layers (2-D weights), so its loaders would not read this tensor as FP8",
+                file=ckpt.root / ckpt.weight_map[stacked.name],
+                tensor=stacked.name,
+                hint="keep --format fp8 for this checkpoint",
+            )
+    cp = ConvertPlan(Plan([], None), found.family, src_scheme, w, block if scheme == "fp8-block" else None)
+    cp.reference = _open_reference(opts.reference, found, ckpt) if opts.reference else None
+    power_of_two = (
+        _all_power_of_two(ckpt, found) if scheme == "mxfp8" and src_scheme == "fp8-block" else False
+    )
+    # the codes job where the source's codes are, the scale job where its scale is (same shards, same
+    # order: a relayout's round trip is byte-identical)
+    jobs = {}
+    for qw in found.weights.values():
+        codes, scale = _weight_jobs(
+            ckpt, cp, qw, ckpt.info(qw.name), w, block, src_scheme, opts, power_of_two
+        )
+        jobs[qw.name], jobs[qw.scale.name] = codes, scale
+    shards = []
+    not_converted: list[str] = []
+    for shard_name, header in ckpt.shards.items():
+        sp = ShardPlan(shard_name, header.metadata)
+        for name, info in header.tensors.items():
+            if name in jobs:
+                sp.jobs.append(jobs[name])
+                continue
+            sp.jobs.append(TensorJob(name, "copy", info, info.dtype, info.shape, reason="not FP8"))
+            if name.endswith(".weight") and info.dtype in FLOAT_DTYPES and len(info.shape) in (2, 3):
+                not_converted.append(name[: -len(".weight")])
+        shards.append(sp)
+    config = strip_config(ckpt.config, _dtype_name(ckpt.config))
+    skipped = sorted(set(not_converted) | {"lm_head"})
+    if config is not None:
+        scale_fmt = "ue8m0" if opts.scale_fmt == "ue8m0" or _was_ue8m0(found) else "float"
+        config["quantization_config"] = w.config(block, skipped, scale_fmt)
+    write_files = {}
+    if found.rewrite_params and found.settings.params is not None:
+        write_files["params.json"] = strip_params(found.settings.params)
+    cp.plan = Plan(
+        shards, config, skipped, family=found.family, drop_files=found.side_files, write_files=write_files
+    )
+    return cp
+
+
+def _dtype_name(config: dict | None) -> str:
+    config = config or {}
+    return str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+
+
+def _was_ue8m0(found) -> bool:
+    qc = found.settings.config or {}
+    return qc.get("scale_fmt") == "ue8m0" or any(e.power_of_two for e in found.scale_encodings)
+
+
+def _all_power_of_two(ckpt: Checkpoint, found) -> bool:
+    for qw in found.weights.values():
+        if qw.layout.encoding.power_of_two:
+            continue
+        s = _read(ckpt, qw.scale).float()
+        if not bool((torch.frexp(s).mantissa.abs() == 0.5).all()):
+            return False
+    return True
+
+
+def _read(ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
+    with ShardReader(ckpt.shards[ckpt.weight_map[info.name]]) as r:
+        return r.read_tensor(info)
+
+
+def _weight_jobs(ckpt, cp, qw: QuantizedWeight, info, w: Writer, block, src_scheme, opts, power_of_two):
+    """The codes job and the scale job of one quantized weight."""
+    name, sname = qw.name, w.scale_name(qw.name)
+    shape = tuple(qw.shape)
+    sshape = w.scale_shape(shape, block)
+    src_tile = qw.layout.tile
+    same_scheme = w.scheme == src_scheme and (w.scheme != "fp8-block" or block == src_tile)
+    if same_scheme and opts.scale_fmt != "ue8m0":
+        cp.changes[name] = TensorChange(name, "relayout", True)
+        codes = TensorJob(name, "copy", info, info.dtype, info.shape, reason="relayout: codes as they are")
+        sdt = qw.scale.dtype
+        keep = sdt in FLOAT_DTYPES if w.scale_dtype == "F32" else sdt == "U8"
+        if keep and tuple(qw.scale.shape) == sshape:
+            return codes, TensorJob(sname, "copy", qw.scale, sdt, sshape, reason="relayout: scale renamed")
+        return codes, _scale_compute(ckpt, qw, sname, sshape, w, lambda s: s)
+    if w.scheme == "fp8-block" and opts.scale_fmt != "ue8m0":  # nested tiles
+        cp.changes[name] = TensorChange(name, "nested tiles", True)
+        codes = TensorJob(
+            name, "copy", info, info.dtype, info.shape, reason="nested tiles: codes as they are"
+        )
+
+        def nest(s: torch.Tensor) -> torch.Tensor:
+            return _inherit(s, shape, src_tile, block)
+
+        return codes, _scale_compute(ckpt, qw, sname, sshape, w, nest)
+    if w.scheme == "mxfp8" and src_scheme == "fp8-block" and power_of_two and src_tile[1] % MX_GROUP == 0:
+        cp.changes[name] = TensorChange(name, "inherited exponents", True)
+        codes = TensorJob(
+            name, "copy", info, info.dtype, info.shape, reason="MX groups inherit the tile exponent"
+        )
+
+        def inherit(s: torch.Tensor) -> torch.Tensor:
+            return _inherit(s, shape, src_tile, (1, MX_GROUP))
+
+        return codes, _scale_compute(ckpt, qw, sname, sshape, w, inherit)
+    return _requant_jobs(ckpt, cp, qw, w, sname, sshape, opts)
+
+
+def _inherit(s: torch.Tensor, shape, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """Scales of `old` tiles spread over the `new` tiles nested in them: the new grid element (i, j)
+    takes the old tile holding its first element."""
+    *lead, m, n = shape
+    gm, gn = math.ceil(m / new[0]), math.ceil(n / new[1])
+    rows = torch.arange(gm) * new[0] // old[0]
+    cols = torch.arange(gn) * new[1] // old[1]
+    return s[..., rows, :][..., cols].contiguous()
+
+
+def _scale_out(s: torch.Tensor, w: Writer) -> bytes:
+    """float32 scales as the writer stores them: float32, or e8m0 exponent bytes (exact: powers of two)."""
+    s = s.float().contiguous()
+    if w.scale_dtype == "U8":
+        e = ((s.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+        return e.numpy().tobytes()
+    return s.view(torch.uint8).numpy().tobytes()
+
+
+def _scale_compute(ckpt, qw: QuantizedWeight, sname, sshape, w: Writer, fn) -> TensorJob:
+    def compute() -> bytes:
+        s = scale_to_float32(_read(ckpt, qw.scale)).reshape(qw.layout.view).expand(qw.layout.grid)
+        return _scale_out(fn(s.contiguous()), w)
+
+    return TensorJob(sname, "compute", None, w.scale_dtype, sshape, compute=compute)
+
+
+def _dequant_fp32(ckpt, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = _read(ckpt, qw.codes).view(torch.float8_e4m3fn).reshape(qw.shape)
+    s = scale_to_float32(_read(ckpt, qw.scale)).reshape(qw.layout.view).expand(qw.layout.grid).contiguous()
+    ref = q.float() * expand_scales(s, tuple(qw.shape), qw.layout.tile)
+    return q, s, ref
+
+
+def _requant_jobs(
+    ckpt, cp, qw: QuantizedWeight, w: Writer, sname, sshape, opts
+) -> tuple[TensorJob, TensorJob]:
+    """Codes and scale of one weight quantized again (lossy); the loss recorded when it is computed.
+    Whichever of the two is written first computes both (they may lie in different shards)."""
+    name = qw.name
+    state: dict[str, torch.Tensor] = {}
+    cp.changes[name] = TensorChange(name, "requantized", False)
+
+    def result(part: str) -> torch.Tensor:
+        if not state:
+            q, s, ref = _dequant_fp32(ckpt, qw)
+            if opts.scale_fmt == "ue8m0":
+                from fp8conv.targets.requant import requant_ue8m0
+
+                q2, s2 = requant_ue8m0(q, s, qw.layout.tile)
+                tile = qw.layout.tile
+            elif w.scheme == "fp8-channel":
+                q2, s2 = channel_quant(ref)
+                tile = (1, qw.shape[-1])
+            else:
+                q2, e = mx_quant(ref, w.mx_rule)
+                s2 = scale_to_float32(e)
+                tile = (1, MX_GROUP)
+            got = q2.float() * expand_scales(s2, tuple(qw.shape), tile)
+            _record(cp.changes[name], ref, got)
+            if cp.reference is not None:
+                orig = _read(cp.reference, cp.reference.info(name)).double()
+                cp.changes[name].sqnr_vs_reference_db = _sqnr(orig, got)
+                cp.changes[name].source_sqnr_vs_reference_db = _sqnr(orig, ref)
+            state.update(codes=q2, scale=s2)
+        return state.pop(part)
+
+    def codes() -> bytes:
+        return result("codes").contiguous().view(torch.uint8).numpy().tobytes()
+
+    def scale() -> bytes:
+        return _scale_out(result("scale"), w)
+
+    return (
+        TensorJob(name, "compute", None, "F8_E4M3", tuple(qw.shape), compute=codes),
+        TensorJob(sname, "compute", None, w.scale_dtype, sshape, compute=scale),
+    )
+
+
+def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    d = (got.double() - ref.double()).pow(2).sum()
+    r = ref.double().pow(2).sum()
+    return float(10 * torch.log10(r / d)) if d > 0 and r > 0 else math.inf
+
+
+def _open_reference(path: str, found, ckpt: Checkpoint) -> Checkpoint:
+    """The original BF16 checkpoint; every FP8 weight of the source must be in it, same name and shape."""
+    from fp8conv.checkpoint.layout import open_checkpoint
+
+    ref = open_checkpoint(path)
+    for qw in found.weights.values():
+        if qw.name not in ref:
+            raise InvalidCheckpoint(
+                f"--reference {path} has no tensor {qw.name!r}", file=ref.root, tensor=qw.name
+            )
+        info = ref.info(qw.name)
+        if tuple(info.shape) != tuple(qw.shape) or info.dtype not in FLOAT_DTYPES:
+            raise InvalidCheckpoint(
+                f"--reference holds {qw.name} as {info.dtype} {list(info.shape)}; the source's weight is "
+                f"{list(qw.shape)} (a float tensor of that shape is needed)",
+                file=ref.root / ref.weight_map[qw.name],
+                tensor=qw.name,
+            )
+    return ref
+
+
+def _record(change: TensorChange, ref: torch.Tensor, got: torch.Tensor) -> None:
+    d = (got.double() - ref.double()).pow(2).sum()
+    r = ref.double().pow(2).sum()
+    change.lossless = bool(d == 0)
+    change.rel_error = float((d / r).sqrt()) if r > 0 else 0.0
+    change.sqnr_db = float(10 * torch.log10(r / d)) if d > 0 and r > 0 else math.inf
+
+
+def run_convert(ckpt: Checkpoint, cp: ConvertPlan, dst: Path, opts: ConvertOptions, progress=None):
+    from fp8conv.convert import engine
+
+    summary = engine.run(
+        ckpt, cp.plan, Path(dst), "convert", opts.job_key(), opts.device, opts.overwrite, None, progress
+    )
+    summary.tensors_converted = len(cp.changes)
+    return summary

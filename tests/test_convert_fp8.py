@@ -1,0 +1,292 @@
+"""`fp8conv convert`: FP8 in, FP8 out. Relayouts are byte-identical round trips; nested blocks and UE8M0
+block -> MXFP8 dequantize to the same bits as the source; --scale-fmt ue8m0 equals DeepGEMM's requant
+bit for bit, with its loss reported per tensor, worst first; compressed-tensors decompresses what it
+reads to fp8conv's dequantization."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fp8conv.checkpoint.safetensors_io import load_file
+from fp8conv.cli import app
+from fp8conv.kernels.reference import weight_dequant_torch
+from tests.conftest import tree_digest
+
+runner = CliRunner()
+
+
+def cli(*args, code=0):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == code, r.output
+    return r
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(p))
+    return out
+
+
+def dequantized(folder, tmp_path, name, dtype="bf16") -> dict[str, torch.Tensor]:
+    dst = tmp_path / name
+    cli("dequantize", folder, dst, "--dtype", dtype, "-q")
+    return tensors(dst)
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+
+
+@pytest.fixture
+def fp8_llama(sample, tmp_path):
+    src = sample("llama-tiny-bf16")
+    cli("quantize", src, tmp_path / "fp8", "-q")
+    return tmp_path / "fp8"
+
+
+def test_relayout_round_trip_is_byte_identical(sample, tmp_path):
+    src = sample("llama-tiny-fp8")
+    before = tree_digest(src)
+    r = cli("convert", src, tmp_path / "ct", "--format", "compressed-tensors", "--json", tmp_path / "a.json")
+    assert "lossless" in r.output
+    cli("convert", tmp_path / "ct", tmp_path / "back", "--format", "fp8", "-q")
+    assert tree_digest(src) == before
+    for shard in src.glob("*.safetensors"):
+        assert (tmp_path / "back" / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    ct_t, src_t = tensors(tmp_path / "ct"), tensors(src)
+    for k, v in src_t.items():
+        if v.dtype == torch.float8_e4m3fn:  # codes byte-identical under the same name
+            assert torch.equal(ct_t[k].view(torch.uint8), v.view(torch.uint8)), k
+            assert torch.equal(ct_t[k + "_scale"], src_t[k + "_scale_inv"]), k
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["lossless"] is True and all(t["how"] == "relayout" for t in report["tensors"])
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["config_groups"]["group_0"]["weights"][
+        "strategy"
+    ] == ("block")
+    assert_same(dequantized(src, tmp_path, "d1"), dequantized(tmp_path / "ct", tmp_path, "d2"))
+
+
+def test_relayout_of_stacked_experts_to_compressed_tensors_is_refused(sample, tmp_path):
+    """compressed-tensors targets Linear layers: a [E, M, N] expert tensor would not be read as FP8."""
+    src = sample("deepseek-tiny-fp8")
+    r = cli("convert", src, tmp_path / "ct", "--format", "compressed-tensors", code=3)
+    assert "stacked experts" in r.output and "experts.gate_up_proj" in r.output
+    assert not (tmp_path / "ct").exists()
+    # the same sharded checkpoint (a scale in another shard than its weight) relayouts to itself exactly
+    cli("convert", src, tmp_path / "same", "--format", "fp8", "-q")
+    for shard in src.glob("*.safetensors"):
+        assert (tmp_path / "same" / shard.name).read_bytes() == shard.read_bytes(), shard.name
+
+
+# DeepGEMM deep_gemm/utils/math.py @54e22612409371d6364144b69086735beb54e98b: ceil_to_ue8m0 and
+# per_block_cast_to_fp8(use_ue8m0=True), applied as vLLM's requant_weight_ue8m0_inplace applies it (the
+# weight dequantized in float32 with its old scales first); written out here statement for statement.
+def _deepgemm_ceil_to_ue8m0(x):
+    bits = x.abs().float().view(torch.int)
+    exp = ((bits >> 23) & 0xFF) + (bits & 0x7FFFFF).bool().int()
+    return (exp.clamp(1, 254) << 23).view(torch.float)
+
+
+def _deepgemm_per_block_cast_to_fp8(x, gran_k=128):
+    m, n = x.shape
+    x_padded = torch.zeros((math.ceil(m / gran_k) * gran_k, math.ceil(n / gran_k) * gran_k), dtype=x.dtype)
+    x_padded[:m, :n] = x
+    x_view = x_padded.view(-1, gran_k, x_padded.size(1) // gran_k, gran_k)
+    x_amax = x_view.abs().float().amax(dim=(1, 3), keepdim=True).clamp(1e-4)
+    sf = _deepgemm_ceil_to_ue8m0(x_amax / 448.0)
+    x_scaled = (x_view * (1.0 / sf)).to(torch.float8_e4m3fn)
+    return x_scaled.view_as(x_padded)[:m, :n].contiguous(), sf.view(x_view.size(0), x_view.size(2))
+
+
+def test_ue8m0_is_deepgemms_requant_with_the_loss_reported(sample, tmp_path):
+    src = sample("deepseek-tiny-fp8")  # sharded, ragged edge tiles, stacked experts
+    out = tmp_path / "ue8m0"
+    r = cli("convert", src, out, "--scale-fmt", "ue8m0", "--json", tmp_path / "r.json")
+    assert "lossy" in r.output and "SQNR" in r.output
+    got, ref = tensors(out), tensors(src)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["lossless"] is False
+    rows = {t["tensor"]: t for t in report["tensors"]}
+    sqnrs = [t["sqnr_db"] for t in report["tensors"] if not t["lossless"]]
+    assert sqnrs == sorted(sqnrs)  # worst first
+    checked = 0
+    for k, q in ref.items():
+        if q.dtype != torch.float8_e4m3fn:
+            continue
+        s = ref[k + "_scale_inv"].float()
+        qs = q.reshape(-1, *q.shape[-2:])
+        ss = s.reshape(-1, *s.shape[-2:])
+        gq = got[k].reshape(qs.shape)
+        gs = got[k + "_scale_inv"].reshape(ss.shape)
+        num = den = 0.0
+        for e in range(qs.shape[0]):
+            m, n = qs.shape[-2:]
+            w = qs[e].float() * ss[e].repeat_interleave(128, 0).repeat_interleave(128, 1)[:m, :n]
+            wq, wsf = _deepgemm_per_block_cast_to_fp8(w)
+            assert torch.equal(gq[e].view(torch.uint8), wq.view(torch.uint8)), k
+            assert torch.equal(gs[e], wsf), k
+            back = wq.float() * wsf.repeat_interleave(128, 0).repeat_interleave(128, 1)[:m, :n]
+            num += float((back.double() - w.double()).pow(2).sum())
+            den += float(w.double().pow(2).sum())
+        if num > 0:
+            assert rows[k]["rel_error"] == pytest.approx(math.sqrt(num / den), rel=1e-9)
+            assert rows[k]["sqnr_db"] == pytest.approx(10 * math.log10(den / num), rel=1e-9)
+        checked += 1
+    assert checked >= 4
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["scale_fmt"] == "ue8m0"
+    # already power-of-two scales: a second pass changes nothing
+    r = cli("convert", out, tmp_path / "again", "--scale-fmt", "ue8m0", "--json", tmp_path / "r2.json")
+    assert all(t["lossless"] for t in json.loads((tmp_path / "r2.json").read_text())["tensors"])
+    assert_same(tensors(out), tensors(tmp_path / "again"))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "compressed-tensors"])
+def test_ue8m0_block_to_mxfp8_is_lossless(fp8_llama, tmp_path, fmt):
+    cli("convert", fp8_llama, tmp_path / "ue8m0", "--scale-fmt", "ue8m0", "-q")
+    out = tmp_path / f"mx-{fmt}"
+    r = cli("convert", tmp_path / "ue8m0", out, "--scheme", "mxfp8", "--format", fmt)
+    assert "lossless" in r.output
+    t = tensors(out)
+    w = "model.layers.0.mlp.down_proj.weight"
+    assert t[w + ("_scale_inv" if fmt == "fp8" else "_scale")].dtype == torch.uint8
+    assert_same(dequantized(tmp_path / "ue8m0", tmp_path, "a"), dequantized(out, tmp_path, "b"))
+
+
+def test_float_block_to_mxfp8_requantizes_and_says_so(fp8_llama, tmp_path):
+    r = cli("convert", fp8_llama, tmp_path / "mx", "--scheme", "mxfp8", "--json", "-", "-q")
+    report = json.loads(r.stdout[r.stdout.index("{") :])
+    assert report["lossless"] is False
+    assert all(t["how"] == "requantized" and t["sqnr_db"] > 25 for t in report["tensors"])
+
+
+def test_nested_block_is_lossless_and_other_blocks_refused(fp8_llama, tmp_path):
+    r = cli("convert", fp8_llama, tmp_path / "b64", "--block-size", "64x128")
+    assert "lossless" in r.output
+    t = tensors(tmp_path / "b64")
+    w = "model.layers.0.mlp.down_proj.weight"
+    assert tuple(t[w + "_scale_inv"].shape) == (t[w].shape[0] // 64, t[w].shape[1] // 128)
+    qc = json.loads((tmp_path / "b64" / "config.json").read_text())["quantization_config"]
+    assert qc["weight_block_size"] == [64, 128]
+    assert_same(dequantized(fp8_llama, tmp_path, "a"), dequantized(tmp_path / "b64", tmp_path, "b"))
+    r = cli("convert", fp8_llama, tmp_path / "b96", "--block-size", "96", code=2)
+    assert "does not nest" in r.output
+    assert not (tmp_path / "b96").exists()
+
+
+def test_block_to_channel_for_compressed_tensors(fp8_llama, tmp_path):
+    """Per-channel requant (lossy, measured) in compressed-tensors' FP8_DYNAMIC layout, which
+    compressed-tensors' decompressor turns into exactly fp8conv's dequantization."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    out = tmp_path / "ch"
+    r = cli("convert", fp8_llama, out, "--scheme", "fp8-channel", "--format", "compressed-tensors")
+    assert "lossy" in r.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+    assert scheme.weights.strategy == "channel"
+    comp = BaseCompressor.get_value_from_registry(qc["format"])
+    t = tensors(out)
+    ours = dequantized(out, tmp_path, "d", "fp32")
+    n = 0
+    for k in t:
+        if k + "_scale" in t:
+            theirs = comp.decompress({"weight": t[k], "weight_scale": t[k + "_scale"]}, scheme)["weight"]
+            assert torch.equal(theirs, ours[k]), k
+            assert torch.equal(
+                theirs, weight_dequant_torch(t[k], t[k + "_scale"], (1, t[k].shape[1]), torch.float32)
+            )
+            n += 1
+    assert n == 14
+
+
+def test_refusals(sample, tmp_path):
+    r = cli("convert", sample("llama-tiny-bf16"), tmp_path / "x", code=3)
+    assert "no FP8 weight" in r.output
+    r = cli(
+        "convert",
+        sample("llama-tiny-fp8"),
+        tmp_path / "x",
+        "--scheme",
+        "fp8-channel",
+        "--format",
+        "fp8",
+        code=2,
+    )
+    assert "FP8_DYNAMIC" in r.output
+    r = cli(
+        "convert",
+        sample("llama-tiny-fp8"),
+        tmp_path / "x",
+        "--scale-fmt",
+        "ue8m0",
+        "--block-size",
+        "64",
+        code=2,
+    )
+    assert "without --scheme or --block-size" in r.output
+    assert not (tmp_path / "x").exists()
+
+
+def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    d = float((got.double() - ref.double()).pow(2).sum())
+    return 10 * math.log10(float(ref.double().pow(2).sum()) / d)
+
+
+def test_reference_measures_against_the_original_bf16(sample, tmp_path):
+    src = sample("llama-tiny-bf16")
+    cli("quantize", src, tmp_path / "fp8", "-q")
+    out = tmp_path / "ue8m0"
+    r = cli(
+        "convert",
+        tmp_path / "fp8",
+        out,
+        "--scale-fmt",
+        "ue8m0",
+        "--reference",
+        src,
+        "--json",
+        tmp_path / "r.json",
+    )
+    assert "SQNR vs BF16" in r.output
+    rows = json.loads((tmp_path / "r.json").read_text())["tensors"]
+    orig = tensors(src)
+    before = dequantized(tmp_path / "fp8", tmp_path, "before", "fp32")
+    after = dequantized(out, tmp_path, "after", "fp32")
+    assert len(rows) == 14
+    for row in rows:
+        k = row["tensor"]
+        assert row["sqnr_vs_reference_db"] == pytest.approx(_sqnr(orig[k], after[k]), rel=1e-9), k
+        assert row["source_sqnr_vs_reference_db"] == pytest.approx(_sqnr(orig[k], before[k]), rel=1e-9), k
+    r = cli(
+        "convert",
+        tmp_path / "fp8",
+        tmp_path / "x",
+        "--scale-fmt",
+        "ue8m0",
+        "--reference",
+        sample("deepseek-tiny-fp8"),
+        code=3,
+    )
+    assert "--reference" in r.output and not (tmp_path / "x").exists()
+
+
+def test_dry_run_says_what_each_tensor_would_become(fp8_llama, tmp_path):
+    r = cli("convert", fp8_llama, tmp_path / "x", "--scheme", "mxfp8", "--dry-run", "--json", "-")
+    plan = json.loads(r.stdout)
+    assert plan["dry_run"] is True and plan["lossless"] is False
+    assert {t["how"] for t in plan["tensors"]} == {"requantized"} and len(plan["tensors"]) == 14
+    r = cli("convert", fp8_llama, tmp_path / "x", "--format", "compressed-tensors", "--dry-run")
+    assert "all lossless" in r.output
+    assert not (tmp_path / "x").exists()
