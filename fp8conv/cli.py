@@ -350,6 +350,13 @@ def verify(
     experts: Annotated[
         int, typer.Option("--experts", help="stacked experts: GEMM-check this many per tensor (0 = all)")
     ] = 8,
+    reference_mode: Annotated[
+        str,
+        typer.Option(
+            "--reference-mode",
+            help="FP8 CKPT vs its original: exact (bit-for-bit re-quantization), statistical, or auto",
+        ),
+    ] = "auto",
     device: DeviceOpt = "auto",
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
@@ -358,38 +365,6 @@ def verify(
     from fp8conv.errors import VerificationFailed
     from fp8conv.verify import VerifyOptions, verify_checkpoint
     from fp8conv.verify.verify import render_table, summary_line
-
-    class Bar(engine.Progress):
-        """A transient bar on a terminal; nothing in logs or with --quiet (the table says it all)."""
-
-        bar = None
-
-        def start(self, total_bytes: int, total_shards: int, device: str) -> None:
-            if not quiet and err.is_terminal:
-                self.bar = RichProgress(
-                    TextColumn(f"verify on {device}"),
-                    BarColumn(),
-                    DownloadColumn(),
-                    TransferSpeedColumn(),
-                    TimeRemainingColumn(),
-                    console=err,
-                    transient=True,
-                )
-                self.bar.start()
-                self.task = self.bar.add_task("", total=total_bytes)
-
-        def advance(self, nbytes: int) -> None:
-            if self.bar is not None:
-                self.bar.update(self.task, advance=nbytes)
-
-        def note(self, message: str) -> None:
-            if not quiet:
-                err.print(f"note: {message}", highlight=False)
-
-        def close(self) -> None:
-            if self.bar is not None:
-                self.bar.stop()
-                self.bar = None
 
     def go():
         opts = VerifyOptions(
@@ -401,8 +376,9 @@ def verify(
             min_sqnr=min_sqnr,
             device=device,
             experts=experts,
+            reference_mode=reference_mode,
         )
-        return verify_checkpoint(ckpt, opts, Bar())
+        return verify_checkpoint(ckpt, opts, ConsoleProgress(quiet, "verify"))
 
     report = run_guarded(go, json_out)
     emit_json(json_out, report.to_dict())
@@ -429,6 +405,17 @@ def inspect(
     info = run_guarded(lambda: inspect_checkpoint(ckpt), json_out)
     emit_json(json_out, info)
     (err if json_out == "-" else out).print(inspect_table(info))
+    if not info["ok"]:
+        # described, but damaged: not a checkpoint a loader can read (exit 3, as the converters)
+        bad = [o for o in info["odd"] if o["kind"].startswith("structure:")]
+        first = bad[0] if bad else {"file": info["path"], "message": "damaged"}
+        err.print(
+            f"[bold red]error[/] (exit 3): {escape(str(first['file'] or info['path']))}: "
+            f"{escape(first['message'])} ({len(bad)} structural problem(s) listed above)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(3)
 
 
 def main() -> None:
