@@ -60,20 +60,12 @@ def _db(num: float, den: float) -> float:
 
 
 def _fp8_vs_original(ctx: Context, name: str) -> bool:
-    return (
-        ctx.ref is not None
-        and not ctx.ref_roles.fp8
-        and name in ctx.roles.fp8
-        and name in ctx.heavy
-    )
+    return ctx.ref is not None and not ctx.ref_roles.fp8 and name in ctx.roles.fp8 and name in ctx.heavy
 
 
 def _dequantized_vs_fp8(ctx: Context, name: str) -> bool:
     return (
-        ctx.ref is not None
-        and name in ctx.ref_roles.fp8
-        and name not in ctx.roles.fp8
-        and name in ctx.heavy
+        ctx.ref is not None and name in ctx.ref_roles.fp8 and name not in ctx.roles.fp8 and name in ctx.heavy
     )
 
 
@@ -133,7 +125,10 @@ class OriginalComparison(TensorCheck):
             "worst_tile": (float("inf"), None),
             "worst_gain": (0.0, None, 1.0),
             "x64": torch.randn(
-                ctx.opts.rows, t.k, generator=torch.Generator().manual_seed(ctx.opts.seed), dtype=torch.float64
+                ctx.opts.rows,
+                t.k,
+                generator=torch.Generator().manual_seed(ctx.opts.seed),
+                dtype=torch.float64,
             ),
         }
 
@@ -156,7 +151,8 @@ class OriginalComparison(TensorCheck):
                 if st["first_code"] is None:
                     j = int(ne.nonzero()[0])
                     st["first_code"] = (
-                        f"({b.where(j // t.k, j % t.k)}): expected 0x{int(qr[j]):02X}, found 0x{int(b.raw[j]):02X}"
+                        f"({b.where(j // t.k, j % t.k)}): expected 0x{int(qr[j]):02X}, "
+                        f"found 0x{int(b.raw[j]):02X}"
                     )
             sne = sr.view(torch.int32) != sb.contiguous().view(torch.int32)
             n = int(sne.sum())
@@ -166,7 +162,8 @@ class OriginalComparison(TensorCheck):
                     i, j = (int(v) for v in sne.nonzero()[0])
                     tile = (*((b.e,) if t.stacked else ()), b.r0 // bm + i, j)
                     st["first_scale"] = (
-                        f"tile ({position(tile, t.stacked)}): expected {float(sr[i, j])!r}, found {float(sb[i, j])!r}"
+                        f"tile ({position(tile, t.stacked)}): expected {float(sr[i, j])!r}, "
+                        f"found {float(sb[i, j])!r}"
                     )
         wr = wr_raw.double()
         wq = weight_dequant(q, sb.contiguous(), blk, torch.float32).double()
@@ -220,7 +217,8 @@ class OriginalComparison(TensorCheck):
         mode = ctx.opts.reference_mode
         if mode == "auto":
             exact_ok = any(
-                r["exact_why"] is None and not r["codes_off"] and not r["scales_off"] for r in self.results.values()
+                r["exact_why"] is None and not r["codes_off"] and not r["scales_off"]
+                for r in self.results.values()
             )
             mode = "exact" if exact_ok else "statistical"
         ctx.reference_mode = mode
@@ -233,7 +231,9 @@ class OriginalComparison(TensorCheck):
                 elif r["codes_off"] or r["scales_off"]:
                     parts = []
                     if r["codes_off"]:
-                        parts.append(f"{r['codes_off']} of {r['numel']} code(s) differ, first at {r['first_code']}")
+                        parts.append(
+                            f"{r['codes_off']} of {r['numel']} code(s) differ, first at {r['first_code']}"
+                        )
                     if r["scales_off"]:
                         parts.append(
                             f"{r['scales_off']} of {r['scales']} scale(s) differ, first at {r['first_scale']}"
@@ -241,7 +241,8 @@ class OriginalComparison(TensorCheck):
                     rec.add(
                         self.name,
                         "fail",
-                        "not what an exact re-quantization of the reference gives: " + "; ".join(parts)
+                        "not what an exact re-quantization of the reference gives: "
+                        + "; ".join(parts)
                         + f" [{stats[1]}]",
                     )
                 else:
@@ -275,7 +276,9 @@ class OriginalComparison(TensorCheck):
         if not sqnr >= floor:
             bad.append(f"SQNR {fmt_num(sqnr)} dB < {floor:g} dB")
         if not worst_tile[0] >= floor:
-            bad.append(f"tile ({position(worst_tile[1], stacked)}) SQNR {fmt_num(worst_tile[0])} dB < {floor:g} dB")
+            bad.append(
+                f"tile ({position(worst_tile[1], stacked)}) SQNR {fmt_num(worst_tile[0])} dB < {floor:g} dB"
+            )
         if not worst_gain[0] <= TILE_GAIN_TOL:
             bad.append(
                 f"tile ({position(worst_gain[1], stacked)}) gain {worst_gain[2]:.4f} (dequantized"
@@ -332,7 +335,9 @@ class DequantizedComparison(TensorCheck):
         if st is None:
             return
         q = b.ref_values()
-        want = weight_dequant(q, b.tile_rows(t.ref_scales, t.ref_block).contiguous(), t.ref_block, DTYPES[t.info.dtype])
+        want = weight_dequant(
+            q, b.tile_rows(t.ref_scales, t.ref_block).contiguous(), t.ref_block, DTYPES[t.info.dtype]
+        )
         got = b.values()
         ne = want.view(st["iv"]) != got.view(st["iv"])
         n = int(ne.sum())
@@ -440,7 +445,7 @@ class ReferenceNames(Check):
                 base = ctx.ref_roles.scales.get(n)
                 if base is not None and base in ckpt and ckpt.info(base).dtype not in FP8_WEIGHT_DTYPES:
                     continue  # the scale of a weight that was dequantized: gone, as it should be
-                if n in ctx.ref_roles.artifacts and not L.is_quantized(ctx.roles):
+                if n in ctx.ref_roles.artifacts and not L.is_quantized(ctx.roles, ctx.ckpt.config):
                     continue  # an activation / kv-cache scale: gone with the quantization
                 expected.add(n)
             extra = sorted(set(ckpt.weight_map) - expected)

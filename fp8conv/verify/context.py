@@ -56,7 +56,11 @@ class Context:
         ckpt = ckpt or self.ckpt
         info = ckpt.info(name)
         return self.out.record(
-            name, str(ckpt.root / ckpt.weight_map[name]), info.shape, info.dtype, role or self.roles.role(name)
+            name,
+            str(ckpt.root / ckpt.weight_map[name]),
+            info.shape,
+            info.dtype,
+            role or self.roles.role(name),
         )
 
     # ------------------------------------------------------------------------------------ reads
@@ -69,7 +73,9 @@ class Context:
                 r = self._readers[key] = ShardReader(ckpt.shards[shard])
             return r
 
-    def read(self, ckpt: Checkpoint, info: TensorInfo, start: int = 0, length: int | None = None) -> torch.Tensor:
+    def read(
+        self, ckpt: Checkpoint, info: TensorInfo, start: int = 0, length: int | None = None
+    ) -> torch.Tensor:
         raw = self.reader(ckpt, info.name).read_bytes(info, start, length)
         with self._lock:
             self.bytes_read += raw.numel()
@@ -158,7 +164,10 @@ class Band:
         return scales[self.e, self.r0 // bm : math.ceil(self.r1 / bm)]
 
     def where(self, row: int, col: int) -> str:
-        """'r, c', 'expert e, r, c' or 'i, j, r, c' (every leading index) of an element of this band."""
+        """'r, c', 'expert e, r, c' or 'i, j, r, c' (every leading index) of an element of this band;
+        the flat index of a 0-D or 1-D tensor."""
+        if len(self.t.info.shape) < 2:
+            return str(col)
         return position((*unravel(self.e, self.t.lead), self.r0 + row, col), self.t.stacked)
 
 

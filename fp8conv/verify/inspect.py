@@ -44,7 +44,12 @@ def odd_things(scan: Scan, roles: L.Roles) -> list[dict]:
         out.append({"kind": kind, "message": message, "tensor": tensor, "file": file})
 
     for f in scan.findings:
-        add(f"structure:{f.check}" if f.status == "fail" else f"warning:{f.check}", f.message, f.tensor, f.file)
+        add(
+            f"structure:{f.check}" if f.status == "fail" else f"warning:{f.check}",
+            f.message,
+            f.tensor,
+            f.file,
+        )
     for name, scales in roles.scale_names.items():
         if not scales and not any(name + s in scan.unreadable for s in L.SCALE_SUFFIXES):
             add("fp8_without_scale", "FP8 tensor has no scale (X_scale_inv or X_scale)", name)
@@ -69,7 +74,7 @@ def odd_things(scan: Scan, roles: L.Roles) -> list[dict]:
             f"{'with' if qc.get('weight_block_size') is not None else 'without'} weight_block_size "
             f"wants {want} scales, the checkpoint has {next(iter(suffixes))}",
         )
-    quantized = L.is_quantized(roles)
+    quantized = L.is_quantized(roles, ckpt.config)
     locations = L.quantization_config_locations(ckpt.config)
     if not quantized:
         if locations:
@@ -82,7 +87,11 @@ def odd_things(scan: Scan, roles: L.Roles) -> list[dict]:
             add("leftover_artifact", f"{kind} tensor in a checkpoint without FP8 weights", name)
         for fname in L.SIDE_FILES:
             if (ckpt.root / fname).exists():
-                add("leftover_side_file", f"{fname}: quantization settings beside plain weights", file=str(ckpt.root / fname))
+                add(
+                    "leftover_side_file",
+                    f"{fname}: quantization settings beside plain weights",
+                    file=str(ckpt.root / fname),
+                )
         params = read_side_json(ckpt.root, L.PARAMS_FILE, [])
         if isinstance(params, dict) and "quantization" in params:
             add(
@@ -109,7 +118,15 @@ def inspect_checkpoint(path) -> dict:
     by_dtype: dict[str, dict] = {}
     by_role: dict[str, dict] = {
         k: {"tensors": 0, "bytes": 0}
-        for k in ("fp8_weight", "fp8_without_scale", "scale", "orphan_scale", "artifact", "unquantized_float", "other")
+        for k in (
+            "fp8_weight",
+            "fp8_without_scale",
+            "scale",
+            "orphan_scale",
+            "artifact",
+            "unquantized_float",
+            "other",
+        )
     }
     for name, shard in ckpt.weight_map.items():
         info = ckpt.shards[shard].tensors[name]
@@ -189,11 +206,18 @@ def inspect_table(info: dict):
         loc = info["quantization_config_location"]
         table.add_row(
             "quantization_config",
-            escape(("" if loc == "quantization_config" else f"(under {loc}) ") + json.dumps(qc, separators=(",", ":"))),
+            escape(
+                ("" if loc == "quantization_config" else f"(under {loc}) ")
+                + json.dumps(qc, separators=(",", ":"))
+            ),
         )
     if info["block_size"]:
         table.add_row("block size", "x".join(map(str, info["block_size"])))
-    for key, label in (("schemes", "scale scheme"), ("scale_encodings", "scale encoding"), ("artifacts", "artifact")):
+    for key, label in (
+        ("schemes", "scale scheme"),
+        ("scale_encodings", "scale encoding"),
+        ("artifacts", "artifact"),
+    ):
         for k, n in info[key].items():
             table.add_row(label, escape(f"{k}: {n:,} tensor(s)"))
     if info["side_files"]:

@@ -318,8 +318,11 @@ def classify(ckpt: Checkpoint, unreadable: dict[str, str] | None = None) -> Role
     return roles
 
 
-def is_quantized(roles: Roles) -> bool:
-    return bool(roles.fp8) or any(k == "packed" for k in roles.artifacts.values())
+def is_quantized(roles: Roles, config: dict | None) -> bool:
+    """FP8 tensors, or packed ones that the config declares: a quantized checkpoint. Packed tensors
+    with no quantization settings anywhere are leftovers of one."""
+    packed = any(k == "packed" for k in roles.artifacts.values())
+    return bool(roles.fp8) or (packed and bool(quantization_config_locations(config)))
 
 
 # ------------------------------------------------------------------------------------- describing
@@ -341,7 +344,7 @@ def describe_format(ckpt: Checkpoint, roles: Roles) -> tuple[str, str]:
         if qc is None:
             return "fp8-unconfigured", "FP8 tensors but no quantization_config in config.json"
         return "fp8-other", f"FP8 tensors with quant_method {method!r}"
-    if is_quantized(roles):
+    if is_quantized(roles, ckpt.config):
         return "packed-other", f"packed quantized tensors (quant_method {method!r})"
     plain = f"plain {main.lower()}" if main else "no floating-point tensors"
     if quantization_config_locations(ckpt.config):

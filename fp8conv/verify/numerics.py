@@ -150,7 +150,8 @@ class ScaleValues(TensorCheck):
                 rec.add(
                     self.name,
                     "fail",
-                    f"scale_fmt is ue8m0 but scale at tile ({where}) = {float(s3[idx])} is not a power of two",
+                    f"scale_fmt is ue8m0 but scale at tile ({where}) = {float(s3[idx])} "
+                    "is not a power of two",
                 )
                 return
         rec.add(self.name, "pass", f"{s3.numel()} scale(s) finite and > 0")
@@ -199,7 +200,16 @@ class Gemm(TensorCheck):
         xq, xs = act_quant(x.to(ctx.device))
         xq_c, xs_c = xq.cpu(), xs.cpu()
         x64 = xq_c.double() * _expand(xs_c, opts.rows, t.k, (1, 128)).double()
-        t.state[self.name] = {"experts": experts, "xq": xq, "xs": xs, "x64": x64, "num": 0.0, "den": 0.0, "nf": 0, "rnf": 0}
+        t.state[self.name] = {
+            "experts": experts,
+            "xq": xq,
+            "xs": xs,
+            "x64": x64,
+            "num": 0.0,
+            "den": 0.0,
+            "nf": 0,
+            "rnf": 0,
+        }
 
     def band(self, ctx: Context, t: TensorData, b: Band) -> None:
         st = t.state.get(self.name)

@@ -22,7 +22,6 @@ from fp8conv.checkpoint.layout import (
     check_shard_name,
     index_disagreements,
     list_other_files,
-    load_json,
     open_checkpoint,
 )
 from fp8conv.checkpoint.safetensors_io import ShardHeader, read_header
@@ -41,6 +40,9 @@ class Scan:
     findings: list[Finding] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)  # tensor -> shard it should be in
     strict_error: str | None = None  # what open_checkpoint refused, if it refused
+    # What no command reads at all (a link loop, JSON nested past the parser's limit): verify refuses
+    # the folder (exit 3) instead of reporting a verification failure; inspect lists it and exits 3.
+    refusals: list[Finding] = field(default_factory=list)
 
     @property
     def damaged(self) -> bool:
@@ -110,12 +112,14 @@ def scan_checkpoint(path) -> Scan:
     return scan
 
 
-def _read_json(path: Path, what: str, findings: list[Finding], check: str):
+def _read_json(path: Path, what: str, findings: list[Finding], check: str, refusals=None):
     """A side file's JSON, or None with a failed finding (too big, not UTF-8/JSON, nested too deep)."""
     try:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
-            findings.append(fail(check, f"{what} is {size} bytes, over the {MAX_JSON_BYTES}-byte limit", path))
+            findings.append(
+                fail(check, f"{what} is {size} bytes, over the {MAX_JSON_BYTES}-byte limit", path)
+            )
             return None
         with open(path, "rb") as f:
             raw = f.read()
@@ -129,11 +133,14 @@ def _read_json(path: Path, what: str, findings: list[Finding], check: str):
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, nested too deep, huge integers
         why = "nested too deep" if isinstance(e, RecursionError) else str(e)
         findings.append(fail(check, f"{what} is not valid JSON ({why})", path))
+        if isinstance(e, RecursionError) and refusals is not None:
+            refusals.append(findings[-1])
         return None
 
 
 def _lenient_scan(root: Path) -> Scan:
     findings: list[Finding] = []
+    refusals: list[Finding] = []
     unreadable: dict[str, str] = {}
     shards: dict[str, ShardHeader] = {}
     weight_map: dict[str, str] = {}
@@ -142,7 +149,7 @@ def _lenient_scan(root: Path) -> Scan:
     index_path = root / INDEX_NAME
     has_index = _is_file(index_path) or index_path.is_symlink()
     if has_index:
-        index = _read_json(index_path, "index", findings, "index")
+        index = _read_json(index_path, "index", findings, "index", refusals)
         if index is not None and not (isinstance(index, dict) and isinstance(index.get("weight_map"), dict)):
             findings.append(fail("index", "index has no weight_map object", index_path))
             index = None
@@ -162,7 +169,10 @@ def _lenient_scan(root: Path) -> Scan:
             except (RuntimeError, OSError) as e:
                 bad_names += 1
                 if bad_names <= 20:
-                    findings.append(fail("index", f"shard {shard!r} cannot be resolved ({e})", index_path, tensor))
+                    findings.append(
+                        fail("index", f"shard {shard!r} cannot be resolved ({e})", index_path, tensor)
+                    )
+                    refusals.append(findings[-1])
                 continue
             valid[tensor] = shard
         if bad_names > 20:
@@ -177,7 +187,12 @@ def _lenient_scan(root: Path) -> Scan:
             if not _is_file(path):
                 missing_reported += 1
                 if missing_reported <= 20:
-                    what = "is a link loop" if path.is_symlink() else "is missing from disk or not a regular file"
+                    loop = path.is_symlink() and not path.exists()
+                    what = (
+                        "is a dangling link or a link loop"
+                        if loop
+                        else "is missing from disk or not a regular file"
+                    )
                     findings.append(
                         fail(
                             "index",
@@ -186,6 +201,8 @@ def _lenient_scan(root: Path) -> Scan:
                             path,
                         )
                     )
+                    if loop:
+                        refusals.append(findings[-1])
                 unreadable.update({t: name for t in held[name]})
                 continue
             try:
@@ -209,12 +226,16 @@ def _lenient_scan(root: Path) -> Scan:
             if n <= 20:
                 findings.append(fail("index", e.rule, e.file, e.tensor))
         if n > 20:
-            findings.append(fail("index", f"{n - 20} more disagreements between index and shards", index_path))
+            findings.append(
+                fail("index", f"{n - 20} more disagreements between index and shards", index_path)
+            )
     else:
         known_files = {SINGLE_NAME}
         path = root / SINGLE_NAME
         try:
             if not _is_file(path):
+                if path.is_symlink() and not path.exists():
+                    refusals.append(fail("header", "a dangling link or a link loop", path))
                 raise InvalidCheckpoint("not a regular file (a link loop, FIFO or device?)", file=path)
             header = read_header(path)
             shards = {SINGLE_NAME: header}
@@ -234,7 +255,7 @@ def _lenient_scan(root: Path) -> Scan:
         )
     config = None
     if _is_file(root / CONFIG_NAME):
-        config = _read_json(root / CONFIG_NAME, "config.json", findings, "config")
+        config = _read_json(root / CONFIG_NAME, "config.json", findings, "config", refusals)
         if config is not None and not isinstance(config, dict):
             findings.append(fail("config", "config.json is not a JSON object", root / CONFIG_NAME))
             config = None
@@ -255,7 +276,7 @@ def _lenient_scan(root: Path) -> Scan:
         config=config,
         other_files=other,
     )
-    return Scan(ckpt, findings, unreadable)
+    return Scan(ckpt, findings, unreadable, refusals=refusals)
 
 
 def _soft_checks(scan: Scan) -> None:

@@ -62,7 +62,9 @@ def tensor_data(ctx: Context, name: str) -> TensorData:
         blk, s_info, _ = use
         raw = ctx.read(ctx.ckpt, s_info).view(s_info.torch_dtype)
         t.block = blk
-        t.scales = scale_to_float32(raw).float().reshape(t.experts, math.ceil(m / blk[0]), math.ceil(k / blk[1]))
+        t.scales = (
+            scale_to_float32(raw).float().reshape(t.experts, math.ceil(m / blk[0]), math.ceil(k / blk[1]))
+        )
     return t
 
 
@@ -104,7 +106,10 @@ def stream(ctx: Context, checks: list[TensorCheck], names: list[str]) -> None:
         for name in names:
             run_tensor(ctx, checks, name)
         return
-    with _single_threaded_ops(ctx.device, workers), ThreadPoolExecutor(workers, thread_name_prefix="fp8conv-verify") as pool:
+    with (
+        _single_threaded_ops(ctx.device, workers),
+        ThreadPoolExecutor(workers, thread_name_prefix="fp8conv-verify") as pool,
+    ):
         pending = set()
         try:
             for name in names:

@@ -22,7 +22,7 @@ class QuantizationConfig(Check):
     def run(self, ctx: Context) -> None:
         cfg = ctx.ckpt.root / CONFIG_NAME
         roles = ctx.roles
-        if not L.is_quantized(roles):
+        if not L.is_quantized(roles, ctx.ckpt.config):
             for loc in L.quantization_config_locations(ctx.ckpt.config):
                 ctx.fail(
                     self.name,
@@ -106,7 +106,9 @@ class QuantizationConfig(Check):
                 strategy = w.get("strategy")
                 if strategy not in ("block", "channel", "tensor"):
                     ctx.fail(
-                        self.name, f"{where}.weights.strategy {strategy!r} is not block, channel or tensor", cfg
+                        self.name,
+                        f"{where}.weights.strategy {strategy!r} is not block, channel or tensor",
+                        cfg,
                     )
                 bs = w.get("block_structure")
                 if strategy == "block" and not (
@@ -259,7 +261,8 @@ class UnlistedWeights(Check):
                 status,
                 f"unquantized {info.dtype} 2-D weight is not in "
                 f"{key}: a loader that quantizes every Linear layer expects an FP8 "
-                "weight and a scale here" + (" (transformers <5 adds lm_head itself)" if status == "warn" else ""),
+                "weight and a scale here"
+                + (" (transformers <5 adds lm_head itself)" if status == "warn" else ""),
             )
         if entries is None and unlisted:
             ctx.fail(
@@ -277,7 +280,7 @@ class OrphanScales(Check):
     name = "orphan"
 
     def run(self, ctx: Context) -> None:
-        quantized = L.is_quantized(ctx.roles)
+        quantized = L.is_quantized(ctx.roles, ctx.ckpt.config)
         for name, why in ctx.roles.orphans.items():
             extra = "" if quantized else "; a dequantized checkpoint keeps no scale tensors"
             ctx.record(name, "scale").add(self.name, "fail", f"orphan scale: {why}{extra}")
@@ -292,7 +295,7 @@ class Leftovers(Check):
     name = "leftover"
 
     def run(self, ctx: Context) -> None:
-        if L.is_quantized(ctx.roles):
+        if L.is_quantized(ctx.roles, ctx.ckpt.config):
             return
         for name, kind in ctx.roles.artifacts.items():
             ctx.record(name, "scale").add(
@@ -323,4 +326,10 @@ class Leftovers(Check):
             )
 
 
-STRUCTURE_CHECKS: tuple[type[Check], ...] = (Fp8Weights, QuantizationConfig, UnlistedWeights, OrphanScales, Leftovers)
+STRUCTURE_CHECKS: tuple[type[Check], ...] = (
+    Fp8Weights,
+    QuantizationConfig,
+    UnlistedWeights,
+    OrphanScales,
+    Leftovers,
+)

@@ -243,6 +243,15 @@ def verify_checkpoint(path, options: VerifyOptions | None = None, progress=None)
     t0 = time.monotonic()
     device, note = resolve_device(opts.device)
     scan = scan_checkpoint(path)
+    if scan.refusals:
+        first = scan.refusals[0]
+        raise InvalidCheckpoint(
+            first.message,
+            file=first.file,
+            tensor=first.tensor,
+            hint=f"{len(scan.refusals)} such problem(s); verify reads regular files inside the folder "
+            "and JSON nested no deeper than Python's parser allows",
+        )
     ref = _open_reference(opts.reference) if opts.reference is not None else None
     ctx = Context(scan, ref, opts, device, progress)
     ref_format = describe_format(ref, ctx.ref_roles)[0] if ref is not None else None
