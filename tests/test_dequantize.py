@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from fp8conv.checkpoint.safetensors_io import load_file, read_header, save_file
 from fp8conv.cli import app
+from fp8conv.formats.compressed_tensors import ct_block_config
 from fp8conv.kernels.reference import expand_scales, scale_to_float32
 from tests.conftest import tree_digest
 
@@ -107,7 +108,9 @@ def test_single_file_checkpoint_and_compressed_tensors_names(tmp_path):
         {"format": "pt"},
     )
     (src / "config.json").write_text(
-        json.dumps({"text_config": {"quantization_config": {"x": 1}, "dtype": "bfloat16"}})
+        json.dumps(
+            {"text_config": {"quantization_config": ct_block_config((128, 128), []), "dtype": "bfloat16"}}
+        )
     )
     r = cli("dequantize", src, tmp_path / "out", "-q")
     assert r.exit_code == 0, r.output

@@ -396,7 +396,8 @@ def test_inspect_per_tensor_fp8_uses_weight_scale(tmp_path):
     assert "scale_name_mismatch" not in kinds, info["odd"]
     assert info["schemes"] == {"tensor": 1}
     assert info["scale_encodings"] == {"float (F32)": 1}
-    assert info["artifacts"] == {"activation/kv scale: input_scale": 1}
+    assert info["artifacts"] == {"input_scale: input_scale": 1}
+    assert info["family"] == "fp8"
     code, report, out = run(ckpt)
     assert code == 0, out
     [r] = [r for r in report["tensors"] if r["name"] == Q0]

@@ -12,6 +12,9 @@ from fp8conv.errors import InvalidCheckpoint, ResourceError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# Mistral's native tensors, shipped beside the HF shards or alone (vLLM `--load-format mistral` reads it);
+# the HF index never names it.
+NATIVE_NAME = "consolidated.safetensors"
 CONFIG_NAME = "config.json"
 STATE_DIR = ".fp8conv"  # resume state inside an output folder; never copied from a source
 
@@ -27,6 +30,7 @@ class Checkpoint:
     index_metadata: dict = field(default_factory=dict)
     config: dict | None = None
     other_files: list[str] = field(default_factory=list)  # relative paths, copied as they are
+    unindexed: tuple[str, ...] = ()  # shards the index does not list (Mistral's consolidated.safetensors)
 
     def info(self, name: str) -> TensorInfo:
         return self.shards[self.weight_map[name]].tensors[name]
@@ -35,23 +39,8 @@ class Checkpoint:
         return name in self.weight_map
 
     @property
-    def quantization_config(self) -> dict | None:
-        return find_quantization_config(self.config)
-
-    @property
     def total_bytes(self) -> int:
         return sum(h.file_size for h in self.shards.values())
-
-
-def find_quantization_config(config: dict | None) -> dict | None:
-    if not config:
-        return None
-    if isinstance(config.get("quantization_config"), dict):
-        return config["quantization_config"]
-    text = config.get("text_config")
-    if isinstance(text, dict) and isinstance(text.get("quantization_config"), dict):
-        return text["quantization_config"]
-    return None
 
 
 def load_json(path: Path, what: str) -> object:
@@ -161,11 +150,26 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
         weight_map = {t: SINGLE_NAME for t in header.tensors}
         metadata = {}
         has_index = False
+    elif (root / NATIVE_NAME).is_file():
+        shards, weight_map, metadata, has_index = {}, {}, {}, False
     else:
         raise InvalidCheckpoint(
-            f"no {INDEX_NAME} or {SINGLE_NAME} in the folder",
+            f"no {INDEX_NAME}, {SINGLE_NAME} or {NATIVE_NAME} in the folder",
             file=root,
         )
+    unindexed: tuple[str, ...] = ()
+    if (root / NATIVE_NAME).is_file() and NATIVE_NAME not in shards:
+        header = read_header(root / NATIVE_NAME)
+        for tensor in header.tensors:
+            if tensor in weight_map:
+                raise InvalidCheckpoint(
+                    f"tensor is also in {weight_map[tensor]}; names of the native and HF tensors must differ",
+                    file=root / NATIVE_NAME,
+                    tensor=tensor,
+                )
+            weight_map[tensor] = NATIVE_NAME
+        shards[NATIVE_NAME] = header
+        unindexed = (NATIVE_NAME,)
     config = None
     if (root / CONFIG_NAME).is_file():
         config = load_json(root / CONFIG_NAME, "config")
@@ -179,6 +183,7 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
         index_metadata=metadata,
         config=config,
         other_files=list_other_files(root, set(shards)),
+        unindexed=unindexed,
     )
 
 

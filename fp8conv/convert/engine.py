@@ -40,10 +40,11 @@ from fp8conv.checkpoint.output import (
     start_writeback,
 )
 from fp8conv.checkpoint.safetensors_io import DTYPES, ITEMSIZE, ShardReader, build_header
+from fp8conv.convert import decode
 from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
 from fp8conv.errors import Interrupted, NonFiniteError, ResourceError
-from fp8conv.kernels import resolve_device, scale_to_float32, weight_dequant, weight_quant
-from fp8conv.kernels.reference import weight_dequant_torch, weight_quant_torch
+from fp8conv.kernels import resolve_device, weight_quant
+from fp8conv.kernels.reference import weight_quant_torch
 
 PIECE_ELEMS = 8 << 20  # 8 Mi elements: 8 MiB of FP8, 16 MiB of bf16 per piece
 POOL = 3  # pieces in flight on each side of the converter
@@ -301,7 +302,7 @@ def run(
 
 def _final_names(ckpt: Checkpoint, plan: Plan) -> list[str]:
     """Every file a complete output holds (a rerun redoes any that went missing or changed)."""
-    names = [s.name for s in plan.shards] + list(ckpt.other_files)
+    names = [s.name for s in plan.shards] + plan.copied_files(ckpt.other_files) + list(plan.write_files)
     return names + [INDEX_NAME] * ckpt.has_index + [CONFIG_NAME] * (plan.config is not None)
 
 
@@ -320,11 +321,15 @@ def _write_side_files(ckpt: Checkpoint, plan: Plan, out: OutputDir, summary: Sum
     """Every part writes these, byte-identical: other files, the index, config.json."""
     import json
 
-    for rel in ckpt.other_files:
+    for rel in plan.copied_files(ckpt.other_files):
         if not out.is_done(rel):
             out.copy_file(ckpt.root / rel, rel)
             out.mark_done(rel)
             summary.files_copied += 1
+    for rel, data in plan.write_files.items():  # settings files rewritten by the plan (params.json)
+        if not out.is_done(rel):
+            out.write_bytes_atomic(rel, data)
+            out.mark_done(rel)
     _fault_point("before_index")
     if ckpt.has_index:
         meta = dict(ckpt.index_metadata)
@@ -340,13 +345,29 @@ def _write_side_files(ckpt: Checkpoint, plan: Plan, out: OutputDir, summary: Sum
 # ------------------------------------------------------------------------------------------ pieces
 def _align(job: TensorJob) -> int:
     bm = job.block[0]
-    return bm if bm < job.src.shape[-2] else 1
+    return bm if bm < _matrix(job)[1] else 1
+
+
+def _matrix(job: TensorJob) -> tuple[int, int, int, int]:
+    """(experts, rows, columns, source bytes per row) of the weight a job converts; a dequantize's
+    geometry comes from its layout (packed FP4 codes hold two columns a byte)."""
+    shape = job.weight.shape if job.weight is not None else job.src.shape
+    *lead, m, n = shape
+    experts = math.prod(lead)
+    row_bytes = (
+        job.src.nbytes // max(experts * m, 1) if job.weight is not None else n * ITEMSIZE[job.src.dtype]
+    )
+    return experts, m, n, row_bytes
 
 
 def _rows_per_piece(job: TensorJob) -> int:
-    """Whole tile rows (any rows when one tile spans the matrix) worth about PIECE_ELEMS elements."""
+    """Whole tile rows (any rows when one tile spans the matrix) worth about PIECE_ELEMS elements;
+    a whole expert where the output is transposed."""
+    _, m, n, _ = _matrix(job)
+    if job.weight is not None and job.weight.transpose:
+        return m
     align = _align(job)
-    return max(align, (PIECE_ELEMS // max(job.src.shape[-1], 1)) // align * align)
+    return max(align, (PIECE_ELEMS // max(n, 1)) // align * align)
 
 
 def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
@@ -359,10 +380,9 @@ def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
             yield _Piece(job, "emit", 0, 0, dst0, last=True)
             continue
         src = job.src
-        *lead, m, n = src.shape
-        experts = math.prod(lead)
+        experts, m, n, row_bytes = _matrix(job)
         step = _rows_per_piece(job)
-        in_item, out_item = ITEMSIZE[src.dtype], ITEMSIZE[job.out_dtype]
+        out_item = ITEMSIZE[job.out_dtype]
         for e in range(experts):
             for r0 in range(0, m, step):
                 r1 = min(m, r0 + step)
@@ -370,8 +390,8 @@ def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
                 yield _Piece(
                     job,
                     "convert",
-                    src.start + row * n * in_item,
-                    (r1 - r0) * n * in_item,
+                    src.start + row * row_bytes,
+                    (r1 - r0) * row_bytes,
                     dst0 + row * n * out_item,
                     (e, r0, r1),
                     last=(e == experts - 1 and r1 == m),
@@ -382,9 +402,9 @@ def _max_piece_bytes(sp: ShardPlan) -> tuple[int, int]:
     mi = mo = 0
     for job in sp.jobs:
         if job.action in ("dequant", "quant"):
-            n = job.src.shape[-1]
-            rows = min(job.src.shape[-2], _rows_per_piece(job))
-            mi = max(mi, rows * n * ITEMSIZE[job.src.dtype])
+            _, m, n, row_bytes = _matrix(job)
+            rows = min(m, _rows_per_piece(job))
+            mi = max(mi, rows * row_bytes)
             mo = max(mo, rows * n * ITEMSIZE[job.out_dtype])
     return mi, mo
 
@@ -415,12 +435,12 @@ class _Converter:
             info = job.scale
             shard = self.ckpt.weight_map[info.name]
             raw = self._reader(shard).read_tensor(info)
-            s = scale_to_float32(raw).reshape(*job.src.shape[:-2], *_grid(job))
-            bad = ~(torch.isfinite(s) & (s > 0))
-            if bool(bad.any()):
-                idx = tuple(int(i) for i in bad.nonzero()[0])
+            s = decode.scale_grid_tensor(job.weight, raw)
+            bad = decode.bad_scale(job.weight, s)
+            if bad is not None:
+                idx, value = bad
                 raise NonFiniteError(
-                    f"scale element {list(idx)} is {float(s[idx])!r}; scales must be finite and > 0",
+                    f"scale element {list(idx)} is {value!r}; scales must be finite and > 0",
                     file=self.ckpt.root / shard,
                     tensor=info.name,
                 )
@@ -442,37 +462,43 @@ class _Converter:
         pieces write disjoint slices."""
         job = piece.job
         e, r0, r1 = piece.rows
-        n = job.src.shape[-1]
-        src = buf[: piece.length].view(job.src.torch_dtype).view(r1 - r0, n)
+        n = _matrix(job)[2]
         nbytes_out = (r1 - r0) * n * ITEMSIZE[job.out_dtype]
-        dst = out[:nbytes_out].view(DTYPES[job.out_dtype]).view(r1 - r0, n)
         bm = job.block[0]
         i0, i1 = r0 // bm, math.ceil(r1 / bm)
         if job.action == "dequant":
+            w = job.weight
+            q = decode.codes_view(w, buf[: piece.length], r1 - r0)
+            dst = (
+                out[:nbytes_out]
+                .view(DTYPES[job.out_dtype])
+                .view(*((n, r1 - r0) if w.transpose else (r1 - r0, n)))
+            )
             s2 = s.reshape(-1, *s.shape[-2:])[e, i0:i1]
-            if self.device.type == "cpu":
-                _check_codes(src, job, e, r0, self.ckpt)
-                weight_dequant_torch(src, s2, job.block, dst.dtype, out=dst)
-            else:
-                qg = src.to(self.device, non_blocking=True)
-                _check_codes(qg, job, e, r0, self.ckpt)
-                y = weight_dequant(qg, s2.to(self.device), job.block, dst.dtype)
-                dst.copy_(y, non_blocking=True)
+            if self.device.type != "cpu":
+                q = q.to(self.device, non_blocking=True)
+            if not w.element.packed:
+                _check_codes(q, job, e, r0, self.ckpt)
+            decode.dequant_band(w, q, s2, dst)
+            if self.device.type != "cpu":
                 torch.cuda.current_stream(self.device).synchronize()
-        else:  # quant
-            if self.device.type == "cpu":
-                _, s_rows = weight_quant_torch(src, job.block, self.scale_fmt, q_out=dst)
-                # torch's amax propagates NaN and Inf into the scale: one cheap test per tile instead
-                # of isfinite over every element (0.6 GB/s on bf16 here, 4x slower than quantizing).
-                if not bool(torch.isfinite(s_rows).all()):
-                    _check_finite(src, job, e, r0, self.ckpt)
-            else:
-                xg = src.to(self.device, non_blocking=True)
-                _check_finite(xg, job, e, r0, self.ckpt)
-                qg, sg = weight_quant(xg, job.block, self.scale_fmt)
-                dst.view(torch.uint8).copy_(qg.view(torch.uint8), non_blocking=True)
-                s_rows = sg.cpu()
-            s.reshape(-1, *s.shape[-2:])[e, i0:i1] = s_rows
+            return nbytes_out
+        src = buf[: piece.length].view(job.src.torch_dtype).view(r1 - r0, n)
+        dst = out[:nbytes_out].view(DTYPES[job.out_dtype]).view(r1 - r0, n)
+        # quant
+        if self.device.type == "cpu":
+            _, s_rows = weight_quant_torch(src, job.block, self.scale_fmt, q_out=dst)
+            # torch's amax propagates NaN and Inf into the scale: one cheap test per tile instead
+            # of isfinite over every element (0.6 GB/s on bf16 here, 4x slower than quantizing).
+            if not bool(torch.isfinite(s_rows).all()):
+                _check_finite(src, job, e, r0, self.ckpt)
+        else:
+            xg = src.to(self.device, non_blocking=True)
+            _check_finite(xg, job, e, r0, self.ckpt)
+            qg, sg = weight_quant(xg, job.block, self.scale_fmt)
+            dst.view(torch.uint8).copy_(qg.view(torch.uint8), non_blocking=True)
+            s_rows = sg.cpu()
+        s.reshape(-1, *s.shape[-2:])[e, i0:i1] = s_rows
         return nbytes_out
 
     def emit(self, weight_job: TensorJob) -> bytes:

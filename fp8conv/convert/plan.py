@@ -17,10 +17,23 @@ from fp8conv.checkpoint.safetensors_io import (
 )
 from fp8conv.convert.options import DequantizeOptions, QuantizeOptions
 from fp8conv.errors import InvalidCheckpoint
+from fp8conv.formats import (
+    QuantizedWeight,
+    compressed_tensors,
+    detect,
+    find_quantization_config,
+    fp8_block,
+    strip_config,
+    strip_params,
+    writer,
+)
+from fp8conv.formats.scheme import SCALE_ENCODINGS
 from fp8conv.kernels.reference import scale_grid
 
-SCALE_SUFFIXES = ("_scale_inv", "_scale")
-SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0", "U8")
+# Scale names and dtypes of the fp8 and compressed-tensors families (fp8conv.formats owns them; kept
+# here for the verify and inspect modules that read them until they move onto fp8conv.formats).
+SCALE_SUFFIXES = (fp8_block.SCALE_SUFFIX, compressed_tensors.SCALE_SUFFIX)
+SCALE_DTYPES = tuple(SCALE_ENCODINGS)
 
 # Left unquantized by default (FORMATS.md): embeddings, lm_head, norms, MoE router gates.
 DEFAULT_SKIP = (
@@ -56,6 +69,7 @@ class TensorJob:
     block: tuple[int, int] = (128, 128)
     scale_name: str | None = None  # quant: name of the scale output that follows
     reason: str = ""  # why copied (for --dry-run and inspect)
+    weight: QuantizedWeight | None = None  # dequant: the layout's account of the weight and its scale
 
     @property
     def out_bytes(self) -> int:
@@ -67,6 +81,7 @@ class ShardPlan:
     name: str
     metadata: dict[str, str] | None
     jobs: list[TensorJob] = field(default_factory=list)
+    indexed: bool = True  # named by the index (Mistral's consolidated.safetensors is not)
 
     @property
     def out_bytes(self) -> int:
@@ -78,6 +93,13 @@ class Plan:
     shards: list[ShardPlan]
     config: dict | None
     modules_to_not_convert: list[str] = field(default_factory=list)
+    family: str | None = None  # dequantize: the source's layout family
+    drop_files: tuple[str, ...] = ()  # other files of the source that the output does not get
+    write_files: dict[str, bytes] = field(default_factory=dict)  # other files written instead of copied
+
+    def copied_files(self, other_files: list[str]) -> list[str]:
+        """The source's other files that are copied as they are."""
+        return [f for f in other_files if f not in self.drop_files and f not in self.write_files]
 
     def jobs(self):
         for s in self.shards:
@@ -85,11 +107,13 @@ class Plan:
 
     @property
     def weight_map(self) -> dict[str, str]:
-        return {j.name: s.name for s in self.shards for j in s.jobs}
+        """The output index's weight_map: the tensors of the shards the index lists."""
+        return {j.name: s.name for s in self.shards if s.indexed for j in s.jobs}
 
     @property
     def tensor_bytes(self) -> int:
-        return sum(s.out_bytes for s in self.shards)
+        """The output index's total_size."""
+        return sum(s.out_bytes for s in self.shards if s.indexed)
 
 
 def find_scale(ckpt: Checkpoint, weight: str) -> TensorInfo | None:
@@ -101,7 +125,7 @@ def find_scale(ckpt: Checkpoint, weight: str) -> TensorInfo | None:
 
 
 def block_from_config(ckpt: Checkpoint) -> tuple[int, int] | None:
-    qc = ckpt.quantization_config or {}
+    qc = find_quantization_config(ckpt.config) or {}
     wbs = qc.get("weight_block_size")
     if wbs is None:
         try:
@@ -138,44 +162,42 @@ def scale_block(ckpt: Checkpoint, w: TensorInfo, s: TensorInfo) -> tuple[int, in
 
 
 def plan_dequantize(ckpt: Checkpoint, opts: DequantizeOptions) -> Plan:
+    """Every quantized weight to floats, every artifact dropped, every other tensor copied; the
+    settings of all four places removed. What no layout explains is refused here (fp8conv.formats)."""
     out_dtype = DTYPE_NAMES[opts.torch_dtype]
-    scale_names: set[str] = set()
-    weights: dict[str, TensorInfo] = {}
-    for name, shard in ckpt.weight_map.items():
-        info = ckpt.shards[shard].tensors[name]
-        if info.dtype in FP8_WEIGHT_DTYPES:
-            path = ckpt.root / shard
-            if len(info.shape) < 2:
-                raise InvalidCheckpoint(
-                    "FP8 tensor has fewer than 2 dimensions; cannot tile it", file=path, tensor=name
-                )
-            scale = find_scale(ckpt, name)
-            if scale is None:
-                raise InvalidCheckpoint(
-                    f"FP8 weight has no scale ({name}_scale_inv or {name}_scale) anywhere in the checkpoint",
-                    file=path,
-                    tensor=name,
-                    hint="an FP8 tensor is never left in the output",
-                )
-            scale_block(ckpt, info, scale)
-            weights[name] = scale
-            scale_names.add(scale.name)
+    found = detect(ckpt)
     shards = []
     for shard_name, header in ckpt.shards.items():
-        sp = ShardPlan(shard_name, header.metadata)
+        sp = ShardPlan(shard_name, header.metadata, indexed=shard_name not in ckpt.unindexed)
         for name, info in header.tensors.items():
-            if name in scale_names:
+            if name in found.artifacts:
                 continue
-            if name in weights:
-                s = weights[name]
-                blk = scale_block(ckpt, info, s)
-                sp.jobs.append(TensorJob(name, "dequant", info, out_dtype, info.shape, scale=s, block=blk))
+            w = found.weights.get(name)
+            if w is not None:
+                job = TensorJob(w.out_name, "dequant", info, out_dtype, w.out_shape, scale=w.scale)
+                job.block, job.weight = w.layout.tile, w
+                sp.jobs.append(job)
             else:
                 sp.jobs.append(
                     TensorJob(name, "copy", info, info.dtype, info.shape, reason=_copy_reason(info))
                 )
         shards.append(sp)
-    return Plan(shards, dequantized_config(ckpt.config, opts.dtype_name))
+    names = [j.name for s in shards for j in s.jobs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InvalidCheckpoint(
+            "two source tensors would both become this output tensor", file=ckpt.root, tensor=dup
+        )
+    write_files = {}
+    if found.rewrite_params and found.settings.params is not None:
+        write_files["params.json"] = strip_params(found.settings.params)
+    return Plan(
+        shards,
+        dequantized_config(ckpt.config, opts.dtype_name),
+        family=found.family,
+        drop_files=found.side_files,
+        write_files=write_files,
+    )
 
 
 def _copy_reason(info: TensorInfo) -> str:
@@ -185,19 +207,7 @@ def _copy_reason(info: TensorInfo) -> str:
 
 
 def dequantized_config(config: dict | None, dtype_name: str) -> dict | None:
-    if config is None:
-        return None
-    out = dict(config)
-    out.pop("quantization_config", None)
-    if isinstance(out.get("text_config"), dict):
-        tc = dict(out["text_config"])
-        tc.pop("quantization_config", None)
-        if "torch_dtype" in tc or "dtype" in tc:
-            tc["torch_dtype" if "torch_dtype" in tc else "dtype"] = dtype_name
-        out["text_config"] = tc
-    key = "torch_dtype" if "torch_dtype" in out and "dtype" not in out else "dtype"
-    out[key] = dtype_name
-    return out
+    return strip_config(config, dtype_name)
 
 
 # ---------------------------------------------------------------------------------------- quantize
@@ -236,6 +246,12 @@ def skip_reason(info: TensorInfo, opts: QuantizeOptions) -> str | None:
 
 
 def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
+    for shard in ckpt.unindexed:
+        raise InvalidCheckpoint(
+            "Mistral's native tensors are not quantized by fp8conv",
+            file=ckpt.root / shard,
+            hint="quantize a folder without it (the HF shards and config.json)",
+        )
     for name, shard in ckpt.weight_map.items():
         info = ckpt.shards[shard].tensors[name]
         if info.dtype in FP8_WEIGHT_DTYPES:
@@ -245,7 +261,7 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
                 tensor=name,
                 hint="run `fp8conv dequantize` first to get a BF16 checkpoint",
             )
-    scale_suffix = "_scale" if opts.format == "compressed-tensors" else "_scale_inv"
+    layout = writer(opts.format)
     shards = []
     not_converted: list[str] = []
     for shard_name, header in ckpt.shards.items():
@@ -253,7 +269,7 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
         for name, info in header.tensors.items():
             why = skip_reason(info, opts)
             if why is None:
-                sname = name + scale_suffix
+                sname = layout.scale_name(name)
                 if sname in ckpt:
                     raise InvalidCheckpoint(
                         f"output scale name {sname!r} is already taken", file=ckpt.root / shard, tensor=name
@@ -286,56 +302,10 @@ def native_fp8_config(
     block: tuple[int, int] = (128, 128), skipped: list[str] | None = None, scale_fmt: str = "float"
 ) -> dict:
     """`quantization_config` of the native block-FP8 layout (DeepSeek-V3, transformers' FP8 loader)."""
-    qc: dict = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": list(block),
-    }
-    if skipped is not None:
-        qc["modules_to_not_convert"] = skipped
-    if scale_fmt == "ue8m0":
-        qc["scale_fmt"] = "ue8m0"
-    return qc
+    return fp8_block.fp8_config(block, skipped, scale_fmt)
 
 
 def quantized_config(config: dict | None, opts: QuantizeOptions, skipped: list[str]) -> dict:
     out = dict(config or {})
-    bm, bn = opts.block_size
-    if opts.format == "fp8":
-        qc = native_fp8_config((bm, bn), skipped, opts.scale_fmt)
-    else:
-        qc = {
-            "quant_method": "compressed-tensors",
-            "format": "float-quantized",
-            "quantization_status": "compressed",
-            "config_groups": {
-                "group_0": {
-                    "targets": ["Linear"],
-                    "weights": {
-                        "num_bits": 8,
-                        "type": "float",
-                        "symmetric": True,
-                        "strategy": "block",
-                        "block_structure": [bm, bn],
-                        "dynamic": False,
-                        "observer": "minmax",
-                    },
-                    "input_activations": {
-                        "num_bits": 8,
-                        "type": "float",
-                        "symmetric": True,
-                        "strategy": "group",
-                        "group_size": 128,
-                        "dynamic": True,
-                        "observer": None,
-                    },
-                    "output_activations": None,
-                    "format": "float-quantized",
-                }
-            },
-            "ignore": skipped,
-            "kv_cache_scheme": None,
-        }
-    out["quantization_config"] = qc
+    out["quantization_config"] = writer(opts.format).config(opts.block_size, skipped, opts.scale_fmt)
     return out

@@ -8,6 +8,7 @@ Public functions take tensors on any device: CUDA tensors go to the Triton kerne
     weight_quant(x, block_size=(128, 128), scale_fmt="float") -> (q, s)
     act_quant(x, group_size=128, scale_fmt="float", mn_major=False) -> (q, s)
     fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> a @ b.T, dequantized
+    fp4_dequant(blocks, scales, out_dtype=torch.bfloat16) -> y   (MX FP4: e2m1 codes, e8m0 scales)
 
 fp8_gemm takes a_scale row-major (as act_quant returns it by default) or MN-major
 (act_quant(..., mn_major=True), the layout cuBLAS's blockwise GEMM takes); on Hopper the MN-major
@@ -26,6 +27,7 @@ from fp8conv.kernels.reference import (
     FP8_E4M3_MAX,
     SCALE_FLOOR,
     act_quant_torch,
+    fp4_dequant_torch,
     fp8_gemm_torch,
     scale_grid,
     scale_to_float32,
@@ -38,6 +40,7 @@ __all__ = [
     "FP8_E4M3_MAX",
     "SCALE_FLOOR",
     "act_quant",
+    "fp4_dequant",
     "fp8_gemm",
     "resolve_device",
     "scale_grid",
@@ -129,3 +132,10 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
     if mod is None:
         return fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype)
     return mod.fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype)
+
+
+def fp4_dequant(blocks, scales, out_dtype=torch.bfloat16):
+    """Dequantize MX FP4 blocks uint8 [..., G, 16] (two e2m1 codes a byte, low nibble first) with e8m0
+    exponent bytes [..., G]; returns [..., G*32]. The torch path on every device for now (its
+    elementwise ops run on the tensor's device); a Triton kernel goes here, bit-exact to it."""
+    return fp4_dequant_torch(blocks, scales, out_dtype)

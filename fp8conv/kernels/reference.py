@@ -307,3 +307,36 @@ def fp8_gemm_torch(
     bf = b.to(acc_dtype) * expand_scales(b_scale, tuple(b.shape), block_size).to(acc_dtype)
     c = af @ bf.t()
     return c.to(out_dtype).reshape(*a.shape[:-1], b.shape[0])
+
+
+# ------------------------------------------------------------------------------------------ FP4 (e2m1)
+# The sixteen e2m1 values by code (sign bit 3, two exponent bits, one mantissa bit), the table of
+# transformers' integrations/mxfp4.py FP4_VALUES and of its Fp8Dequantize._FP4_E2M1_LUT.
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_GROUP = 32  # elements per e8m0 scale (MX formats): 16 bytes of packed codes
+FP4_GROUP_BYTES = FP4_GROUP // 2
+
+
+def fp4_dequant_torch(
+    blocks: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Dequantize MX FP4 (e2m1) codes: blocks uint8 [..., G, 16], two codes a byte, the low nibble the
+    even element; scales uint8 e8m0 exponent bytes [..., G] (value 2**(e-127); 255 is NaN). Returns
+    [..., G*32] of `out_dtype`: cast_out(fp32(e2m1) * fp32(2**(e-127))), one rounding.
+
+    Bit-identical to transformers' integrations/mxfp4.py `_convert_moe_packed_tensors` before its final
+    transpose: there the table is in the output dtype and `torch.ldexp(sub, exp)` multiplies by
+    2**(e-127) in float32 and rounds once into the output; every e2m1 value times a power of two in
+    [2**-127, 2**127] is exact in float32, so the two agree for bf16, fp16 and fp32 outputs."""
+    if blocks.dtype not in (torch.uint8, torch.int8):
+        raise TypeError(f"FP4 blocks must be uint8 or int8 bytes, not {blocks.dtype}")
+    if blocks.dim() < 2 or blocks.shape[-1] != FP4_GROUP_BYTES:
+        raise ValueError(f"FP4 blocks must be [..., G, {FP4_GROUP_BYTES}], not {tuple(blocks.shape)}")
+    if tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        raise ValueError(f"FP4 scales {tuple(scales.shape)} must be blocks' shape without its last dim")
+    b = blocks.view(torch.uint8)
+    lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32, device=b.device)
+    vals = torch.stack((lut[(b & 0x0F).long()], lut[(b >> 4).long()]), dim=-1)  # [..., G, 16, 2]
+    s = scale_to_float32(scales.view(torch.uint8))
+    y = vals.reshape(*b.shape[:-1], FP4_GROUP) * s.unsqueeze(-1)
+    return y.to(out_dtype).reshape(*b.shape[:-2], b.shape[-2] * FP4_GROUP)

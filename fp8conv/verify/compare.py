@@ -24,9 +24,9 @@ import threading
 import torch
 
 from fp8conv.checkpoint.safetensors_io import DTYPES, FLOAT_DTYPES, FP8_WEIGHT_DTYPES
-from fp8conv.kernels import scale_to_float32, weight_dequant, weight_quant
+from fp8conv.kernels import fp4_dequant, scale_to_float32, weight_dequant, weight_quant
 from fp8conv.verify import layouts as L
-from fp8conv.verify.context import Band, Check, Context, TensorCheck, TensorData, position
+from fp8conv.verify.context import Band, Check, Context, TensorCheck, TensorData, position, scale_grid
 from fp8conv.verify.report import fmt_num
 
 DEFAULT_MIN_SQNR = 20.0
@@ -69,6 +69,72 @@ def _dequantized_vs_fp8(ctx: Context, name: str) -> bool:
     )
 
 
+def _dequantized_vs_fp4(ctx: Context, name: str) -> bool:
+    return ctx.ref is not None and name in ctx.ref_fp4 and name not in ctx.roles.fp8 and name in ctx.heavy
+
+
+class Fp4DequantizedComparison(TensorCheck):
+    """A weight dequantized from packed FP4 codes (gpt-oss MXFP4, DeepSeek-V4 experts) equals
+    fp4_dequant(source codes, source e8m0 scales), in the orientation the family's output takes, bit
+    for bit. Read one expert at a time here (the codes are not row-banded like the output)."""
+
+    name = "reference"
+
+    def applies(self, ctx: Context, t: TensorData) -> bool:
+        return _dequantized_vs_fp4(ctx, t.name)
+
+    def begin(self, ctx: Context, t: TensorData) -> None:
+        rec = t.record(ctx)
+        rec.role = "dequantized_weight"
+        qw = ctx.ref_fp4[t.name]
+        if t.info.dtype not in FLOAT_DTYPES or tuple(t.info.shape) != tuple(qw.out_shape):
+            rec.add(
+                self.name,
+                "fail",
+                f"{t.info.dtype} {list(t.info.shape)} here, but the source's FP4 {qw.name!r} dequantizes "
+                f"to a float {list(qw.out_shape)}",
+            )
+            return
+        *lead, m, n = qw.shape
+        experts = math.prod(lead)
+        s_all = ctx.read(ctx.ref, qw.scale).view(torch.uint8).reshape(qw.layout.view).expand(qw.layout.grid)
+        s_all = s_all.reshape(experts, m, -1)
+        per_in = qw.codes.nbytes // max(experts, 1)
+        dtype = DTYPES[t.info.dtype]
+        isz = t.info.nbytes // max(t.info.numel, 1)
+        per_out = m * n * isz
+        iv = _INT_VIEW[isz]
+        off, first = 0, None
+        for e in range(experts):
+            blocks = ctx.read(ctx.ref, qw.codes, e * per_in, per_in).view(m, -1, 16)
+            want = fp4_dequant(blocks, s_all[e], dtype).reshape(m, n)
+            if qw.transpose:
+                want = want.t()
+            want = want.contiguous()
+            got = ctx.read(ctx.ckpt, t.info, e * per_out, per_out).view(dtype).reshape(want.shape)
+            ne = want.view(iv) != got.view(iv)
+            k = int(ne.sum())
+            if k and first is None:
+                i, j = (int(v) for v in ne.nonzero()[0])
+                where = position((e, i, j) if lead else (i, j), bool(lead))
+                first = f"({where}): expected {float(want[i, j])!r}, found {float(got[i, j])!r}"
+            off += k
+        rec.metrics["mismatched_elements"] = off
+        if off:
+            rec.add(
+                self.name,
+                "fail",
+                f"{off} of {t.info.numel} element(s) differ from fp4_dequant(source); first at {first}",
+            )
+        else:
+            rec.add(
+                self.name,
+                "pass",
+                f"bit-identical to fp4_dequant(source {qw.name!r}, 1x32 e8m0 scales)"
+                + (", transposed as the family loads it" if qw.transpose else ""),
+            )
+
+
 class OriginalComparison(TensorCheck):
     """An FP8 weight against the original float weight: exact re-quantization and statistics."""
 
@@ -98,7 +164,8 @@ class OriginalComparison(TensorCheck):
             rec.add(self.name, "fail", why)
             return
         t.ref_info = ctx.ref.info(t.name)
-        blk, s_info, scheme = ctx.usable[t.name]
+        use = ctx.usable[t.name]
+        s_info, scheme = use.scale, use.scheme
         exact_why = None
         if ctx.opts.reference_mode == "statistical":
             exact_why = "statistical mode requested"
@@ -316,17 +383,16 @@ class DequantizedComparison(TensorCheck):
                 why = "the source FP8 tensor has no scale; nothing to compare with"
             else:
                 s_info = ctx.ref.info(scales[0])
-                blk, scheme = L.scale_scheme(q_info, s_info, L.block_from_config(ctx.ref_qc))
-                if blk is None or s_info.dtype not in L.SCALE_DTYPES:
-                    why = f"source scale unusable: {scheme if blk is None else s_info.dtype}"
+                use, bad = L.scale_use(ctx.ref_roles, q_info, s_info, L.block_from_config(ctx.ref_qc))
+                if use is None or s_info.dtype not in L.SCALE_DTYPES:
+                    why = f"source scale unusable: {bad if use is None else s_info.dtype}"
         if why is not None:
             rec.add(self.name, "fail", why)
             return
         raw = ctx.read(ctx.ref, s_info).view(s_info.torch_dtype)
-        gm, gn = math.ceil(t.m / blk[0]), math.ceil(t.k / blk[1])
         t.ref_info = q_info
-        t.ref_block = blk
-        t.ref_scales = scale_to_float32(raw).float().reshape(t.experts, gm, gn)
+        t.ref_block = use.tile
+        t.ref_scales = scale_grid(scale_to_float32(raw).float(), use, t.experts)
         isz = t.info.nbytes // max(t.info.numel, 1)
         t.state[self.name] = {"iv": _INT_VIEW[isz], "n": 0, "first": None, "max": 0.0}
 
@@ -374,7 +440,7 @@ class DequantizedComparison(TensorCheck):
             )
 
     def finish(self, ctx: Context) -> None:
-        if ctx.reference_mode is None and ctx.ref is not None and ctx.ref_roles.fp8:
+        if ctx.reference_mode is None and ctx.ref is not None and L.is_quantized(ctx.ref_roles, None):
             ctx.reference_mode = "exact"
 
 
@@ -389,6 +455,7 @@ class SameBytes(TensorCheck):
             and t.name in ctx.ref
             and not _fp8_vs_original(ctx, t.name)
             and not _dequantized_vs_fp8(ctx, t.name)
+            and not _dequantized_vs_fp4(ctx, t.name)
         )
 
     def begin(self, ctx: Context, t: TensorData) -> None:
@@ -439,9 +506,14 @@ class ReferenceNames(Check):
             return
         ref, ckpt = ctx.ref, ctx.ckpt
         have = set(ckpt.weight_map) | set(ctx.unreadable)
-        if ctx.ref_roles.fp8:
+        if L.is_quantized(ctx.ref_roles, ref.config):
             expected = set()
+            found = ctx.ref_roles.detection
             for n in ref.weight_map:
+                qw = found.weights.get(n) if found is not None else None
+                if qw is not None and qw.element.packed and not L.is_quantized(ctx.roles, ckpt.config):
+                    expected.add(qw.out_name)  # gpt-oss experts: the name without `_blocks`
+                    continue
                 base = ctx.ref_roles.scales.get(n)
                 if base is not None and base in ckpt and ckpt.info(base).dtype not in FP8_WEIGHT_DTYPES:
                     continue  # the scale of a weight that was dequantized: gone, as it should be

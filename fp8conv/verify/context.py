@@ -33,6 +33,13 @@ class Context:
         self.ref = ref
         self.ref_roles: Roles | None = classify(ref) if ref is not None else None
         self.ref_qc = quantization_config(ref.config) if ref is not None else None
+        found = self.ref_roles.detection if self.ref_roles is not None else None
+        # the reference's packed FP4 weights by the name a dequantized output gives them
+        self.ref_fp4 = (
+            {qw.out_name: qw for qw in found.weights.values() if qw.element.packed}
+            if found is not None
+            else {}
+        )
         self.opts = opts
         self.device = device
         self.progress = progress
@@ -177,6 +184,13 @@ def unravel(flat: int, dims: tuple[int, ...]) -> tuple[int, ...]:
         flat, i = divmod(flat, max(d, 1))
         out.append(i)
     return tuple(reversed(out))
+
+
+def scale_grid(s: torch.Tensor, use, experts: int) -> torch.Tensor:
+    """A stored scale (float32) broadcast to one value per tile, as [experts, tile rows, tile columns]:
+    reshaped to the layout's view, expanded to its grid (formats' ScaleLayout rule)."""
+    *_, gm, gn = use.grid
+    return s.reshape(use.view).expand(use.grid).reshape(experts, gm, gn).contiguous()
 
 
 def position(idx: tuple[int, ...], stacked: bool) -> str:

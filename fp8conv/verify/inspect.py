@@ -28,8 +28,8 @@ def _schemes(scan: Scan, roles: L.Roles, qc: dict | None) -> tuple[dict, dict]:
         if not scales:
             continue
         s = ckpt.info(scales[0])
-        blk, scheme = L.scale_scheme(info, s, cfg_block)
-        schemes[scheme if blk is not None else "unexplained scale shape"] += 1
+        use, _ = L.scale_use(roles, info, s, cfg_block)
+        schemes[use.scheme if use is not None else "unexplained scale shape"] += 1
         encodings[L.scale_encoding(s, qc)] += 1
     return dict(schemes), dict(encodings)
 
@@ -57,7 +57,7 @@ def odd_things(scan: Scan, roles: L.Roles) -> list[dict]:
             add("two_scales", f"FP8 tensor has more than one scale: {', '.join(scales)}", name)
     for name, why in roles.orphans.items():
         add("orphan_scale", why, name)
-    suffixes = Counter(roles.scale_suffix(s) for s in roles.scales)
+    suffixes = Counter(roles.scale_suffix(s) for s in roles.scales if s.endswith(L.SCALE_SUFFIXES))
     if len(suffixes) > 1:
         add(
             "mixed_scale_names",
@@ -67,7 +67,8 @@ def odd_things(scan: Scan, roles: L.Roles) -> list[dict]:
         )
     qc = L.quantization_config(ckpt.config)
     want = L.expected_scale_suffix(qc)
-    if want and len(suffixes) == 1 and want not in suffixes:
+    clash = {L.naming_problem(qc, s) for s in roles.scales} - {None}
+    if want and len(suffixes) == 1 and clash:
         add(
             "scale_name_mismatch",
             f"quant_method {qc.get('quant_method')} "
@@ -99,7 +100,8 @@ def odd_things(scan: Scan, roles: L.Roles) -> list[dict]:
                 "params.json has a 'quantization' key beside plain weights",
                 file=str(ckpt.root / L.PARAMS_FILE),
             )
-    if roles.fp8 and not locations:
+    declared = roles.detection is not None and roles.detection.settings.quantized
+    if roles.fp8 and not locations and not declared:
         add(
             "fp8_without_quantization_config",
             f"{len(roles.fp8)} FP8 tensor(s) but config.json has no quantization_config: {few(roles.fp8)}",
@@ -165,6 +167,9 @@ def inspect_checkpoint(path) -> dict:
         "path": str(ckpt.root),
         "format": fmt,
         "description": description,
+        "family": roles.family if roles.detection is not None else None,
+        "family_title": roles.detection.title if roles.detection is not None else None,
+        "detect_error": roles.detect_error.message if roles.detect_error is not None else None,
         "quant_method": None if qc is None else qc.get("quant_method"),
         "quantization_config": qc,
         "quantization_config_location": locations[0] if locations else None,

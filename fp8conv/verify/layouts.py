@@ -1,10 +1,12 @@
 """Layout knowledge verify and inspect need, in one place: which tensor is an FP8 weight, which its
 scale and how that scale broadcasts, which tensors and config keys are quantization artifacts.
 
-This is verify's adapter over the checkpoint layouts: nothing else under `fp8conv/verify/` branches on a
-quantization method, a scale suffix or an artifact name. It is meant to read `fp8conv/formats/` (one
-module per layout family) once that layer exists; until then the rules below are the ones
-docs/verify.md documents, written from /work/shared/FORMATS.md.
+This is verify's adapter over `fp8conv/formats/` (one module per layout family): nothing else under
+`fp8conv/verify/` branches on a quantization method, a scale suffix or an artifact name. `classify` asks
+`formats.detect` first; a checkpoint that detect refuses (a missing or misshapen scale, an orphan scale:
+exactly what verify exists to report tensor by tensor) is classified by names with the same rules
+(formats' scale names and artifact patterns), so each problem can still be named. What loaders want
+beyond what a layout allows (the scale name each method's loader looks for, skip lists) is here too.
 """
 
 from __future__ import annotations
@@ -14,73 +16,37 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from fp8conv import formats as F
 from fp8conv.checkpoint.layout import Checkpoint
 from fp8conv.checkpoint.safetensors_io import FLOAT_DTYPES, FP8_WEIGHT_DTYPES, TensorInfo
+from fp8conv.errors import InvalidCheckpoint
+from fp8conv.formats.base import ACTIVATION_ARTIFACTS, SCALE_LIKE
 
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0", "U8")
 EXPONENT_DTYPES = ("F8_E8M0", "U8")  # scale bytes that are biased power-of-two exponents
 PACKED_DTYPES = ("U8", "I8", "I32")
 
-# Last name components that are quantization artifacts and never a model parameter: activation and
-# kv-cache scales (compressed-tensors static FP8, AutoFP8, ModelOpt, Mistral `qscale_act`), second-
-# level and global scales (NVFP4), zero points, and packed-weight companions (compressed-tensors
-# `weight_packed`/`weight_shape`).
-ARTIFACT_LEAVES = frozenset(
-    {
-        "input_scale",
-        "activation_scale",
-        "k_scale",
-        "v_scale",
-        "q_scale",
-        "kv_scale",
-        "output_scale",
-        "qscale_act",
-        "weight_scale_2",
-        "input_global_scale",
-        "weight_global_scale",
-        "weight_zero_point",
-        "input_zero_point",
-        "weight_packed",
-        "weight_shape",
-    }
-)
 # Packed FP4 blocks and their exponent scales (gpt-oss MXFP4: `..._blocks` U8, `..._scales` U8).
 PACKED_RE = re.compile(r"_(blocks|scales)$")
 
 # Name fragments of embedding tables: 2-D float `.weight`s that are not Linear layers.
 EMBED_HINTS = ("embed", "wte", "wpe")
 
-# Where quantization settings live besides config.json's `quantization_config`.
-SIDE_FILES = {"hf_quant_config.json": "ModelOpt quantization settings (vLLM reads them)"}
-PARAMS_FILE = "params.json"  # Mistral native: a "quantization" key
+# quantization_config `fmt` spellings (MiniMax-M2 writes torch's dtype name)
+FP8_FMTS = {"e4m3": "F8_E4M3", "float8_e4m3fn": "F8_E4M3", "e5m2": "F8_E5M2", "float8_e5m2": "F8_E5M2"}
+SIDE_FILES = {F.HF_QUANT_CONFIG: "ModelOpt quantization settings (vLLM reads them)"}
+PARAMS_FILE = F.PARAMS_JSON  # Mistral native: a "quantization" key
 
 
 # --------------------------------------------------------------------------------------- config
 def quantization_config(config: dict | None) -> dict | None:
-    if not isinstance(config, dict):
-        return None
-    for where in (config, config.get("text_config")):
-        if isinstance(where, dict):
-            for key in ("quantization_config", "compression_config"):
-                if isinstance(where.get(key), dict):
-                    return where[key]
-    return None
+    return F.find_quantization_config(config)
 
 
 def quantization_config_locations(config: dict | None) -> list[str]:
     """Every place of config.json that holds quantization settings (a dequantized output keeps none)."""
-    out = []
-    if isinstance(config, dict):
-        for key in ("quantization_config", "compression_config"):
-            if key in config:
-                out.append(key)
-        tc = config.get("text_config")
-        if isinstance(tc, dict):
-            for key in ("quantization_config", "compression_config"):
-                if key in tc:
-                    out.append(f"text_config.{key}")
-    return out
+    return F.config_locations(config)
 
 
 def quant_method(ckpt: Checkpoint) -> str | None:
@@ -108,7 +74,7 @@ def expected_fp8_dtype(qc: dict | None) -> str | None:
     method = (qc or {}).get("quant_method")
     if method == "fp8":
         fmt = str(qc.get("fmt") or "e4m3").lower()
-        return {"e4m3": "F8_E4M3", "e5m2": "F8_E5M2"}.get(fmt)
+        return FP8_FMTS.get(fmt)
     if method in ("compressed-tensors", "modelopt", "fbgemm_fp8"):
         return "F8_E4M3"
     return None
@@ -123,6 +89,20 @@ def expected_scale_suffix(qc: dict | None) -> str | None:
         return "_scale_inv" if qc.get("weight_block_size") is not None else "_scale"
     if method in ("compressed-tensors", "modelopt", "fbgemm_fp8"):
         return "_scale"
+    return None
+
+
+def naming_problem(qc: dict | None, scale: str) -> str | None:
+    """The loader-facing clash of a scale's name with its method, or None: a `_scale` beside block fp8
+    (vLLM's fp8 loader wants `weight_scale_inv`), a `_scale_inv` under compressed-tensors (it wants
+    `weight_scale`). Family-specific names (DeepSeek-V4 `.scale`, Mistral `qscale_weight`) and
+    `_scale_inv` on per-tensor fp8 (transformers' static fused experts) are what those releases ship."""
+    want = expected_scale_suffix(qc)
+    method = (qc or {}).get("quant_method")
+    if want == "_scale_inv" and scale.endswith("_scale"):
+        return "_scale"
+    if method == "compressed-tensors" and scale.endswith("_scale_inv"):
+        return "_scale_inv"
     return None
 
 
@@ -189,28 +169,57 @@ def linear_like(info: TensorInfo) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ scales
+@dataclass(frozen=True)
+class ScaleUse:
+    """How one FP8 weight's scale spreads: the tile one scale covers, the stored scale's `view` and the
+    tile grid it broadcasts to ([*lead, ceil(M/bm), ceil(N/bn)]), and the scheme in words."""
+
+    tile: tuple[int, int]
+    scale: TensorInfo
+    scheme: str  # "block 128x128", "channel", "tensor", "expert", "column", "half", ...
+    view: tuple[int, ...]
+    grid: tuple[int, ...]
+
+    @property
+    def one_per_matrix(self) -> bool:
+        """One scale per tensor or per expert: the same value over every tile of a matrix."""
+        return self.scheme in ("tensor", "expert")
+
+
 def scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     *lead, m, n = shape
     return (*lead, math.ceil(m / block[0]), math.ceil(n / block[1]))
 
 
-def scale_scheme(w: TensorInfo, s: TensorInfo, cfg_block: tuple[int, int] | None):
-    """(block, scheme) a scale of shape s.shape gives weight w, or (None, why-not).
+def _scheme_name(layout: F.ScaleLayout) -> str:
+    g = layout.granularity
+    if g in (F.Granularity.BLOCK, F.Granularity.GROUP):
+        return f"{g.value} {layout.tile[0]}x{layout.tile[1]}"
+    return g.value
 
-    Tiles of the config's block (ragged edges allowed: [..., ceil(m/bm), ceil(n/bn)]; 128x128 when the
-    config gives none), one scale per output row ([..., m] or [..., m, 1], compressed-tensors channel),
-    or one per tensor ([], [1], or [E] / [E, 1] for stacked experts)."""
+
+def scale_use(roles: Roles, w: TensorInfo, s: TensorInfo, cfg_block: tuple[int, int] | None):
+    """(ScaleUse, None) for weight w with scale s, or (None, why-not).
+
+    From the layout family's own reading when formats.detect explained the checkpoint; else the
+    granularities every FP8 family shares (tiles of the config's block, 128x128 when it gives none,
+    ragged edges allowed; one scale per row; per tensor or per expert), through formats' fit_scale."""
     if len(w.shape) < 2:
         return None, "FP8 tensor has fewer than 2 dimensions; no scale layout fits it"
-    *lead, m, n = w.shape
+    qw = roles.detection.weights.get(w.name) if roles.detection is not None else None
+    if qw is not None and qw.scale.name == s.name:
+        lay = qw.layout
+        return ScaleUse(lay.tile, s, _scheme_name(lay), lay.view, lay.grid), None
+    enc = F.scheme.SCALE_ENCODINGS.get(s.dtype)
     blk = cfg_block or (128, 128)
-    s_shape = tuple(s.shape)
-    if s_shape == scale_grid(w.shape, blk):
-        return blk, f"block {blk[0]}x{blk[1]}"
-    if s_shape in (tuple(lead) + (m, 1), tuple(lead) + (m,)) and m != 1:
-        return (1, n), "channel"
-    if math.prod(s_shape) == math.prod(lead) and len(s_shape) <= 1 + len(lead):
-        return (m, n), "tensor"
+    if enc is not None:
+        allowed = frozenset(
+            {F.Granularity.BLOCK, F.Granularity.TENSOR, F.Granularity.EXPERT, F.Granularity.CHANNEL}
+        )
+        lay = F.scheme.fit_scale(tuple(w.shape), tuple(s.shape), enc, allowed, blk)
+        if lay is not None:
+            return ScaleUse(lay.tile, s, _scheme_name(lay), lay.view, lay.grid), None
+    *lead, m, n = w.shape
     return None, (
         f"scale shape {list(s.shape)} does not fit weight {list(w.shape)}: expected "
         f"{list(scale_grid(w.shape, blk))} for {blk[0]}x{blk[1]} tiles, {list(lead) + [m, 1]} per row "
@@ -228,28 +237,33 @@ def scale_encoding(s: TensorInfo, qc: dict | None) -> str:
 
 # ---------------------------------------------------------------------------------- classification
 def artifact_kind(name: str, info: TensorInfo) -> str | None:
-    """'activation/kv scale', 'packed' or None: a tensor that only a quantized checkpoint holds."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in ARTIFACT_LEAVES:
-        return "packed" if leaf in ("weight_packed", "weight_shape") else "activation/kv scale"
-    if info.dtype in PACKED_DTYPES and PACKED_RE.search(leaf):
+    """The kind of a tensor only a quantized checkpoint holds (activation / kv-cache scales by
+    formats' patterns, packed FP4 companions), or None."""
+    for pat, kind in ACTIVATION_ARTIFACTS:
+        if pat.search(name):
+            return kind.value
+    if info.dtype in ("U8", "I8") and PACKED_RE.search(name):
+        return "packed"
+    if info.dtype in ("U8", "I8", "I32") and name.endswith(("weight_packed", "weight_shape")):
         return "packed"
     return None
 
 
 def scale_base(name: str, ckpt: Checkpoint, unreadable: dict[str, str]) -> str | None:
-    """The tensor `name` is the scale of, if its name says it is a weight scale.
+    """The tensor `name` is the scale of, if its name says it is a weight scale (the names of
+    formats' fp8 family: `X_scale_inv`, `X_scale`, DeepSeek-V4's `X.scale` for `X.weight`; and
+    Mistral's `X.qscale_weight`).
 
-    `X_scale_inv` always is; `X_scale` only when X exists (or should, in an unreadable shard) or
-    ends in `.weight`, so that kv-cache / activation scales (`k_scale`, `input_scale`) and model
-    parameters such as CLIP's `logit_scale` are not taken for weight scales. DeepSeek-V4's `X.scale`
-    and Mistral's `X.qscale_weight` are the scales of `X.weight`."""
-    for suffix in SCALE_SUFFIXES:
-        if name.endswith(suffix):
-            base = name[: -len(suffix)]
-            if suffix == "_scale_inv" or base in ckpt or base in unreadable or base.endswith(".weight"):
-                return base
-            return None
+    `X_scale` counts only when X exists (or should, in an unreadable shard) or ends in `.weight`, so
+    that kv-cache / activation scales and model parameters such as CLIP's `logit_scale` are not taken
+    for weight scales."""
+    if name.endswith("_scale_inv"):
+        return name[: -len("_scale_inv")]
+    if name.endswith("_scale"):
+        base = name[: -len("_scale")]
+        if base in ckpt or base in unreadable or base.endswith(".weight"):
+            return base
+        return None
     for leaf in (".scale", ".qscale_weight"):
         if name.endswith(leaf):
             base = name[: -len(leaf)] + ".weight"
@@ -265,8 +279,11 @@ class Roles:
     scales: dict[str, str] = field(default_factory=dict)  # scale -> its weight (FP8 or unreadable)
     orphans: dict[str, str] = field(default_factory=dict)  # scale-like tensor -> why it is an orphan
     artifacts: dict[str, str] = field(default_factory=dict)  # activation/kv scale, packed -> kind
+    packed: dict[str, TensorInfo] = field(default_factory=dict)  # packed FP4 codes formats explains
     unquantized: dict[str, None] = field(default_factory=dict)  # float tensors that are none of these
     other: dict[str, None] = field(default_factory=dict)  # integer, bool, ...
+    detection: F.Detection | None = None  # formats.detect's reading, when it explained the folder
+    detect_error: InvalidCheckpoint | None = None  # what it refused, otherwise
 
     def role(self, name: str) -> str:
         if name in self.fp8:
@@ -284,11 +301,48 @@ class Roles:
                 return s
         return "." + scale.rsplit(".", 1)[-1]
 
+    @property
+    def family(self) -> str | None:
+        return self.detection.family if self.detection is not None else None
+
+
+def _from_detection(ckpt: Checkpoint, found: F.Detection) -> Roles:
+    roles = Roles(detection=found)
+    for name, qw in found.weights.items():
+        if qw.element.packed:
+            roles.packed[name] = qw.codes
+        else:
+            roles.fp8[name] = qw.codes
+            roles.scale_names[name] = [qw.scale.name]
+    for name, a in found.artifacts.items():
+        if a.kind is F.ArtifactKind.WEIGHT_SCALE:
+            if a.of in roles.fp8:
+                roles.scales[name] = a.of
+            else:
+                roles.artifacts[name] = "packed"  # the e8m0 scales of packed FP4 codes
+        else:
+            roles.artifacts[name] = a.kind.value
+    for name in roles.packed:
+        roles.artifacts[name] = "packed"
+    for name, shard in ckpt.weight_map.items():
+        if name in roles.fp8 or name in roles.scales or name in roles.artifacts:
+            continue
+        info = ckpt.shards[shard].tensors[name]
+        (roles.unquantized if info.dtype in FLOAT_DTYPES else roles.other)[name] = None
+    return roles
+
 
 def classify(ckpt: Checkpoint, unreadable: dict[str, str] | None = None) -> Roles:
-    """Each tensor's role, from names, dtypes and the index alone; O(tensors)."""
+    """Each tensor's role; O(tensors). formats.detect's reading when it explains the checkpoint (and no
+    shard is unreadable); otherwise by names, dtypes and the index (see the module docstring)."""
     unreadable = unreadable or {}
-    roles = Roles()
+    error = None
+    if not unreadable:
+        try:
+            return _from_detection(ckpt, F.detect(ckpt))
+        except InvalidCheckpoint as e:
+            error = e
+    roles = Roles(detect_error=error)
     for name, shard in ckpt.weight_map.items():
         info = ckpt.shards[shard].tensors[name]
         if info.dtype in FP8_WEIGHT_DTYPES:
@@ -314,15 +368,25 @@ def classify(ckpt: Checkpoint, unreadable: dict[str, str] | None = None) -> Role
         if kind is not None:
             roles.artifacts[name] = kind
             continue
+        if info.dtype == "F8_E8M0" or SCALE_LIKE.search(name):
+            roles.orphans[name] = (
+                f"{info.dtype} tensor named like part of a quantization that no layout explains"
+            )
+            continue
         (roles.unquantized if info.dtype in FLOAT_DTYPES else roles.other)[name] = None
     return roles
 
 
 def is_quantized(roles: Roles, config: dict | None) -> bool:
-    """FP8 tensors, or packed ones that the config declares: a quantized checkpoint. Packed tensors
-    with no quantization settings anywhere are leftovers of one."""
-    packed = any(k == "packed" for k in roles.artifacts.values())
-    return bool(roles.fp8) or (packed and bool(quantization_config_locations(config)))
+    """FP8 tensors, or packed ones that a layout family explains: a quantized checkpoint. Packed
+    tensors no family explains are leftovers."""
+    return bool(roles.fp8) or bool(roles.packed)
+
+
+def leftovers(ckpt: Checkpoint, params: dict | None) -> list:
+    """formats' list of what a dequantized output must not hold (tensors, config keys, side files)."""
+    tensors = {n: (ckpt.info(n).dtype, s) for n, s in ckpt.weight_map.items()}
+    return F.dequantized_leftovers(tensors, ckpt.config, ckpt.other_files, params)
 
 
 # ------------------------------------------------------------------------------------- describing
@@ -334,6 +398,13 @@ def describe_format(ckpt: Checkpoint, roles: Roles) -> tuple[str, str]:
         info = ckpt.info(name)
         float_bytes[info.dtype] += info.nbytes
     main = max(float_bytes, key=float_bytes.get) if float_bytes else None
+    quantized = is_quantized(roles, ckpt.config)
+    found = roles.detection
+    if quantized and found is not None and found.settings.quantized:
+        schemes = ", ".join(s.describe() for s in found.schemes)
+        names = sorted({n.rsplit(".", 1)[-1] for n in roles.scales})
+        named = f"; scales named `{'`, `'.join(names[:3])}`" if names else ""
+        return found.family, f"{found.title}: {schemes}{named}"
     if roles.fp8:
         if method == "fp8":
             if qc.get("weight_block_size") is None:
@@ -344,8 +415,6 @@ def describe_format(ckpt: Checkpoint, roles: Roles) -> tuple[str, str]:
         if qc is None:
             return "fp8-unconfigured", "FP8 tensors but no quantization_config in config.json"
         return "fp8-other", f"FP8 tensors with quant_method {method!r}"
-    if is_quantized(roles, ckpt.config):
-        return "packed-other", f"packed quantized tensors (quant_method {method!r})"
     plain = f"plain {main.lower()}" if main else "no floating-point tensors"
     if quantization_config_locations(ckpt.config):
         return "plain-with-quantization-config", f"{plain}, but config.json keeps quantization settings"

@@ -141,7 +141,7 @@ class ScaleValues(TensorCheck):
                 f"tile ({where}) = {float(s3[idx])}",
             )
             return
-        s_info = ctx.usable[t.name][1]
+        s_info = ctx.usable[t.name].scale
         if (ctx.qc or {}).get("scale_fmt") == "ue8m0" and s_info.dtype not in ("U8", "F8_E8M0"):
             off = torch.frexp(s3).mantissa != 0.5
             if bool(off.any()):
@@ -176,10 +176,9 @@ class Gemm(TensorCheck):
         rec = t.record(ctx)
         why = None
         use = ctx.usable.get(t.name)
-        scheme = use[2] if use else None
         if use is None or t.scales is None:
             why = "no usable scale"
-        elif scheme != "tensor" and t.block != (128, 128):
+        elif not use.one_per_matrix and t.block != (128, 128):
             why = f"fp8_gemm takes 128x128 weight tiles; this weight has {t.block[0]}x{t.block[1]}"
         elif t.info.dtype != "F8_E4M3":
             why = f"fp8_gemm takes e4m3 weights, not {t.info.dtype}"
@@ -216,8 +215,8 @@ class Gemm(TensorCheck):
         if st is None or b.e not in st["experts"]:
             return
         q = b.values()
-        if ctx.usable[t.name][2] == "tensor":
-            # one scale per tensor: the same value over every 128x128 tile of the band
+        if ctx.usable[t.name].one_per_matrix:
+            # one scale per tensor (or expert): the same value over every 128x128 tile of the band
             sb = t.scales[b.e].reshape(1, 1).expand(math.ceil(b.rows / 128), math.ceil(t.k / 128))
             blk = (128, 128)
         else:

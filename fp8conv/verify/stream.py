@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, ThreadPoolExecu
 import torch
 
 from fp8conv.kernels import scale_to_float32
-from fp8conv.verify.context import Band, Context, TensorCheck, TensorData
+from fp8conv.verify.context import Band, Context, TensorCheck, TensorData, scale_grid
 
 BAND_ELEMS = 4 << 20  # elements per band read (4 Mi: 4 MiB of FP8 codes, 8 MiB of bf16)
 _CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
@@ -59,12 +59,9 @@ def tensor_data(ctx: Context, name: str) -> TensorData:
         t.record(ctx).selected = True
     use = ctx.usable.get(name)
     if use is not None and name in ctx.heavy:
-        blk, s_info, _ = use
-        raw = ctx.read(ctx.ckpt, s_info).view(s_info.torch_dtype)
-        t.block = blk
-        t.scales = (
-            scale_to_float32(raw).float().reshape(t.experts, math.ceil(m / blk[0]), math.ceil(k / blk[1]))
-        )
+        raw = ctx.read(ctx.ckpt, use.scale).view(use.scale.torch_dtype)
+        t.block = use.tile
+        t.scales = scale_grid(scale_to_float32(raw).float(), use, t.experts)
     return t
 
 

@@ -31,6 +31,7 @@ from fp8conv.verify.compare import (
     REFERENCE_MODES,
     TILE_GAIN_TOL,
     DequantizedComparison,
+    Fp4DequantizedComparison,
     OriginalComparison,
     ReferenceNames,
     SameBytes,
@@ -133,7 +134,7 @@ def select(ctx: Context) -> None:
     opts, ckpt, roles = ctx.opts, ctx.ckpt, ctx.roles
     names = ckpt.weight_map
     ref_fp8 = ctx.ref_roles.fp8 if ctx.ref_roles is not None else {}
-    cands = set(roles.fp8) | {n for n in ref_fp8 if n in names}
+    cands = set(roles.fp8) | {n for n in ref_fp8 if n in names} | {n for n in ctx.ref_fp4 if n in names}
     if not cands and ctx.ref is None:
         cands = {n for n in roles.unquantized if len(ckpt.info(n).shape) >= 2}
     if opts.tensors:
@@ -160,7 +161,7 @@ def select(ctx: Context) -> None:
 def planned_bytes(ctx: Context) -> int:
     """Bytes of CKPT the data checks will read (the progress total)."""
     total = sum(ctx.ckpt.info(n).nbytes for n in ctx.streamed)
-    return total + sum(ctx.usable[n][1].nbytes for n in ctx.heavy if n in ctx.usable)
+    return total + sum(ctx.usable[n].scale.nbytes for n in ctx.heavy if n in ctx.usable)
 
 
 def data_checks() -> list[TensorCheck]:
@@ -171,6 +172,7 @@ def data_checks() -> list[TensorCheck]:
         Gemm(),
         OriginalComparison(),
         DequantizedComparison(),
+        Fp4DequantizedComparison(),
         SameBytes(),
     ]
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from fp8conv.checkpoint.safetensors_io import save_file
 from fp8conv.cli import app
+from tests.fixtures_formats import FAMILIES, build
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -127,3 +128,67 @@ def test_gpu_pieces_of_a_large_tensor(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "PIECE_ELEMS", 8 << 20)
     convert("dequantize", src, tmp_path / "cpu", "--device", "cpu", "-q")
     assert_same(tmp_path / "cpu", tmp_path / "gpu")
+
+
+# ------------------------------------------------------------------------- every published family
+
+FAMILY_DTYPES = [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]
+
+
+def _load_all(root: Path) -> dict[str, torch.Tensor]:
+    from fp8conv.checkpoint.safetensors_io import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for p in sorted(root.glob("*.safetensors")):
+        out.update(load_file(p))
+    return out
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("dtype,torch_dtype", FAMILY_DTYPES)
+def test_every_family_dequantizes_to_the_same_bytes_on_gpu_and_cpu(tmp_path, name, dtype, torch_dtype):
+    """Each family's fixture (tests/fixtures_formats.py) through `--device cuda` and `--device cpu`:
+    identical files, and the GPU's tensors equal to the fixture's own formula bit for bit."""
+    f = build(name, tmp_path / "src")
+    convert("dequantize", f.root, tmp_path / "cpu", "--device", "cpu", "--dtype", dtype, "-q")
+    convert("dequantize", f.root, tmp_path / "gpu", "--device", "cuda", "--dtype", dtype, "-q")
+    assert_same(tmp_path / "cpu", tmp_path / "gpu")
+    for rel in ("params.json",):
+        if (tmp_path / "cpu" / rel).exists():
+            assert (tmp_path / "cpu" / rel).read_bytes() == (tmp_path / "gpu" / rel).read_bytes()
+    out = _load_all(tmp_path / "gpu")
+    assert set(out) == set(f.expect)
+    for k, fn in f.expect.items():
+        want = fn(torch_dtype).contiguous()
+        assert torch.equal(out[k].view(torch.uint8), want.view(torch.uint8)), k
+
+
+def test_every_family_in_small_pieces_on_gpu(tmp_path, monkeypatch):
+    """Row bands smaller than one tensor (and than a per-tensor scale's tile) on the card."""
+    from fp8conv.convert import engine
+
+    monkeypatch.setattr(engine, "PIECE_ELEMS", 1000)
+    for name in FAMILIES:
+        f = build(name, tmp_path / name)
+        convert("dequantize", f.root, tmp_path / name / "gpu", "--device", "cuda", "-q")
+        out = _load_all(tmp_path / name / "gpu")
+        for k, fn in f.expect.items():
+            assert torch.equal(out[k].view(torch.uint8), fn(torch.bfloat16).contiguous().view(torch.uint8)), (
+                name,
+                k,
+            )
+
+
+@pytest.mark.parametrize("out_dtype", [d for _, d in FAMILY_DTYPES])
+@pytest.mark.parametrize("shape", [(3, 64, 5, 16), (7, 1, 16), (2, 2880, 90, 16)])
+def test_fp4_dequant_gpu_matches_cpu(shape, out_dtype):
+    """fp4_dequant on the card gives the CPU path's bytes, every exponent byte 0..254 included."""
+    from fp8conv.kernels import fp4_dequant
+
+    g = torch.Generator().manual_seed(7)
+    blocks = torch.randint(0, 256, shape, generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = (torch.arange(math.prod(shape[:-1])) % 255).to(torch.uint8).reshape(shape[:-1])
+    cpu = fp4_dequant(blocks, scales, out_dtype)
+    gpu = fp4_dequant(blocks.cuda(), scales.cuda(), out_dtype)
+    assert gpu.is_cuda and gpu.dtype == out_dtype
+    assert torch.equal(gpu.cpu().view(torch.uint8), cpu.view(torch.uint8))
