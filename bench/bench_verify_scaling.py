@@ -107,7 +107,9 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    print(f"\n{'command':20s} {'tensors':>10s} {'seconds':>9s} {'peak MB':>9s} {'exit':>5s} {'x per 10x':>10s}")
+    print(
+        f"\n{'command':20s} {'tensors':>10s} {'seconds':>9s} {'peak MB':>9s} {'exit':>5s} {'x per 10x':>10s}"
+    )
     prev: dict[str, float] = {}
     for what, n, dt, rss, code in rows:
         growth = f"{dt / prev[what]:.1f}x" if what in prev else ""

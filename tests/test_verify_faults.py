@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fp8conv import DequantizeOptions, QuantizeOptions, dequantize, quantize
 from fp8conv.checkpoint.layout import INDEX_NAME, SINGLE_NAME
-from fp8conv.checkpoint.safetensors_io import load_file, save_file
+from fp8conv.checkpoint.safetensors_io import load_file, read_header, save_file
 from fp8conv.cli import app
 from fp8conv.verify import VerifyOptions, inspect_checkpoint, verify_checkpoint
 
@@ -409,3 +409,31 @@ def test_inspect_names_schemes_of_block_checkpoints(good):
     assert info["ok"] and info["quant_method"] == "fp8"
     assert info["schemes"] == {"block 128x128": 14}
     assert info["scale_encodings"] == {"float (F32)": 14}
+
+
+# ------------------------------------------------------------------------- written-content checksum
+def _checksums_recorded() -> bool:
+    from fp8conv.verify.structure import _recorded_checksum_ok
+
+    return _recorded_checksum_ok() is not None
+
+
+@pytest.mark.skipif(not _checksums_recorded(), reason="this build's output layer records no shard checksum")
+def test_changed_shard_is_flagged_by_its_checksum(tmp_path):
+    out = tmp_path / "out"
+    quantize(BF16, out, QuantizeOptions(device="cpu"))
+    assert run(out)[0] == 0
+    shard = shard_of(out, HEAD)
+    st = shard.stat()
+    info = read_header(shard).tensors[HEAD]
+    with open(shard, "r+b") as f:  # one bit of lm_head: still finite, same size, same mtime
+        f.seek(info.start + 10)
+        b = f.read(1)
+        f.seek(info.start + 10)
+        f.write(bytes([b[0] ^ 0x01]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    code, report, out_text = run(out)
+    assert code == 1, out_text
+    [f] = [f for f in report["findings"] if f["check"] == "checksum"]
+    assert f["file"] == str(shard) and "differs from the checksum" in f["message"]
+    assert run(out, "--sample", "1")[0] == 0  # a sample reads no whole shard: not judged

@@ -352,3 +352,49 @@ STRUCTURE_CHECKS: tuple[type[Check], ...] = (
     OrphanScales,
     Leftovers,
 )
+
+
+def _recorded_checksum_ok():
+    """The output layer's reader of the content checksum fp8conv records in each shard it writes, or
+    None in a build whose output layer records none."""
+    try:
+        from fp8conv.checkpoint.output import recorded_checksum_ok
+    except ImportError:
+        return None
+    return recorded_checksum_ok
+
+
+class ShardChecksums(Check):
+    """Each shard fp8conv wrote still matches the content checksum recorded in its own header when it
+    was written (a byte flipped or a shard zeroed afterwards, its mtime restored or not). Reads every
+    shard whole, so it runs when the whole checkpoint is verified (no --sample, no --tensors); shards
+    with no recorded checksum (not written by fp8conv) are counted, not judged."""
+
+    name = "checksum"
+
+    def __init__(self) -> None:
+        self.checked = 0
+        self.absent = 0
+
+    def run(self, ctx: Context) -> None:
+        reader = _recorded_checksum_ok()
+        if reader is None or ctx.opts.sample is not None or ctx.opts.tensors:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        paths = [ctx.ckpt.root / name for name in ctx.ckpt.shards]
+        with ThreadPoolExecutor(min(4, max(1, len(paths)))) as pool:
+            results = list(pool.map(reader, paths))
+        for path, ok in zip(paths, results):
+            if ok is None:
+                self.absent += 1
+                continue
+            self.checked += 1
+            ctx.bytes_read += path.stat().st_size
+            if not ok:
+                ctx.fail(
+                    self.name,
+                    "content differs from the checksum fp8conv recorded in this shard when it wrote it "
+                    "(changed or damaged since; rerun the conversion to redo it)",
+                    path,
+                )

@@ -50,7 +50,7 @@ from fp8conv.verify.report import (
 )
 from fp8conv.verify.scan import scan_checkpoint
 from fp8conv.verify.stream import stream
-from fp8conv.verify.structure import STRUCTURE_CHECKS
+from fp8conv.verify.structure import STRUCTURE_CHECKS, ShardChecksums
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -269,6 +269,7 @@ def verify_checkpoint(path, options: VerifyOptions | None = None, progress=None)
         stream(ctx, checks, ctx.streamed)
         for c in checks:
             c.finish(ctx)
+        ShardChecksums().run(ctx)
     finally:
         ctx.close()
         if progress is not None:
