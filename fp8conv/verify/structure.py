@@ -385,7 +385,7 @@ class ShardChecksums(Check):
         paths = [ctx.ckpt.root / name for name in ctx.ckpt.shards]
         with ThreadPoolExecutor(min(4, max(1, len(paths)))) as pool:
             results = list(pool.map(reader, paths))
-        for path, ok in zip(paths, results):
+        for path, ok in zip(paths, results, strict=True):
             if ok is None:
                 self.absent += 1
                 continue
