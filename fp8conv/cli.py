@@ -360,8 +360,13 @@ def verify(
     device: DeviceOpt = "auto",
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
+    tp: TpOpt = None,
+    ep: EpOpt = False,
+    target: TargetOpt = None,
+    blackwell: BlackwellOpt = False,
 ) -> None:
-    """Check an FP8 or dequantized checkpoint: structure, scales, NaN codes, GEMM numerics, --reference."""
+    """Check an FP8 or dequantized checkpoint: structure, scales, NaN codes, GEMM numerics, --reference;
+    with --tp/--target/--blackwell also whether servers load it (TP plans, loader rules, requant loss)."""
     from fp8conv.errors import VerificationFailed
     from fp8conv.verify import VerifyOptions, verify_checkpoint
     from fp8conv.verify.verify import render_table, summary_line
@@ -381,16 +386,22 @@ def verify(
         return verify_checkpoint(ckpt, opts, ConsoleProgress(quiet, "verify"))
 
     report = run_guarded(go, json_out)
-    emit_json(json_out, report.to_dict())
+    serving = serving_for(ckpt, tp, ep, target, blackwell, json_out, device)
+    payload = report.to_dict()
+    if serving is not None:
+        payload["serving"] = serving.to_dict()
+    emit_json(json_out, payload)
     console = err if json_out == "-" else out
     if not quiet:
         console.print(render_table(report))
+    if serving is not None and (not quiet or not serving.ok):
+        print_serving(serving, console)
     if not report.ok:
         for line in report.failures[:20]:
             err.print(f"FAIL {line}", style="red", highlight=False, markup=False, soft_wrap=True)
     if not quiet or not report.ok:
         err.print(summary_line(report), highlight=False, soft_wrap=True)
-    if not report.ok:
+    if not report.ok or (serving is not None and not serving.ok):
         raise typer.Exit(VerificationFailed.exit_code)
 
 
@@ -398,13 +409,22 @@ def verify(
 def inspect(
     ckpt: Annotated[Path, typer.Argument(help="checkpoint folder")],
     json_out: JsonOpt = None,
+    tp: TpOpt = None,
+    ep: EpOpt = False,
 ) -> None:
-    """Describe a checkpoint: format, quantization config, shards, tensors by dtype and role, oddities."""
+    """Describe a checkpoint: format, quantization config, shards, tensors by dtype and role, oddities;
+    with --tp, the tensor-parallel sizes vLLM and SGLang can load it at (informational, exit 0)."""
     from fp8conv.verify.inspect import inspect_checkpoint, inspect_table
 
     info = run_guarded(lambda: inspect_checkpoint(ckpt), json_out)
+    serving = serving_for(ckpt, tp, ep, None, False, json_out)
+    if serving is not None:
+        info = {**info, "serving": serving.to_dict()}
     emit_json(json_out, info)
-    (err if json_out == "-" else out).print(inspect_table(info))
+    console = err if json_out == "-" else out
+    console.print(inspect_table(info))
+    if serving is not None:
+        print_serving(serving, console, loaders=False)
     if not info["ok"]:
         # described, but damaged: not a checkpoint a loader can read (exit 3, as the converters)
         bad = [o for o in info["odd"] if o["kind"].startswith("structure:")]
@@ -416,6 +436,98 @@ def inspect(
             soft_wrap=True,
         )
         raise typer.Exit(3)
+
+
+TpOpt = Annotated[
+    Optional[str],
+    typer.Option("--tp", help="tensor-parallel sizes to check vLLM/SGLang loading at, e.g. 1,2,4,8,16"),
+]
+EpOpt = Annotated[bool, typer.Option("--ep", help="with --tp: experts split by expert parallelism")]
+TargetOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--target", help="loaders to check: transformers,vllm,sglang,compressed-tensors (default all)"
+    ),
+]
+BlackwellOpt = Annotated[
+    bool,
+    typer.Option("--blackwell", help="the error a Blackwell server's UE8M0 requant at load adds, per tensor"),
+]
+
+
+def serving_for(ckpt, tp, ep, target, blackwell, json_out, device="cpu"):
+    """The serving report when any of its options is given, else None."""
+    if tp is None and target is None and not blackwell and not ep:
+        return None
+    from fp8conv import targets
+
+    def go():
+        sizes = targets.parse_tp_sizes(tp) if tp is not None else (targets.DEFAULT_TP if ep else ())
+        return targets.serving_report(ckpt, sizes, ep, targets.parse_targets(target), blackwell, device)
+
+    return run_guarded(go, json_out)
+
+
+def print_serving(report, console: Console, loaders: bool = True) -> None:
+    """Render a fp8conv.targets.ServingReport: TP x loader matrix, loader verdicts, requant loss."""
+    block = report.scheme.block
+    if not report.tp_sizes:
+        pass
+    elif not report.plan.known:
+        console.print(f"[red]tensor parallelism: {escape(report.plan.problem)}[/]")
+    else:
+        title = f"tensor parallelism ({report.architecture}, block {list(block) if block else 'none'}, "
+        table = Table(title=title + f"expert parallel {'on' if report.ep else 'off'})")
+        table.add_column("TP", justify="right")
+        names = sorted({c.loader for c in report.cells}, key=["vllm", "sglang"].index)
+        for name in names:
+            table.add_column({"vllm": "vLLM", "sglang": "SGLang"}[name], overflow="fold")
+        for size in report.tp_sizes:
+            row = [str(size)]
+            for name in names:
+                c = next(c for c in report.cells if c.tp == size and c.loader == name)
+                more = f" (+{len(c.failures) - 1} more)" if len(c.failures) > 1 else ""
+                row.append(
+                    "[green]ok[/]"
+                    if c.ok
+                    else f"[red]{escape(c.first.tensor)}[/]: {escape(c.first.message)}{more}"
+                )
+            table.add_row(*row)
+        console.print(table)
+        works = ", ".join(map(str, report.working_tp)) or "none"
+        console.print(f"works at TP {works}", highlight=False)
+        grouped: dict[tuple[int, str], list[str]] = {}
+        for (size, name), fix in report.fixes.items():
+            grouped.setdefault((size, fix), []).append({"vllm": "vLLM", "sglang": "SGLang"}[name])
+        for (size, fix), who in sorted(grouped.items()):
+            console.print(f"TP {size} ({', '.join(who)}): {escape(fix)}", highlight=False)
+        for name in report.plan.unmapped[:5]:
+            console.print(f"[yellow]no partition rule for FP8 tensor {escape(name)}[/]")
+    if loaders and report.loaders:
+        table = Table(title="loaders")
+        table.add_column("target")
+        table.add_column("loads")
+        table.add_column("why", overflow="fold")
+        for v in report.loaders:
+            notes = [f for f in v.findings if f.severity != "fail"]
+            why = escape(v.why) + "".join(f"\n{f.severity}: {escape(f.message)}" for f in notes[:3])
+            table.add_row(v.target, "[green]yes[/]" if v.loads else "[red]no[/]", why)
+        console.print(table)
+    if report.requant is not None:
+        table = Table(title="Blackwell UE8M0 requant at load (worst first)")
+        table.add_column("tensor", overflow="fold")
+        table.add_column("rel. error", justify="right")
+        table.add_column("max abs", justify="right")
+        for r in report.requant[:15]:
+            if r.requantized:
+                table.add_row(escape(r.tensor), f"{r.rel_error:.4f}", f"{r.max_abs_error:.3g}")
+            else:
+                table.add_row(escape(r.tensor), "kept", escape(r.note or ""))
+        console.print(table)
+        if any(r.rel_error > 0 for r in report.requant):
+            from fp8conv.targets import REQUANT_SUGGESTION
+
+            console.print(escape(REQUANT_SUGGESTION), highlight=False)
 
 
 def main() -> None:

@@ -154,7 +154,7 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
         shards, weight_map, metadata, has_index = {}, {}, {}, False
     else:
         raise InvalidCheckpoint(
-            f"no {INDEX_NAME}, {SINGLE_NAME} or {NATIVE_NAME} in the folder",
+            f"no {INDEX_NAME} or {SINGLE_NAME} in the folder (nor Mistral's {NATIVE_NAME})",
             file=root,
         )
     unindexed: tuple[str, ...] = ()

@@ -48,7 +48,7 @@ def dequant_band(w: QuantizedWeight, q: torch.Tensor, s_rows: torch.Tensor, dst:
     or [N, rows] for a transposed layout). q on the CPU or on a GPU; s_rows: the grid rows it uses."""
     tile = w.layout.tile
     if w.element is Element.FP4_E2M1:
-        y = fp4_dequant(q, s_rows, dst.dtype)
+        y = fp4_dequant(q, s_rows.to(q.device, non_blocking=True), dst.dtype)
         dst.copy_(y.t() if w.transpose else y, non_blocking=y.is_cuda)
         return
     if not q.is_cuda:

@@ -183,8 +183,8 @@ def fit_or_refuse(
             else ""
         )
         raise InvalidCheckpoint(
-            f"scale shape {list(scale.shape)} does not fit weight {weight!r} of shape {list(shape)} under "
-            f"any {family} scheme ({kinds}{blk})",
+            f"scale shape {list(scale.shape)} does not fit weight {list(shape)} ({weight}) under any "
+            f"{family} scheme ({kinds}{blk})",
             file=ckpt.root / ckpt.weight_map[scale.name],
             tensor=scale.name,
         )
