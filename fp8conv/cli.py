@@ -372,6 +372,8 @@ def verify(
     from fp8conv.verify.verify import render_table, summary_line
 
     def go():
+        from fp8conv import targets
+
         opts = VerifyOptions(
             reference=reference,
             tensors=tuple(tensors or ()),
@@ -382,15 +384,16 @@ def verify(
             device=device,
             experts=experts,
             reference_mode=reference_mode,
+            tp=targets.parse_tp_sizes(tp) if tp is not None else (),
+            ep=ep,
+            targets=targets.parse_targets(target),
+            blackwell=blackwell,
         )
         return verify_checkpoint(ckpt, opts, ConsoleProgress(quiet, "verify"))
 
     report = run_guarded(go, json_out)
-    serving = serving_for(ckpt, tp, ep, target, blackwell, json_out, device)
-    payload = report.to_dict()
-    if serving is not None:
-        payload["serving"] = serving.to_dict()
-    emit_json(json_out, payload)
+    serving = report.serving
+    emit_json(json_out, report.to_dict())
     console = err if json_out == "-" else out
     if not quiet:
         console.print(render_table(report))
@@ -401,7 +404,7 @@ def verify(
             err.print(f"FAIL {line}", style="red", highlight=False, markup=False, soft_wrap=True)
     if not quiet or not report.ok:
         err.print(summary_line(report), highlight=False, soft_wrap=True)
-    if not report.ok or (serving is not None and not serving.ok):
+    if not report.ok:
         raise typer.Exit(VerificationFailed.exit_code)
 
 

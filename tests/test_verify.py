@@ -635,6 +635,10 @@ OPTIONS = {
     "device": str,
     "experts": int,
     "reference_mode": str,
+    "tp": list,
+    "ep": bool,
+    "targets": (list, type(None)),
+    "blackwell": bool,
 }
 BOUNDS = {"gemm_rule": str, "min_sqnr_db": NUM, "tile_gain_tol": NUM}
 TOTALS = {

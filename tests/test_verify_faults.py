@@ -437,3 +437,14 @@ def test_changed_shard_is_flagged_by_its_checksum(tmp_path):
     [f] = [f for f in report["findings"] if f["check"] == "checksum"]
     assert f["file"] == str(shard) and "differs from the checksum" in f["message"]
     assert run(out, "--sample", "1")[0] == 0  # a sample reads no whole shard: not judged
+
+
+def test_serving_report_is_part_of_the_verify_report(good):
+    """--tp / --target go through verify_checkpoint: one report, one `ok`, one JSON."""
+    report = verify_checkpoint(good / "fp8", VerifyOptions(device="cpu", tp=(1, 2), targets=("vllm",)))
+    assert report.serving is not None and report.ok == report.serving.ok
+    d = report.to_dict()
+    assert d["serving"] == report.serving.to_dict() and d["options"]["tp"] == [1, 2]
+    code, js, out = run(good / "fp8", "--tp", "1,2")
+    assert js["serving"]["tp_sizes"] == [1, 2]
+    assert (code == 0) == js["ok"]

@@ -51,6 +51,7 @@ class Context:
         self.heavy: set[str] = set()  # tensors chosen for the costly data checks (--tensors/--sample)
         self.streamed: list[str] = []  # every tensor whose data is read, in file order
         self.reference_mode: str | None = None
+        self.serving = None  # fp8conv.targets.ServingReport, when asked for
         self.bytes_read = 0
         self._readers: dict[str, ShardReader] = {}
         self._lock = threading.Lock()

@@ -139,15 +139,22 @@ class VerifyReport:
     findings: list[Finding]  # file-level problems
     totals: dict
     seconds: float
+    serving: object | None = None  # fp8conv.targets.ServingReport with --tp/--ep/--target/--blackwell
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.tensors) and not any(f.status == "fail" for f in self.findings)
+        return (
+            all(r.ok for r in self.tensors)
+            and not any(f.status == "fail" for f in self.findings)
+            and (self.serving is None or self.serving.ok)
+        )
 
     @property
     def failures(self) -> list[str]:
         """One line per failure, naming file and/or tensor."""
         out = [f.text for f in self.findings if f.status == "fail"]
+        if self.serving is not None and not self.serving.ok:
+            out.append("serving: a requested TP size or loader fails (see the serving tables)")
         for r in self.tensors:
             for name, c in r.checks.items():
                 if c.status == "fail":
@@ -173,6 +180,7 @@ class VerifyReport:
                 "seconds": round(self.seconds, 3),
                 "findings": [f.to_dict() for f in self.findings],
                 "tensors": [r.to_dict() for r in self.tensors],
+                **({"serving": self.serving.to_dict()} if self.serving is not None else {}),
             }
         )
 

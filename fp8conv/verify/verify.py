@@ -69,6 +69,15 @@ class VerifyOptions:
     device: str = "auto"
     experts: int = 8  # stacked [E, N, K] weights: GEMM on a seeded sample of this many (0 = all)
     reference_mode: str = "auto"  # FP8 CKPT vs original: auto | exact | statistical
+    # will it load and run there (fp8conv.targets): TP sizes, expert parallelism, loaders, Blackwell
+    tp: tuple[int, ...] = ()
+    ep: bool = False
+    targets: tuple[str, ...] | None = None
+    blackwell: bool = False
+
+    @property
+    def serving(self) -> bool:
+        return bool(self.tp) or self.ep or self.targets is not None or self.blackwell
 
     def __post_init__(self) -> None:
         if self.reference is not None:
@@ -95,6 +104,12 @@ class VerifyOptions:
             raise UsageError(f"--experts must be >= 0 (0 = all), not {self.experts!r}")
         if not _DEVICE_RE.match(str(self.device).strip().lower()):
             raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        tp = tuple(self.tp or ())
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in tp):
+            raise UsageError(f"--tp wants positive integers, not {list(tp)!r}")
+        object.__setattr__(self, "tp", tp)
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
         if self.reference_mode not in REFERENCE_MODES:
             raise UsageError(
                 f"--reference-mode must be one of {', '.join(REFERENCE_MODES)}, not {self.reference_mode!r}"
@@ -111,6 +126,10 @@ class VerifyOptions:
             "device": self.device,
             "experts": self.experts,
             "reference_mode": self.reference_mode,
+            "tp": list(self.tp),
+            "ep": self.ep,
+            "targets": None if self.targets is None else list(self.targets),
+            "blackwell": self.blackwell,
         }
 
 
@@ -220,6 +239,7 @@ def build_report(ctx: Context, note: str | None, seconds: float, ref_format: str
         findings=findings,
         totals=totals,
         seconds=seconds,
+        serving=getattr(ctx, "serving", None),
     )
 
 
@@ -270,6 +290,13 @@ def verify_checkpoint(path, options: VerifyOptions | None = None, progress=None)
         for c in checks:
             c.finish(ctx)
         ShardChecksums().run(ctx)
+        if opts.serving:
+            from fp8conv import targets
+
+            sizes = opts.tp or (targets.DEFAULT_TP if opts.ep else ())
+            ctx.serving = targets.serving_report(
+                scan.ckpt, sizes, opts.ep, opts.targets, opts.blackwell, opts.device
+            )
     finally:
         ctx.close()
         if progress is not None:
