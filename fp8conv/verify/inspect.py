@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 
 from fp8conv.checkpoint.layout import CONFIG_NAME
 from fp8conv.verify import layouts as L
-from fp8conv.verify.scan import Scan, few, read_side_json, scan_checkpoint
+from fp8conv.verify.scan import Scan, few, paused_gc, read_side_json, scan_checkpoint
 
 __all__ = ["inspect_checkpoint", "inspect_table"]
 
@@ -113,6 +113,11 @@ def odd_things(scan: Scan, roles: L.Roles) -> list[dict]:
 def inspect_checkpoint(path) -> dict:
     """A JSON-ready description of a checkpoint folder (see docs/verify.md for the fields). `ok` is
     False when the folder is damaged (the CLI then exits 3 after describing it)."""
+    with paused_gc():
+        return _inspect(path)
+
+
+def _inspect(path) -> dict:
     scan = scan_checkpoint(path)
     ckpt = scan.ckpt
     roles = L.classify(ckpt, scan.unreadable)

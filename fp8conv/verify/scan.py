@@ -9,6 +9,8 @@ ResourceError (exit 5).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -47,6 +49,20 @@ class Scan:
     @property
     def damaged(self) -> bool:
         return any(f.status == "fail" for f in self.findings)
+
+
+@contextlib.contextmanager
+def paused_gc():
+    """The cyclic garbage collector off while headers and the index become millions of small objects
+    that form no cycles: its generational passes over them cost as much as the parsing itself
+    (open_checkpoint + formats.detect of 10^6 tensors here: 102 s with it, 62 s without)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def fail(check: str, message: str, file=None, tensor=None) -> Finding:

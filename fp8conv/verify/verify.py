@@ -48,7 +48,7 @@ from fp8conv.verify.report import (
     summary_line,
     worst_first,
 )
-from fp8conv.verify.scan import scan_checkpoint
+from fp8conv.verify.scan import paused_gc, scan_checkpoint
 from fp8conv.verify.stream import stream
 from fp8conv.verify.structure import STRUCTURE_CHECKS, ShardChecksums
 
@@ -264,7 +264,8 @@ def verify_checkpoint(path, options: VerifyOptions | None = None, progress=None)
     opts = options or VerifyOptions()
     t0 = time.monotonic()
     device, note = resolve_device(opts.device)
-    scan = scan_checkpoint(path)
+    with paused_gc():
+        scan = scan_checkpoint(path)
     if scan.refusals:
         first = scan.refusals[0]
         raise InvalidCheckpoint(
@@ -274,14 +275,17 @@ def verify_checkpoint(path, options: VerifyOptions | None = None, progress=None)
             hint=f"{len(scan.refusals)} such problem(s); verify reads regular files inside the folder "
             "and JSON nested no deeper than Python's parser allows",
         )
-    ref = _open_reference(opts.reference) if opts.reference is not None else None
-    ctx = Context(scan, ref, opts, device, progress)
-    ref_format = describe_format(ref, ctx.ref_roles)[0] if ref is not None else None
+    with paused_gc():
+        ref = _open_reference(opts.reference) if opts.reference is not None else None
+    with paused_gc():
+        ctx = Context(scan, ref, opts, device, progress)
+        ref_format = describe_format(ref, ctx.ref_roles)[0] if ref is not None else None
     checks = data_checks()
     try:
-        for c in structure_checks():
-            c.run(ctx)
-        select(ctx)
+        with paused_gc():
+            for c in structure_checks():
+                c.run(ctx)
+            select(ctx)
         if progress is not None:
             progress.start(planned_bytes(ctx), len(scan.ckpt.shards), str(device))
             if note:
