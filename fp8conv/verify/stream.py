@@ -20,7 +20,8 @@ BAND_ELEMS = 4 << 20  # elements per band read (4 Mi: 4 MiB of FP8 codes, 8 MiB 
 _CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 CPU_WORKERS = min(4, _CORES)
 GPU_WORKERS = 4  # readers and host-side work beside the GPU's kernels
-MAX_IN_FLIGHT = 2  # tensors queued per worker beyond the running ones
+MAX_IN_FLIGHT = 2  # tasks queued per worker beyond the running ones
+MAX_BATCH = 1024  # tensors per task at most
 
 
 def geometry(shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
@@ -95,6 +96,26 @@ def _single_threaded_ops(device: torch.device, workers: int):
         torch.set_num_threads(threads)
 
 
+def batches(ctx: Context, names: list[str]):
+    """Consecutive tensors in tasks of about one band (or MAX_BATCH tensors): small tensors (norms,
+    scales, 10^6 of them in a big MoE) cost one task per batch, not one each."""
+    batch: list[str] = []
+    size = 0
+    for name in names:
+        batch.append(name)
+        size += ctx.ckpt.info(name).numel
+        if size >= BAND_ELEMS or len(batch) >= MAX_BATCH:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def run_batch(ctx: Context, checks: list[TensorCheck], names: list[str]) -> None:
+    for name in names:
+        run_tensor(ctx, checks, name)
+
+
 def stream(ctx: Context, checks: list[TensorCheck], names: list[str]) -> None:
     """Run the data checks over `names` (in file order) with a bounded pool of workers."""
     workers = GPU_WORKERS if ctx.device.type == "cuda" else CPU_WORKERS
@@ -109,12 +130,12 @@ def stream(ctx: Context, checks: list[TensorCheck], names: list[str]) -> None:
     ):
         pending = set()
         try:
-            for name in names:
+            for batch in batches(ctx, names):
                 if len(pending) >= workers * MAX_IN_FLIGHT:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
                         f.result()
-                pending.add(pool.submit(run_tensor, ctx, checks, name))
+                pending.add(pool.submit(run_batch, ctx, checks, batch))
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for f in done:
                 f.result()
