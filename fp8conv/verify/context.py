@@ -53,7 +53,8 @@ class Context:
         self.reference_mode: str | None = None
         self.serving = None  # fp8conv.targets.ServingReport, when asked for
         self.bytes_read = 0
-        self._readers: dict[str, ShardReader] = {}
+        self._readers: dict[tuple[int, str], ShardReader] = {}
+        self._paths: dict[tuple[int, str], str] = {}
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------- results
@@ -61,20 +62,28 @@ class Context:
         self.out.add(Finding(check, status, message, None if file is None else str(file), tensor))
 
     def record(self, name: str, role: str | None = None, ckpt: Checkpoint | None = None) -> TensorRecord:
+        rec = self.out.records.get(name)
+        if rec is not None:
+            return rec
         ckpt = ckpt or self.ckpt
         info = ckpt.info(name)
         return self.out.record(
-            name,
-            str(ckpt.root / ckpt.weight_map[name]),
-            info.shape,
-            info.dtype,
-            role or self.roles.role(name),
+            name, self.shard_path(ckpt, name), info.shape, info.dtype, role or self.roles.role(name)
         )
+
+    def shard_path(self, ckpt: Checkpoint, name: str) -> str:
+        """The path of the shard holding `name`, as text (one Path join per shard, not per tensor)."""
+        shard = ckpt.weight_map[name]
+        key = (id(ckpt), shard)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = str(ckpt.root / shard)
+        return path
 
     # ------------------------------------------------------------------------------------ reads
     def reader(self, ckpt: Checkpoint, name: str) -> ShardReader:
         shard = ckpt.weight_map[name]
-        key = str(ckpt.root / shard)
+        key = (id(ckpt), shard)
         with self._lock:
             r = self._readers.get(key)
             if r is None:
@@ -82,9 +91,16 @@ class Context:
             return r
 
     def read(
-        self, ckpt: Checkpoint, info: TensorInfo, start: int = 0, length: int | None = None
+        self,
+        ckpt: Checkpoint,
+        info: TensorInfo,
+        start: int = 0,
+        length: int | None = None,
+        count: bool = True,
     ) -> torch.Tensor:
         raw = self.reader(ckpt, info.name).read_bytes(info, start, length)
+        if not count:  # a second read of bytes already counted (a light tensor's closer look)
+            return raw
         with self._lock:
             self.bytes_read += raw.numel()
             if self.progress is not None and ckpt is self.ckpt:

@@ -50,15 +50,21 @@ class FiniteValues(TensorCheck):
     def applies(self, ctx: Context, t: TensorData) -> bool:
         return t.info.dtype in FLOAT_DTYPES
 
+    @staticmethod
+    def all_finite(x: torch.Tensor) -> bool:
+        """No NaN or Inf in x. aminmax propagates NaN and turns Inf into a non-finite bound: one pass
+        at ~10 GB/s on bf16 here, where isfinite over every element runs at 0.5 GB/s."""
+        if x.numel() == 0:
+            return True
+        lo, hi = torch.aminmax(x)
+        return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
     def begin(self, ctx: Context, t: TensorData) -> None:
         t.state[self.name] = [0, None]
 
     def band(self, ctx: Context, t: TensorData, b: Band) -> None:
         x = b.values()
-        # aminmax propagates NaN and turns Inf into a non-finite bound: one pass at ~10 GB/s on bf16
-        # here, where isfinite over every element runs at 0.5 GB/s. The count only when one is found.
-        lo, hi = torch.aminmax(x)
-        if math.isfinite(float(lo)) and math.isfinite(float(hi)):
+        if self.all_finite(x):  # the count and the position only when there is one
             return
         bad = ~torch.isfinite(x)
         st = t.state[self.name]

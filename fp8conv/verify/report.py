@@ -189,10 +189,9 @@ def worst_first(records) -> list[TensorRecord]:
     """Failures first, then the lowest SQNR, then the highest GEMM error relative to its bound."""
 
     def key(r: TensorRecord):
-        sq = [
-            v for k, v in r.metrics.items() if k in ("sqnr_db", "min_tile_sqnr_db") and isinstance(v, float)
-        ]
-        ratio = (r.metrics.get("gemm_rel_err") or 0.0) / (r.metrics.get("gemm_bound") or 1.0)
+        m = r.metrics
+        sq = [v for v in (m.get("sqnr_db"), m.get("min_tile_sqnr_db")) if isinstance(v, float)]
+        ratio = (m.get("gemm_rel_err") or 0.0) / (m.get("gemm_bound") or 1.0)
         return (STATUS_RANK[r.status], min(sq) if sq else float("inf"), -ratio, r.name)
 
     return sorted(records, key=key)
