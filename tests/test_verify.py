@@ -145,7 +145,7 @@ def test_quantized_outputs_pass(good, name):
             assert t["checks"]["gemm"]["status"] == "pass"
             assert t["metrics"]["gemm_rel_err"] < t["metrics"]["gemm_bound"]
 
-    code, report, out = run(good / name, "--reference", BF16, "-q")
+    code, report, out = run(good / name, "--reference", BF16, "--reference-mode", "statistical", "-q")
     assert code == 0, out
     fp8 = [t for t in report["tensors"] if t["role"] == "fp8_weight"]
     assert len(fp8) == 14
@@ -156,6 +156,9 @@ def test_quantized_outputs_pass(good, name):
         assert t["metrics"]["min_tile_sqnr_db"] > 28
         assert t["metrics"]["max_tile_gain_dev"] < 5e-3
         assert t["metrics"]["output_cosine"] > 0.999
+    code, report, out = run(good / name, "--reference", BF16, "-q")
+    assert code == 0, out
+    for t in [t for t in report["tensors"] if t["role"] == "fp8_weight"]:
         # an output fp8conv wrote: compared with an exact re-quantization of the original
         assert "bit-identical to an exact re-quantization" in t["checks"]["reference"]["message"]
     assert report["reference_mode"] == "exact"
