@@ -340,8 +340,8 @@ class OriginalComparison(TensorCheck):
                     self.name,
                     "fail",
                     "re-quantization differs from its first mismatch at "
-                    f"{r['first_code'] or r['first_scale']} on, and the statistics of the bands before it were not kept: rerun with "
-                    "--reference-mode statistical to judge this tensor by its SQNR",
+                    f"{r['first_code'] or r['first_scale']} on, and the statistics of the bands before "
+                    "it were not kept: rerun with --reference-mode statistical to judge this tensor by its SQNR",
                 )
             else:
                 bad, summary = stats
