@@ -341,7 +341,8 @@ class OriginalComparison(TensorCheck):
                     "fail",
                     "re-quantization differs from its first mismatch at "
                     f"{r['first_code'] or r['first_scale']} on, and the statistics of the bands before "
-                    "it were not kept: rerun with --reference-mode statistical to judge this tensor by its SQNR",
+                    "it were not kept: rerun with --reference-mode statistical to judge this tensor "
+                    "by its SQNR",
                 )
             else:
                 bad, summary = stats
