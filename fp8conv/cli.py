@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from inspect import signature
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -839,6 +838,14 @@ def verify(
             "--experts", metavar="N", help="stacked experts: GEMM-check this many per tensor (0 = all)"
         ),
     ] = 8,
+    reference_mode: Annotated[
+        str,
+        typer.Option(
+            "--reference-mode",
+            metavar="auto|exact|statistical",
+            help="FP8 CKPT vs its original: exact (bit-for-bit re-quantization), statistical, or auto",
+        ),
+    ] = "auto",
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = None,
@@ -857,6 +864,8 @@ def verify(
     from fp8conv.verify.verify import render_table, summary_line
 
     def go():
+        from fp8conv import targets
+
         opts = VerifyOptions(
             reference=None if reference is None else resolve_source(reference),
             tensors=tuple(tensors or ()),
@@ -866,17 +875,19 @@ def verify(
             min_sqnr=min_sqnr,
             device=device,
             experts=experts,
+            reference_mode=reference_mode,
+            tp=targets.parse_tp_sizes(tp) if tp is not None else (),
+            ep=ep,
+            targets=targets.parse_targets(target),
+            blackwell=blackwell,
         )
         progress = ConsoleProgress(quiet, "verify", transient=True, shards=False)
         return verify_checkpoint(resolve_source(ckpt, revision), opts, progress)
 
     protect = (ckpt,) + ((reference,) if reference else ())
     report = run_guarded(go, json_out, resumable=False, protect=protect)
-    serving = serving_for(ckpt, revision, tp, ep, target, blackwell, json_out, device)
-    payload = report.to_dict()
-    if serving is not None:
-        payload["serving"] = serving.to_dict()
-    emit_json(json_out, payload, protect)
+    serving = report.serving
+    emit_json(json_out, report.to_dict(), protect)
     console = err if json_out == "-" else out
     if not quiet:
         console.print(render_table(report))
@@ -887,7 +898,7 @@ def verify(
             log(f"FAIL {line}", style="red")
     if not quiet or not report.ok:
         log(summary_line(report))
-    if not report.ok or (serving is not None and not serving.ok):
+    if not report.ok:
         raise typer.Exit(VerificationFailed.exit_code)
 
 
@@ -914,12 +925,7 @@ def inspect(
     from fp8conv.verify.inspect import inspect_checkpoint, inspect_table
 
     def go():
-        path = resolve_source(ckpt, revision)
-        if "progress" in signature(inspect_checkpoint).parameters:  # reads headers; data checks may come
-            return inspect_checkpoint(
-                path, progress=ConsoleProgress(quiet, "inspect", transient=True, shards=False)
-            )
-        return inspect_checkpoint(path)
+        return inspect_checkpoint(resolve_source(ckpt, revision))
 
     info = run_guarded(go, json_out, resumable=False, protect=(ckpt,))
     serving = serving_for(ckpt, revision, tp, ep, None, False, json_out)
@@ -930,6 +936,16 @@ def inspect(
     console.print(inspect_table(info))
     if serving is not None:
         print_serving(serving, console, loaders=False)
+    if not info["ok"]:
+        # described, but damaged: not a checkpoint a loader can read (exit 3, as the converters)
+        bad = [o for o in info["odd"] if o["kind"].startswith("structure:")]
+        first = bad[0] if bad else {"file": info["path"], "message": "damaged"}
+        log(
+            f"error (exit 3): {first['file'] or info['path']}: {first['message']} "
+            f"({len(bad)} structural problem(s) listed above)",
+            style="bold red",
+        )
+        raise typer.Exit(3)
 
 
 def serving_for(ckpt, revision, tp, ep, target, blackwell, json_out, device="cpu"):

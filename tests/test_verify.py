@@ -145,7 +145,7 @@ def test_quantized_outputs_pass(good, name):
             assert t["checks"]["gemm"]["status"] == "pass"
             assert t["metrics"]["gemm_rel_err"] < t["metrics"]["gemm_bound"]
 
-    code, report, out = run(good / name, "--reference", BF16, "-q")
+    code, report, out = run(good / name, "--reference", BF16, "--reference-mode", "statistical", "-q")
     assert code == 0, out
     fp8 = [t for t in report["tensors"] if t["role"] == "fp8_weight"]
     assert len(fp8) == 14
@@ -156,9 +156,16 @@ def test_quantized_outputs_pass(good, name):
         assert t["metrics"]["min_tile_sqnr_db"] > 28
         assert t["metrics"]["max_tile_gain_dev"] < 5e-3
         assert t["metrics"]["output_cosine"] > 0.999
-    # every tensor that was not quantized is byte-compared with the original
-    copied = [t for t in report["tensors"] if t["role"] in ("weight", "other")]
-    assert len(copied) == 7 and all(t["checks"]["reference"]["status"] == "pass" for t in copied)
+    code, report, out = run(good / name, "--reference", BF16, "-q")
+    assert code == 0, out
+    for t in [t for t in report["tensors"] if t["role"] == "fp8_weight"]:
+        # an output fp8conv wrote: compared with an exact re-quantization of the original
+        assert "bit-identical to an exact re-quantization" in t["checks"]["reference"]["message"]
+    assert report["reference_mode"] == "exact"
+    # every tensor that was not quantized is byte-compared with the original (a passing tensor that
+    # no check flags gets no record: the report stays small on 10^6 tensors)
+    assert report["totals"]["data_checked"] == 14 + 14 + 7  # FP8 weights, their scales, the rest
+    assert not [t for t in report["tensors"] if t["role"] in ("weight", "other")]
 
 
 @pytest.mark.parametrize("ckpt, ref", [("ds-bf16", DS_FP8), ("llama-bf16", LLAMA_FP8)])
@@ -250,12 +257,16 @@ def test_one_tile_scale_doubled(good, tmp_path):
 
     edit(ckpt, GATE0, double)
     assert run(ckpt, "-q")[0] == 0
-    code, report, out = run(ckpt, "--reference", BF16, "-q")
-    assert code == 1
+    code, report, out = run(ckpt, "--reference", BF16, "--reference-mode", "statistical", "-q")
+    assert code == 1 and report["reference_mode"] == "statistical"
     msg = failed(report, GATE0)["reference"]
     assert "tile (2, 1)" in msg and "gain 1.99" in msg
     assert rec(report, GATE0)["metrics"]["min_tile_sqnr_db"] < 1
     assert GATE0 in out
+    code, report, out = run(ckpt, "--reference", BF16, "-q")
+    assert code == 1 and report["reference_mode"] == "exact"
+    msg = failed(report, GATE0)["reference"]
+    assert "1 of 8 scale(s) differ, first at tile (2, 1)" in msg and "0 code" not in msg
 
 
 def test_two_same_shaped_weights_swapped(good, tmp_path):
@@ -302,10 +313,14 @@ def test_zeroed_weight_bytes_need_reference(good, tmp_path):
     ckpt = copy(good / "fp8", tmp_path)
     poke(ckpt, O0, 128 * 256, bytes(64 * 256))  # rows 128..191 of 256x256 := 0
     assert run(ckpt, "-q")[0] == 0
-    code, report, _ = run(ckpt, "--reference", BF16, "-q")
+    code, report, _ = run(ckpt, "--reference", BF16, "--reference-mode", "statistical", "-q")
     assert code == 1
     msg = failed(report, O0)["reference"]
     assert "tile (1, " in msg and "SQNR" in msg
+    code, report, _ = run(ckpt, "--reference", BF16, "-q")
+    assert code == 1
+    msg = failed(report, O0)["reference"]
+    assert "16384 of 65536 code(s) differ, first at (128, 0)" in msg
 
 
 def test_missing_scale(good, tmp_path):
@@ -500,7 +515,7 @@ def test_ue8m0_config_with_float_scales(good, tmp_path):
 
 
 def test_gemm_check_catches_a_wrong_kernel(good, monkeypatch):
-    import fp8conv.verify.verify as v
+    import fp8conv.verify.numerics as v
 
     real = v.fp8_gemm
     monkeypatch.setattr(v, "fp8_gemm", lambda *a, **k: real(*a, **k) * (1 + 1e-3))
@@ -604,6 +619,7 @@ REPORT = {
     "description": str,
     "reference": (str, type(None)),
     "reference_format": (str, type(None)),
+    "reference_mode": (str, type(None)),
     "device": str,
     "device_note": (str, type(None)),
     "options": dict,
@@ -622,6 +638,11 @@ OPTIONS = {
     "min_sqnr": NUM,
     "device": str,
     "experts": int,
+    "reference_mode": str,
+    "tp": list,
+    "ep": bool,
+    "targets": (list, type(None)),
+    "blackwell": bool,
 }
 BOUNDS = {"gemm_rule": str, "min_sqnr_db": NUM, "tile_gain_tol": NUM}
 TOTALS = {
@@ -631,6 +652,7 @@ TOTALS = {
         "unreadable_tensors",
         "fp8_weights",
         "selected",
+        "data_checked",
         "records",
         "failed_tensors",
         "warned_tensors",

@@ -38,7 +38,7 @@ def _verify(*args) -> tuple[int, dict, str]:
 def test_quantized_sample_passes_on_cuda(tmp_path, fmt):
     src = SAMPLES / "llama-tiny-bf16"
     quantize(src, tmp_path / "q", QuantizeOptions(format=fmt, device="cpu"))
-    code, report, out = _verify(tmp_path / "q", "--reference", src)
+    code, report, out = _verify(tmp_path / "q", "--reference", src, "--reference-mode", "statistical")
     assert code == 0, out
     assert report["device"].startswith("cuda")
     fp8 = [t for t in report["tensors"] if t["role"] == "fp8_weight"]
@@ -48,6 +48,9 @@ def test_quantized_sample_passes_on_cuda(tmp_path, fmt):
         assert t["metrics"]["gemm_bound"] == 1e-3
         assert t["metrics"]["gemm_rel_err"] < 1e-3
         assert t["metrics"]["sqnr_db"] > 28
+    # the default (auto) takes the exact re-quantization for an output fp8conv wrote
+    code, report, out = _verify(tmp_path / "q", "--reference", src)
+    assert code == 0 and report["reference_mode"] == "exact", out
 
 
 @pytest.mark.parametrize("rows", [33, 256])
@@ -67,7 +70,9 @@ def test_cpu_and_cuda_agree_on_everything_but_the_gemm(tmp_path):
     src = SAMPLES / "llama-tiny-bf16"
     quantize(src, tmp_path / "q", QuantizeOptions(device="cpu"))
     reports = {
-        dev: verify_checkpoint(tmp_path / "q", VerifyOptions(reference=str(src), device=dev))
+        dev: verify_checkpoint(
+            tmp_path / "q", VerifyOptions(reference=str(src), device=dev, reference_mode="statistical")
+        )
         for dev in ("cpu", "cuda")
     }
     assert all(r.ok for r in reports.values())
@@ -92,3 +97,41 @@ def test_nan_code_fails_on_cuda(tmp_path):
     t = next(t for t in report["tensors"] if t["name"] == name)
     assert t["checks"]["nan_codes"]["status"] == "fail"
     assert t["checks"]["gemm"]["status"] == "fail"
+
+
+def test_exact_reference_mode_on_cuda(tmp_path):
+    """An output written on the CPU re-quantizes bit for bit through the Triton weight_quant (the
+    quantizer gives the same bytes on both); one code off by one step fails there too."""
+    src = SAMPLES / "llama-tiny-bf16"
+    quantize(src, tmp_path / "q", QuantizeOptions(device="cpu"))
+    code, report, out = _verify(tmp_path / "q", "--reference", src)
+    assert code == 0 and report["reference_mode"] == "exact", out
+    path = tmp_path / "q" / "model.safetensors"
+    name = "model.layers.0.mlp.gate_proj.weight"
+    info = read_header(path).tensors[name]
+    with open(path, "r+b") as f:
+        f.seek(info.start)
+        raw = bytearray(f.read(256))
+        j = next(i for i, b in enumerate(raw) if 0 < b < 0x7E)
+        f.seek(info.start + j)
+        f.write(bytes([raw[j] + 1]))
+    code, report, out = _verify(tmp_path / "q", "--reference", src)
+    assert code == 1 and report["reference_mode"] == "exact"
+    t = next(t for t in report["tensors"] if t["name"] == name)
+    assert "1 of 131072 code(s) differ" in t["checks"]["reference"]["message"]
+
+
+def test_families_on_cuda(tmp_path):
+    """Every published family: the source passes on the GPU, and its CPU-dequantized output is bit
+    equal to the source through the GPU's checks as well."""
+    from fp8conv import DequantizeOptions, dequantize
+    from tests.fixtures_formats import FAMILIES, build
+
+    for name in FAMILIES:
+        f = build(name, tmp_path / name)
+        code, _, out = _verify(f.root)
+        assert code == 0, (name, out)
+        dst = tmp_path / name / "out"
+        dequantize(f.root, dst, DequantizeOptions(device="cpu"))
+        code, report, out = _verify(dst, "--reference", f.root)
+        assert code == 0, (name, out)
