@@ -501,7 +501,7 @@ class FolderLock:
             pass
 
     def live_tokens(self) -> set[str]:
-        out = {TOKEN}
+        out = {TOKEN} if self.names else set()
         try:
             for h in self.holders.iterdir():
                 if self.alive({"token": h.name, **(self._read(h) or {})}):
@@ -540,36 +540,21 @@ class FolderLock:
             _remove(p)
         self.names = []
 
-    def close_folder(self) -> bool:
-        """On a complete output: remove the state folder unless another process of the job still
-        runs (the last one out removes it). The owner record is renamed away first, so a process
-        arriving now either is seen here (and the folder stays) or finds no owner and starts anew."""
-        owner = self.state / OWNER_FILE
-        closing = self.state / f"{OWNER_FILE}.closing.{TOKEN}"
-        try:
-            if not owner.exists():  # the part that took it finished first and gave it back
-                rec = self._read(self.mine) or {}
-                self._take(OWNER_FILE, json.dumps(rec).encode())
-            os.rename(owner, closing)
-        except OSError:
-            return False
-        if self.others_running():
+    def finish(self, is_complete) -> bool:
+        """Give our records back, then, if `is_complete()` holds and no other process of the job is
+        alive, remove the state folder. Each process removes its own holder before it looks at
+        completeness and at the others, so of processes finishing together the last to look sees
+        the others gone: when the output ends complete, at least one of them removes the folder."""
+        self.release()
+        complete = bool(is_complete())
+        if complete and not self.others_running():
             try:
-                os.link(closing, owner)
-            except OSError:
+                shutil.rmtree(self.state)
+            except FileNotFoundError:
                 pass
-            _remove(closing)
-            return False
-        self.stop.set()
-        if self.beat is not None:
-            self.beat.join()
-            self.beat = None
-        self.names = []
-        try:
-            _remove(self.state)
-        except OSError:
-            return False
-        return True
+            except OSError:
+                return complete
+        return complete
 
 
 def describe_holder(rec: dict) -> str:
@@ -654,10 +639,11 @@ class OutputDir:
                     except OSError:
                         pass
 
-    def close(self) -> bool:
-        """The output is complete: remove the state folder (or leave it to another live part)."""
+    def finish(self, is_complete) -> bool:
+        """The run is over: give the lock back; remove the state folder when the output is complete
+        (`is_complete()`) and no other process of the job still runs. Returns is_complete()."""
         lock, self.lock = self.lock, None
-        return lock.close_folder() if lock is not None else False
+        return lock.finish(is_complete) if lock is not None else bool(is_complete())
 
     def check_lock(self) -> None:
         if self.lock is not None and self.lock.lost:

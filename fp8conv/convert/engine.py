@@ -334,11 +334,11 @@ def run(
                 committer.shutdown(wait=True)
             _write_side_files(ckpt, side, out, summary)
             _fault_point("before_complete")
+            out.check_lock()
             mine_names = {s.name for s in mine}
-            if all(s.name in mine_names or _present(out, layouts[s.name]) for s in plan.shards):
-                out.check_lock()
-                out.close()
-                summary.complete = True
+            summary.complete = out.finish(
+                lambda: all(s.name in mine_names or _present(out, layouts[s.name]) for s in plan.shards)
+            )
         finally:
             out.release()
     summary.seconds = summary.stage_seconds["wall"] = time.perf_counter() - t0
