@@ -464,7 +464,10 @@ class FolderLock:
         self._sweep()
 
     def _take(self, name: str, record: bytes) -> dict | None:
-        """Link our record to `name`: None when we got it, else the record that holds it."""
+        """Link our record to `name`: None when we got it, else the record that holds it. Where the
+        filesystem has no hard links (EPERM, ENOTSUP: some FUSE, SMB and sandboxed filesystems), the
+        record is created with O_EXCL and written in place; a reader then gives a record that is
+        still empty a moment to appear (_read_held) before judging it."""
         tmp = self.state / f"{name}.{TOKEN}.tmp"
         _remove(tmp)
         _write_new(tmp, record, sync=False)
@@ -473,10 +476,28 @@ class FolderLock:
             self.names.append(self.state / name)
             return None
         except FileExistsError:
-            held = self._read(self.state / name)
-            return held if held is not None else {}  # vanished meanwhile: stale-and-gone
+            return self._read_held(self.state / name)
+        except OSError as e:
+            if e.errno not in _NO_LINKS:
+                raise
+            try:
+                _write_new(self.state / name, record, sync=False)
+            except FileExistsError:
+                return self._read_held(self.state / name)
+            self.names.append(self.state / name)
+            return None
         finally:
             _remove(tmp)
+
+    def _read_held(self, p: Path) -> dict:
+        for _ in range(40):
+            held = self._read(p)
+            if held is None:
+                return {}  # vanished meanwhile: stale-and-gone
+            if held:
+                return held
+            time.sleep(0.005)  # empty: an O_EXCL writer between create and write
+        return {}
 
     def _take_over(self, name: str, stale: dict) -> None:
         """Move a stale record out of the way; only one of several takers gets it."""
@@ -559,6 +580,9 @@ class FolderLock:
         return complete
 
 
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
+
+
 def describe_holder(rec: dict) -> str:
     since = rec.get("since")
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if isinstance(since, float) else "?"
@@ -626,8 +650,20 @@ class OutputDir:
             lock.me["command"] = command
             lock.acquire(job_id(job), part)
         except OSError as e:
+            self._unmake()
             raise io_error(e, self.root, "preparing the output folder") from e
+        except BaseException:
+            self._unmake()
+            raise
         self.lock = lock
+
+    def _unmake(self) -> None:
+        """The lock was not taken: remove what acquire() made, so DST is left as it was found."""
+        for p in (self.state / HOLDERS, *reversed(self.made)):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
 
     def release(self) -> None:
         """Give the lock back; a run that got no further than the lock leaves DST as it found it."""
