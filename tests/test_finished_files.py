@@ -263,3 +263,26 @@ def test_recorded_checksum_for_other_readers(tmp_path):
     data[-3] ^= 0x80
     (dst / S2).write_bytes(bytes(data))
     assert recorded_checksum_ok(dst / S2) is False
+
+
+def test_incomplete_output_is_said_even_under_quiet(tmp_path):
+    src, dst = make_fp8(tmp_path / "src"), tmp_path / "dst"
+    r = cli("dequantize", src, dst, *CPU, "--part", "1/2")
+    assert r.code == 0, r
+    assert "not complete yet" in r.stderr and "other parts still missing" in r.stderr
+    assert (dst / STATE_DIR).is_dir()  # the resume state stays until the output is complete
+    r = cli("dequantize", src, dst, *CPU, "--part", "2/2")
+    assert r.code == 0 and r.stderr == "", r
+    assert not (dst / STATE_DIR).exists()
+    assert final_files(dst) == clean_run("dequantize")
+
+
+def test_nan_code_index_keeps_every_leading_dim(tmp_path):
+    q = torch.zeros(2, 3, 128, 128).to(torch.float8_e4m3fn)
+    q.view(torch.uint8)[1, 2, 5, 7] = 0x7F
+    root = tmp_path / "src"
+    root.mkdir()
+    w = "model.layers.0.mlp.experts.weight"
+    save_file({w: q, w + "_scale_inv": torch.ones(2, 3, 1, 1)}, root / "model.safetensors", {"format": "pt"})
+    r = cli("dequantize", root, tmp_path / "dst", *CPU)
+    assert_clean_error(r, 4, "element [1, 2, 5, 7]")

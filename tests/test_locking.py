@@ -172,3 +172,24 @@ def test_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     r = run_process("dequantize", src, dst, *CPU)
     assert r.code == 0, r
     assert final_files(dst) == clean_run("dequantize")
+
+
+def test_filesystem_without_hard_links(tmp_path, monkeypatch):
+    """link(2) refused (EPERM, as on some FUSE, SMB and sandboxed filesystems): the lock falls back
+    to O_EXCL records; the run completes and a different job is still refused."""
+    import errno as errno_mod
+
+    from fp8conv.checkpoint import output as output_mod
+    from tests.faultlib import assert_clean_error, cli
+
+    def no_link(*args, **kw):
+        raise OSError(errno_mod.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(output_mod.os, "link", no_link)
+    src, dst = make_fp8(tmp_path / "src"), tmp_path / "dst"
+    assert cli("dequantize", src, dst, *CPU, "--part", "1/2").code == 0
+    r = cli("dequantize", src, dst, *CPU, "--dtype", "fp16")
+    assert_clean_error(r, 6, "different settings")
+    assert cli("dequantize", src, dst, *CPU, "--part", "2/2").code == 0
+    assert final_files(dst) == clean_run("dequantize")
+    assert not (dst / STATE_DIR).exists()

@@ -173,8 +173,10 @@ def _write_new(path: Path, data: bytes, sync: bool = True) -> None:
 class Crc32:
     """zlib's CRC-32 with hashlib's update/digest interface, streamed over a tensor's pieces.
 
-    Chosen over sha256 by measurement (bench/bench_scaling.py and docs/failures.md): on the 2-core
-    CPU runner sha256 made dequantize 1.5-1.7x slower, CRC-32 1.2x. The checksum lives in the file
+    Chosen over sha256 by measurement (bench/bench_scaling.py --hash, docs/failures.md): on one
+    thread here zlib.crc32 ran 2-4x faster than sha256, and each byte written is checksummed once;
+    dequantize on the loaded 2-core runner took 1.01-1.48x with CRC-32 against 1.18-1.74x with sha256
+    over three runs (the machine's load moved the figures). The checksum lives in the file
     it checks, so a cryptographic hash would add no protection against a deliberate edit (whoever
     can change the data can change the record); what it must catch is accidental change (a flipped
     bit, a zeroed or truncated range, a file edited in place), which a CRC-32 per tensor does
@@ -462,7 +464,10 @@ class FolderLock:
         self._sweep()
 
     def _take(self, name: str, record: bytes) -> dict | None:
-        """Link our record to `name`: None when we got it, else the record that holds it."""
+        """Link our record to `name`: None when we got it, else the record that holds it. Where the
+        filesystem has no hard links (EPERM, ENOTSUP: some FUSE, SMB and sandboxed filesystems), the
+        record is created with O_EXCL and written in place; a reader then gives a record that is
+        still empty a moment to appear (_read_held) before judging it."""
         tmp = self.state / f"{name}.{TOKEN}.tmp"
         _remove(tmp)
         _write_new(tmp, record, sync=False)
@@ -471,10 +476,28 @@ class FolderLock:
             self.names.append(self.state / name)
             return None
         except FileExistsError:
-            held = self._read(self.state / name)
-            return held if held is not None else {}  # vanished meanwhile: stale-and-gone
+            return self._read_held(self.state / name)
+        except OSError as e:
+            if e.errno not in _NO_LINKS:
+                raise
+            try:
+                _write_new(self.state / name, record, sync=False)
+            except FileExistsError:
+                return self._read_held(self.state / name)
+            self.names.append(self.state / name)
+            return None
         finally:
             _remove(tmp)
+
+    def _read_held(self, p: Path) -> dict:
+        for _ in range(40):
+            held = self._read(p)
+            if held is None:
+                return {}  # vanished meanwhile: stale-and-gone
+            if held:
+                return held
+            time.sleep(0.005)  # empty: an O_EXCL writer between create and write
+        return {}
 
     def _take_over(self, name: str, stale: dict) -> None:
         """Move a stale record out of the way; only one of several takers gets it."""
@@ -501,7 +524,7 @@ class FolderLock:
             pass
 
     def live_tokens(self) -> set[str]:
-        out = {TOKEN}
+        out = {TOKEN} if self.names else set()
         try:
             for h in self.holders.iterdir():
                 if self.alive({"token": h.name, **(self._read(h) or {})}):
@@ -540,36 +563,24 @@ class FolderLock:
             _remove(p)
         self.names = []
 
-    def close_folder(self) -> bool:
-        """On a complete output: remove the state folder unless another process of the job still
-        runs (the last one out removes it). The owner record is renamed away first, so a process
-        arriving now either is seen here (and the folder stays) or finds no owner and starts anew."""
-        owner = self.state / OWNER_FILE
-        closing = self.state / f"{OWNER_FILE}.closing.{TOKEN}"
-        try:
-            if not owner.exists():  # the part that took it finished first and gave it back
-                rec = self._read(self.mine) or {}
-                self._take(OWNER_FILE, json.dumps(rec).encode())
-            os.rename(owner, closing)
-        except OSError:
-            return False
-        if self.others_running():
+    def finish(self, is_complete) -> bool:
+        """Give our records back, then, if `is_complete()` holds and no other process of the job is
+        alive, remove the state folder. Each process removes its own holder before it looks at
+        completeness and at the others, so of processes finishing together the last to look sees
+        the others gone: when the output ends complete, at least one of them removes the folder."""
+        self.release()
+        complete = bool(is_complete())
+        if complete and not self.others_running():
             try:
-                os.link(closing, owner)
-            except OSError:
+                shutil.rmtree(self.state)
+            except FileNotFoundError:
                 pass
-            _remove(closing)
-            return False
-        self.stop.set()
-        if self.beat is not None:
-            self.beat.join()
-            self.beat = None
-        self.names = []
-        try:
-            _remove(self.state)
-        except OSError:
-            return False
-        return True
+            except OSError:
+                return complete
+        return complete
+
+
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
 
 
 def describe_holder(rec: dict) -> str:
@@ -639,8 +650,20 @@ class OutputDir:
             lock.me["command"] = command
             lock.acquire(job_id(job), part)
         except OSError as e:
+            self._unmake()
             raise io_error(e, self.root, "preparing the output folder") from e
+        except BaseException:
+            self._unmake()
+            raise
         self.lock = lock
+
+    def _unmake(self) -> None:
+        """The lock was not taken: remove what acquire() made, so DST is left as it was found."""
+        for p in (self.state / HOLDERS, *reversed(self.made)):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
 
     def release(self) -> None:
         """Give the lock back; a run that got no further than the lock leaves DST as it found it."""
@@ -654,10 +677,11 @@ class OutputDir:
                     except OSError:
                         pass
 
-    def close(self) -> bool:
-        """The output is complete: remove the state folder (or leave it to another live part)."""
+    def finish(self, is_complete) -> bool:
+        """The run is over: give the lock back; remove the state folder when the output is complete
+        (`is_complete()`) and no other process of the job still runs. Returns is_complete()."""
         lock, self.lock = self.lock, None
-        return lock.close_folder() if lock is not None else False
+        return lock.finish(is_complete) if lock is not None else bool(is_complete())
 
     def check_lock(self) -> None:
         if self.lock is not None and self.lock.lost:

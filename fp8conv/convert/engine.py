@@ -16,6 +16,7 @@ convert, write, commit) over the threads that run it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import os
@@ -158,6 +159,7 @@ class _Piece:
     dst_off: int = 0
     rows: tuple[int, int, int] = (0, 0, 0)  # expert, r0, r1
     last: bool = False
+    jobs: tuple[TensorJob, ...] = ()  # copy: every tensor of a run of small ones, in file order
 
 
 def source_fingerprint(ckpt: Checkpoint) -> dict:
@@ -335,11 +337,11 @@ def run(
                 committer.shutdown(wait=True)
             _write_side_files(ckpt, plan, side, out, summary)
             _fault_point("before_complete")
+            out.check_lock()
             mine_names = {s.name for s in mine}
-            if all(s.name in mine_names or _present(out, layouts[s.name]) for s in plan.shards):
-                out.check_lock()
-                out.close()
-                summary.complete = True
+            summary.complete = out.finish(
+                lambda: all(s.name in mine_names or _present(out, layouts[s.name]) for s in plan.shards)
+            )
         finally:
             out.release()
     summary.seconds = summary.stage_seconds["wall"] = time.perf_counter() - t0
@@ -519,12 +521,37 @@ def _rows_per_piece(job: TensorJob) -> int:
     return max(align, (PIECE_ELEMS // max(n, 1)) // align * align)
 
 
+SMALL_COPY = 1 << 20  # tensors below this, adjacent in source and output, are copied as one run
+RUN_BYTES = 16 << 20  # ... of at most this many bytes
+
+
 def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
+    run: list[TensorJob] = []  # small copied tensors contiguous in the source and in the output
+
+    def flush():
+        first, last = run[0], run[-1]
+        n = last.src.end - first.src.start
+        piece = _Piece(first, "copy", first.src.start, n, offsets[first.name][0], last=True, jobs=tuple(run))
+        run.clear()
+        return piece
+
     for job in sp.jobs:
         dst0 = offsets[job.name][0]
         if job.action == "copy":
-            yield _Piece(job, "copy", job.src.start, job.src.nbytes, dst0, last=True)
+            if run and not (
+                job.src.nbytes < SMALL_COPY
+                and job.src.start == run[-1].src.end
+                and dst0 == offsets[run[-1].name][1]
+                and job.src.end - run[0].src.start <= RUN_BYTES
+            ):
+                yield flush()
+            if job.src.nbytes < SMALL_COPY:
+                run.append(job)
+            else:
+                yield _Piece(job, "copy", job.src.start, job.src.nbytes, dst0, last=True, jobs=(job,))
             continue
+        if run:
+            yield flush()
         if job.action in ("scale", "compute"):
             yield _Piece(job, "emit", 0, 0, dst0, last=True)
             continue
@@ -547,6 +574,8 @@ def _pieces(sp: ShardPlan, offsets: dict[str, tuple[int, int]]):
                     (e, r0, r1),
                     last=(e == experts - 1 and r1 == m),
                 )
+    if run:
+        yield flush()
 
 
 def _max_piece_bytes(sp: ShardPlan) -> tuple[int, int]:
@@ -660,6 +689,14 @@ class _Converter:
     def emit(self, weight_job: TensorJob) -> bytes:
         s = self.scales.pop(weight_job.name)
         return s.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _checksum_run(fd: int, offset: int, length: int, spans) -> None:
+    data = memoryview(os.pread(fd, length, offset))
+    if len(data) != length:
+        raise OSError(errno.EIO, "source ended early (file shrank while being read)")
+    for start, n, h in spans:
+        h.update(data[start : start + n])
 
 
 def _grid(job: TensorJob) -> tuple[int, int]:
@@ -897,11 +934,19 @@ class _ShardWriter:
         piece, buf, f = self.reads.popleft()
         job = piece.job
         if piece.kind == "copy":
-            # copied file to file in the kernel; hashed from the source range (in the page cache
-            # after the copy), which copy_file_range reproduces exactly
-            hashed = self._hash(job, ("range", self.reader._fd, piece.src_off, piece.length))
+            # copied file to file in the kernel; checksummed from the source range (in the page
+            # cache after the copy), which copy_file_range reproduces exactly
+            if len(piece.jobs) == 1:
+                hashed = self._hash(job, ("range", self.reader._fd, piece.src_off, piece.length))
+            else:  # a run of small tensors: one read, one checksum per tensor
+                spans = [
+                    (j.src.start - piece.src_off, j.src.nbytes, self.digests[j.name]) for j in piece.jobs
+                ]
+                hashed = self.hs[self.slot[job.name]].submit(
+                    _checksum_run, self.reader._fd, piece.src_off, piece.length, spans
+                )
             self._submit_write(self._copy, piece, hashed=hashed)
-            summary.tensors_copied += 1
+            summary.tensors_copied += len(piece.jobs)
             return
         if piece.kind == "emit":  # the scales are complete once every piece before is converted
             while self.converting:

@@ -140,9 +140,6 @@ class QuantizeOptions:
                 "--scale-fmt ue8m0 applies to fp8-block (mxfp8 scales are always e8m0): compressed-tensors' "
                 "FP8_DYNAMIC has float per-channel scales"
             )
-        from fp8conv.formats.writers import writer
-
-        writer(self.format, self.scheme)  # refuses a pair no loader reads, with the reason
         for field_name in ("skip", "only"):
             value = getattr(self, field_name)
             object.__setattr__(self, field_name, (value,) if isinstance(value, str) else tuple(value))

@@ -170,6 +170,7 @@ def _layer_rules(
 def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions, like: Reference | None = None) -> Plan:
     """The quantize plan; with `like` (--like REF, opts already taken from it), exactly the reference's
     FP8 tensor set and its quantization_config."""
+    w = writer(opts.format, opts.scheme)  # refuses a pair no loader reads (exit 2), with the reason
     for shard in ckpt.unindexed:
         raise InvalidCheckpoint(
             "Mistral's native tensors are not quantized by fp8conv",
@@ -185,7 +186,6 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions, like: Reference | Non
                 tensor=name,
                 hint="run `fp8conv convert` to change its layout or scheme, or `fp8conv dequantize` first",
             )
-    w = writer(opts.format, opts.scheme)
     if like is not None:
         check_same_tensors(ckpt, like)
         base = {
