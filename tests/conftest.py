@@ -30,3 +30,20 @@ def sample(tmp_path):
         return dst
 
     return make
+
+
+def model_bytes(path: Path) -> tuple[dict, dict, bytes]:
+    """A shard as a loader sees it: each tensor's entry (dtype, shape, offsets), the metadata without
+    fp8conv's own record of the job and checksum (`fp8conv.*`, which differs by how the file was
+    made), and the data bytes. Two shards with equal model_bytes hold the same model."""
+    from fp8conv.checkpoint.safetensors_io import read_header
+
+    h = read_header(path)
+    entries = {
+        n: (t.dtype, t.shape, t.start - h.data_start, t.end - h.data_start) for n, t in h.tensors.items()
+    }
+    meta = {k: v for k, v in (h.metadata or {}).items() if not k.startswith("fp8conv.")}
+    with open(path, "rb") as f:
+        f.seek(h.data_start)
+        data = f.read()
+    return entries, meta, data

@@ -38,6 +38,6 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
     exec(compile(code, str(README) + ":From Python", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     assert "14 tensors to quantize" in out and "14 tensors converted" in out
-    assert (tmp_path / "out" / "llama-fp8" / "model.safetensors").is_file()
-    assert (tmp_path / "out" / "llama-bf16" / "model.safetensors").is_file()
+    assert (tmp_path / "llama-fp8" / "model.safetensors").is_file()
+    assert (tmp_path / "llama-bf16" / "model.safetensors").is_file()
     assert "torch.Size([4, 512])" in out

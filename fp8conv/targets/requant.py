@@ -100,5 +100,6 @@ def requant_loss(
                 max_abs = max(max_abs, float(diff.abs().max()))
     rel = (err2**0.5) / (ref2**0.5) if ref2 > 0 else 0.0
     sf = s.float()
-    changed = float((ceil_to_ue8m0(sf) != sf.abs()).float().mean()) if sf.numel() else 0.0
+    # an exact count (a float32 mean sums in a different order on the GPU and the CPU)
+    changed = int((ceil_to_ue8m0(sf) != sf.abs()).sum()) / sf.numel() if sf.numel() else 0.0
     return RequantLoss(name, True, rel, max_abs, changed)

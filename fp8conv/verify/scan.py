@@ -181,6 +181,9 @@ def _lenient_scan(root: Path) -> Scan:
                 bad_names += 1
                 if bad_names <= 20:
                     findings.append(fail("index", e.rule, e.file, e.tensor))
+                    link = root / shard if isinstance(shard, str) and shard else None
+                    if link is not None and link.is_symlink() and not link.exists():
+                        refusals.append(findings[-1])  # a link loop (or dangling link): no command reads it
                 continue
             except (RuntimeError, OSError) as e:
                 bad_names += 1

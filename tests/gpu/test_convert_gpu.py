@@ -24,6 +24,21 @@ def convert(*args) -> None:
     assert r.exit_code == 0, r.output
 
 
+def both_devices(src: Path, tmp_path: Path, *args) -> bool:
+    """Dequantize `src` on the CPU and on the GPU into tmp_path/cpu and tmp_path/gpu: the same exit
+    code, and the same error line when a value overflows the dtype (exit 4, nothing Inf written).
+    True when both wrote an output."""
+    codes, lines = [], []
+    for dev in ("cpu", "gpu"):
+        device = "cpu" if dev == "cpu" else "cuda"
+        r = runner.invoke(app, ["dequantize", str(src), str(tmp_path / dev), "--device", device, *args])
+        codes.append(r.exit_code)
+        lines.append([x for x in r.output.splitlines() if x.startswith("error")])
+    assert codes[0] == codes[1] and lines[0] == lines[1], (codes, lines)
+    assert codes[0] in (0, 4), lines
+    return codes[0] == 0
+
+
 def shard_bytes(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(root.glob("*.safetensors"))}
 
@@ -71,11 +86,13 @@ def synthetic_fp8(root: Path) -> Path:
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_dequantize_cpu_and_gpu_byte_identical(tmp_path, dtype):
     for src in (SAMPLES / "deepseek-tiny-fp8", SAMPLES / "llama-tiny-fp8", synthetic_fp8(tmp_path / "syn")):
-        convert("dequantize", src, tmp_path / "cpu", "--device", "cpu", "--dtype", dtype, "-q")
-        convert("dequantize", src, tmp_path / "gpu", "--device", "cuda", "--dtype", dtype, "-q")
-        assert_same(tmp_path / "cpu", tmp_path / "gpu")
-        shutil.rmtree(tmp_path / "cpu")
-        shutil.rmtree(tmp_path / "gpu")
+        # the synthetic checkpoint's large magnitudes overflow fp16: refused alike on both devices
+        if both_devices(src, tmp_path, "--dtype", dtype, "-q"):
+            assert_same(tmp_path / "cpu", tmp_path / "gpu")
+        else:
+            assert dtype == "fp16" and src.name == "syn"
+        shutil.rmtree(tmp_path / "cpu", ignore_errors=True)
+        shutil.rmtree(tmp_path / "gpu", ignore_errors=True)
         if (tmp_path / "syn").exists() and src == tmp_path / "syn":
             shutil.rmtree(src)
 
@@ -150,16 +167,19 @@ def test_every_family_dequantizes_to_the_same_bytes_on_gpu_and_cpu(tmp_path, nam
     """Each family's fixture (tests/fixtures_formats.py) through `--device cuda` and `--device cpu`:
     identical files, and the GPU's tensors equal to the fixture's own formula bit for bit."""
     f = build(name, tmp_path / "src")
-    convert("dequantize", f.root, tmp_path / "cpu", "--device", "cpu", "--dtype", dtype, "-q")
-    convert("dequantize", f.root, tmp_path / "gpu", "--device", "cuda", "--dtype", dtype, "-q")
+    wants = {k: fn(torch_dtype).contiguous() for k, fn in f.expect.items()}
+    overflow = any(w.is_floating_point() and bool(torch.isinf(w).any()) for w in wants.values())
+    # A formula that overflows the dtype (MX scales up to 2**8 times 448 in fp16) is refused alike.
+    assert both_devices(f.root, tmp_path, "--dtype", dtype, "-q") is not overflow
+    if overflow:
+        return
     assert_same(tmp_path / "cpu", tmp_path / "gpu")
     for rel in ("params.json",):
         if (tmp_path / "cpu" / rel).exists():
             assert (tmp_path / "cpu" / rel).read_bytes() == (tmp_path / "gpu" / rel).read_bytes()
     out = _load_all(tmp_path / "gpu")
     assert set(out) == set(f.expect)
-    for k, fn in f.expect.items():
-        want = fn(torch_dtype).contiguous()
+    for k, want in wants.items():
         assert torch.equal(out[k].view(torch.uint8), want.view(torch.uint8)), k
 
 

@@ -7,6 +7,7 @@ same reference numbers as on the CPU; a planted NaN code must fail on the GPU to
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -78,9 +79,13 @@ def test_cpu_and_cuda_agree_on_everything_but_the_gemm(tmp_path):
     assert all(r.ok for r in reports.values())
     cpu = {t.name: t.metrics for t in reports["cpu"].tensors}
     for t in reports["cuda"].tensors:
-        for k in ("sqnr_db", "min_tile_sqnr_db", "output_cosine"):
+        for k in ("sqnr_db", "min_tile_sqnr_db"):
             if k in t.metrics:
                 assert t.metrics[k] == cpu[t.name][k]
+        # the cosine's float64 dot products are summed band by band in each device's own order: equal
+        # to the last few ulps (seen on an H200: 0.999669685635282 against 0.9996696856352822)
+        if "output_cosine" in t.metrics:
+            assert math.isclose(t.metrics["output_cosine"], cpu[t.name]["output_cosine"], rel_tol=1e-12)
 
 
 def test_nan_code_fails_on_cuda(tmp_path):
