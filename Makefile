@@ -2,10 +2,11 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of torch from its CPU index keeps CI light (PyPI's Linux torch brings CUDA, ~5 GB);
-# on GPU machines: make TORCH_INDEX= TORCH_SPEC=torch ...
+# A CPU build of torch keeps CI light: the CI runners hold torch 2.13.0's CPU wheel on disk and reach
+# no other index. Elsewhere, take it from torch's CPU index (PyPI's Linux torch brings CUDA, ~5 GB):
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu ...    GPU machines: make TORCH_SPEC=torch ...
 TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 # The tests run the Triton kernels in Triton's CPU interpreter, so the dev venv takes the gpu extra.
 EXTRAS ?= dev,consumers,gpu
 STAMP := $(VENV)/.installed
