@@ -16,6 +16,7 @@ from fp8conv.checkpoint.safetensors_io import load_file
 from fp8conv.cli import app
 from fp8conv.kernels.reference import weight_dequant_torch
 from tests.conftest import model_bytes, tree_digest
+from tests.deepgemm_reference import deepgemm_per_block_cast_to_fp8
 
 runner = CliRunner()
 
@@ -87,26 +88,8 @@ def test_relayout_of_stacked_experts_to_compressed_tensors_is_refused(sample, tm
         assert model_bytes(tmp_path / "same" / shard.name) == model_bytes(shard), shard.name
 
 
-# DeepGEMM deep_gemm/utils/math.py @54e22612409371d6364144b69086735beb54e98b: ceil_to_ue8m0 and
-# per_block_cast_to_fp8(use_ue8m0=True), applied as vLLM's requant_weight_ue8m0_inplace applies it (the
-# weight dequantized in float32 with its old scales first); written out here statement for statement.
-def _deepgemm_ceil_to_ue8m0(x):
-    bits = x.abs().float().view(torch.int)
-    exp = ((bits >> 23) & 0xFF) + (bits & 0x7FFFFF).bool().int()
-    return (exp.clamp(1, 254) << 23).view(torch.float)
-
-
-def _deepgemm_per_block_cast_to_fp8(x, gran_k=128):
-    m, n = x.shape
-    x_padded = torch.zeros((math.ceil(m / gran_k) * gran_k, math.ceil(n / gran_k) * gran_k), dtype=x.dtype)
-    x_padded[:m, :n] = x
-    x_view = x_padded.view(-1, gran_k, x_padded.size(1) // gran_k, gran_k)
-    x_amax = x_view.abs().float().amax(dim=(1, 3), keepdim=True).clamp(1e-4)
-    sf = _deepgemm_ceil_to_ue8m0(x_amax / 448.0)
-    x_scaled = (x_view * (1.0 / sf)).to(torch.float8_e4m3fn)
-    return x_scaled.view_as(x_padded)[:m, :n].contiguous(), sf.view(x_view.size(0), x_view.size(2))
-
-
+# The oracle: DeepGEMM's per_block_cast_to_fp8(use_ue8m0=True) as vLLM's requant_weight_ue8m0_inplace
+# applies it, written out in tests/deepgemm_reference.py (file and commit cited there).
 def test_ue8m0_is_deepgemms_requant_with_the_loss_reported(sample, tmp_path):
     src = sample("deepseek-tiny-fp8")  # sharded, ragged edge tiles, stacked experts
     out = tmp_path / "ue8m0"
@@ -131,7 +114,7 @@ def test_ue8m0_is_deepgemms_requant_with_the_loss_reported(sample, tmp_path):
         for e in range(qs.shape[0]):
             m, n = qs.shape[-2:]
             w = qs[e].float() * ss[e].repeat_interleave(128, 0).repeat_interleave(128, 1)[:m, :n]
-            wq, wsf = _deepgemm_per_block_cast_to_fp8(w)
+            wq, wsf = deepgemm_per_block_cast_to_fp8(w)
             assert torch.equal(gq[e].view(torch.uint8), wq.view(torch.uint8)), k
             assert torch.equal(gs[e], wsf), k
             back = wq.float() * wsf.repeat_interleave(128, 0).repeat_interleave(128, 1)[:m, :n]

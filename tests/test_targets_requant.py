@@ -11,7 +11,6 @@ out in the statement order of those files rather than through fp8conv's helpers.
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -20,23 +19,7 @@ from fp8conv.checkpoint.safetensors_io import save_file
 from fp8conv.kernels import weight_quant
 from fp8conv.targets import serving_report
 from fp8conv.targets.requant import ceil_to_ue8m0, requant_loss, requant_ue8m0
-
-
-def deepgemm_ceil_to_ue8m0(x):
-    bits = x.abs().float().view(torch.int)
-    exp = ((bits >> 23) & 0xFF) + (bits & 0x7FFFFF).bool().int()
-    return (exp.clamp(1, 254) << 23).view(torch.float)
-
-
-def deepgemm_per_block_cast_to_fp8(x, gran=128):
-    m, n = x.shape
-    x_padded = torch.zeros((math.ceil(m / gran) * gran, math.ceil(n / gran) * gran), dtype=x.dtype)
-    x_padded[:m, :n] = x
-    x_view = x_padded.view(-1, gran, x_padded.size(1) // gran, gran)
-    x_amax = x_view.abs().float().amax(dim=(1, 3), keepdim=True).clamp(1e-4)
-    sf = deepgemm_ceil_to_ue8m0(x_amax / 448.0)
-    x_scaled = (x_view * (1.0 / sf)).to(torch.float8_e4m3fn)
-    return x_scaled.view_as(x_padded)[:m, :n].contiguous(), sf.view(x_view.size(0), x_view.size(2))
+from tests.deepgemm_reference import deepgemm_ceil_to_ue8m0, deepgemm_per_block_cast_to_fp8
 
 
 def vllm_requant(w_q, s_old, block=(128, 128)):
