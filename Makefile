@@ -36,13 +36,14 @@ test-gpu:
 GB ?= 2.5
 
 bench: install
-	$(BIN)/python bench/bench_startup.py && $(BIN)/python bench/bench_convert.py --gb $(GB)
+	$(BIN)/python bench/bench_startup.py && $(BIN)/python bench/bench_convert.py --gb $(GB) \
+		&& $(BIN)/python bench/bench_schemes.py
 
 # REF: DeepSeek's inference/fp8_cast_bf16.py (with its kernel.py beside it), fetched for the run and
 # never committed; when given, the end-to-end table times it in the same call.
 bench-gpu:
-	python3 bench/bench_kernels.py && python3 bench/bench_convert.py --device cuda --gb 8 --shard-gb 2 \
-		$(if $(REF),--reference-script $(REF))
+	python3 bench/bench_kernels.py && python3 bench/bench_schemes.py --device cuda \
+		&& python3 bench/bench_convert.py --device cuda --gb 8 --shard-gb 2 $(if $(REF),--reference-script $(REF))
 
 # The quantizers' division against div.rn.f32 over every float32 significand pair (about a minute).
 div-check:
