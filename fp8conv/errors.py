@@ -33,7 +33,9 @@ class Fp8convError(Exception):
         text = ": ".join(where + [self.rule]) if where else self.rule
         if self.hint:
             text += f" ({self.hint})"
-        return text
+        # One line, whatever a file or tensor name holds: a newline in a name would split the error
+        # line that logs and greps rely on.
+        return text.replace("\r", "\\r").replace("\n", "\\n")
 
     def to_dict(self) -> dict:
         return {

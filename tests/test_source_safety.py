@@ -180,3 +180,15 @@ def test_unreadable_folder_as_unprivileged_user(mode):
             except OSError:
                 pass
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(tmp_path):
+    """A shard named with a newline: the error names it escaped, on the one line logs and greps read."""
+    import json
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "x\ny.safetensors"}}))
+    r = cli("dequantize", src, tmp_path / "out", *CPU)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
+    assert r.code == 3 and len(errors) == 1 and "x\\ny.safetensors" in errors[0], r
