@@ -20,6 +20,7 @@ from fp8conv import JSON_SCHEMA_VERSION, __version__
 from fp8conv.convert.options import OutDtype, QuantFormat, ScaleFmt, Scheme, Target
 from fp8conv.convert.progress import ProgressCounter
 from fp8conv.errors import EXIT_CODES, Fp8convError, Interrupted, UsageError
+from fp8conv.text import middle
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -143,15 +144,6 @@ def seconds(s: float) -> str:
 def log(message: str, style: str | None = None, console: Console = err) -> None:
     """A plain line: never wrapped or cut at the console width (logs and greps see it whole)."""
     console.print(Text(message, style=style or ""), soft_wrap=True, highlight=False)
-
-
-def middle(name: str, width: int) -> str:
-    """`name` whole if it fits, else its start and end around an ellipsis (the end tells tensors apart)."""
-    if len(name) <= width or width < 5:
-        return name
-    keep = width - 1
-    head = keep // 3
-    return name[:head] + "…" + name[len(name) - (keep - head) :]
 
 
 _ACTIVE: list[ConsoleProgress] = []  # the progress display to stop before an error is printed
@@ -890,7 +882,7 @@ def verify(
     emit_json(json_out, report.to_dict(), protect)
     console = err if json_out == "-" else out
     if not quiet:
-        console.print(render_table(report))
+        console.print(render_table(report, width=console.width))
     if serving is not None and (not quiet or not serving.ok):
         print_serving(serving, console)
     if not report.ok:

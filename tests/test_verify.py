@@ -795,3 +795,23 @@ def test_broken_index_and_stray_shard_are_named(tmp_path):
         f["file"] == str(ckpt / INDEX_NAME) and "not valid JSON" in f["message"]
         for f in failing_findings(report)
     )
+
+
+def test_table_reads_at_80_columns(good):
+    """At 80 columns every row fits, names keep their layer numbers, and a failure's message stays
+    whole in one cell (no column squeezed to a few characters)."""
+    import io
+
+    from rich.console import Console
+
+    from fp8conv.verify.verify import render_table
+
+    report = verify_checkpoint(good / "fp8", VerifyOptions(reference=str(BF16), device="cpu"))
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(render_table(report, width=80))
+    text = console.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "…layers.0." in text and "…layers.1." in text
+    wide = Console(width=160, record=True, file=io.StringIO())
+    wide.print(render_table(report, width=160))
+    assert "model.layers.0.mlp.down_proj.weight" in wide.export_text()

@@ -198,10 +198,22 @@ def worst_first(records) -> list[TensorRecord]:
 
 
 # ------------------------------------------------------------------------------------- rendering
-def render_table(report: VerifyReport, limit: int = 30):
-    """A rich Table of the worst tensors (failures first), for the CLI to print."""
+def render_table(report: VerifyReport, limit: int = 30, width: int | None = None):
+    """A rich Table of the worst tensors (failures first), for the CLI to print. Below 120 columns
+    (`width`, the console's) the dtype and metrics columns fold into the others and names are shortened
+    in the middle, so each row stays readable at 80 columns."""
     from rich.markup import escape
     from rich.table import Table
+
+    from fp8conv.text import middle
+
+    narrow = width is not None and width < 120
+    name_width = max(24, (width or 0) * 2 // 5)
+
+    def name(text: str) -> str:
+        if narrow and len(text) > name_width and text.startswith("model."):
+            text = "…" + text[len("model.") :]  # the layer number is what tells rows apart: keep it
+        return escape(middle(text, name_width) if narrow else text)
 
     mode = f", {report.reference_mode} comparison" if report.reference_mode else ""
     table = Table(
@@ -209,8 +221,22 @@ def render_table(report: VerifyReport, limit: int = 30):
         + (f" vs {report.reference}{mode}" if report.reference else "")
         + f", {report.device})"
     )
-    for col in ("tensor", "shape", "dtype", "status", "checks", "metrics"):
-        table.add_column(col, overflow="fold")
+    cols = (
+        ("tensor", "shape", "status", "checks")
+        if narrow
+        else ("tensor", "shape", "dtype", "status", "checks", "metrics")
+    )
+    for col in cols:
+        table.add_column(col, overflow="fold", no_wrap=narrow and col in ("tensor", "shape", "status"))
+
+    def row(tensor: str, shape: str, dtype: str, status: str, checks: str, metrics: str) -> None:
+        if narrow:
+            shape = f"{shape} {dtype}".strip()
+            checks = "; ".join(x for x in (checks, metrics) if x)
+            table.add_row(tensor, shape, status, checks)
+        else:
+            table.add_row(tensor, shape, dtype, status, checks, metrics)
+
     style = {"fail": "bold red", "warn": "yellow", "pass": "green", "skip": "dim"}
     shown = report.tensors[:limit]
     for r in shown:
@@ -230,8 +256,8 @@ def render_table(report: VerifyReport, limit: int = 30):
             parts.append(f"gemm {m['gemm_rel_err']:.1e}/{m['gemm_bound']:.0e}")
         if isinstance(m.get("output_cosine"), float):
             parts.append(f"cos {m['output_cosine']:.5f}")
-        table.add_row(
-            escape(r.name),
+        row(
+            name(r.name),
             "x".join(map(str, r.shape)),
             r.dtype,
             f"[{style[r.status]}]{r.status}[/]",
@@ -241,11 +267,11 @@ def render_table(report: VerifyReport, limit: int = 30):
     if len(report.tensors) > limit:
         table.add_section()
         rest = report.tensors[limit:]
-        table.add_row(f"... {len(rest)} more", "", "", f"{sum(not r.ok for r in rest)} failing", "", "")
+        row(f"... {len(rest)} more", "", "", f"{sum(not r.ok for r in rest)} failing", "", "")
     for f in report.findings:
         table.add_section()
-        table.add_row(
-            escape(f.tensor or "(file)"),
+        row(
+            name(f.tensor or "(file)"),
             "",
             "",
             f"[{style[f.status]}]{f.status}[/]",
