@@ -266,20 +266,61 @@ def main() -> None:
     what = f"fp8conv quantize ({args.device})"
     rows.append((what, q, q / flq, q_rss))
     stages.append((what, stage_seconds(q_out)))
+    # the other schemes, against the same floor (the same bytes in, about the same out)
+    for label, extra in (
+        (
+            "--scheme fp8-channel --format compressed-tensors",
+            ["--scheme", "fp8-channel", "--format", "compressed-tensors"],
+        ),
+        ("--scheme mxfp8", ["--scheme", "mxfp8"]),
+    ):
+        dst = work / "q-scheme"
+        sec, rss, so = timed(
+            [
+                *fp8,
+                "quantize",
+                str(work / "bf16"),
+                str(dst),
+                "--quiet",
+                "--json",
+                "-",
+                "--device",
+                args.device,
+            ]
+            + extra
+        )
+        shutil.rmtree(dst, ignore_errors=True)
+        what = f"  quantize {label} ({args.device})"
+        rows.append((what, sec, sec / flq, rss))
+        stages.append((what, stage_seconds(so)))
+    # FP8 -> FP8 (convert runs on the CPU): FP8 in, FP8 out
+    flc, _, _ = timed(floor_cmd(work / "fp8", in_fp8, work / "floor.bin"))
+    rows.append(("I/O floor: FP8 in, FP8-sized out (cat)", flc, None, None))
+    for label, extra in (
+        ("--format compressed-tensors (relayout)", ["--format", "compressed-tensors"]),
+        ("--scale-fmt ue8m0 (requant)", ["--scale-fmt", "ue8m0"]),
+    ):
+        dst = work / "converted"
+        sec, rss, so = timed([*fp8, "convert", str(work / "fp8"), str(dst), "--quiet", "--json", "-"] + extra)
+        shutil.rmtree(dst, ignore_errors=True)
+        what = f"fp8conv convert {label} (cpu)"
+        rows.append((what, sec, sec / flc, rss))
+        stages.append((what, stage_seconds(so)))
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core CPU"
     print(
         f"\n{in_fp8 / 1e9:.2f} GB FP8 <-> {out_bf16 / 1e9:.2f} GB bf16 on {dev}, "
         f"{time.strftime('%Y-%m-%d')}; largest tensor {largest / 1e6:.0f} MB (bf16)"
     )
-    print(f"{'what':<44}{'seconds':>9}{'x floor':>9}{'peak RSS GB':>13}{'RSS/largest':>13}")
+    w = max(len(what) for what, *_ in rows) + 2
+    print(f"{'what':<{w}}{'seconds':>9}{'x floor':>9}{'peak RSS GB':>13}{'RSS/largest':>13}")
     for what, sec, ratio, rss in rows:
         r = f"{ratio:.2f}" if ratio is not None else ""
         m = f"{rss:.2f}" if rss is not None else ""
         rl = f"{rss * 1e9 / largest:.2f}" if rss is not None else ""
-        print(f"{what:<44}{sec:>9.2f}{r:>9}{m:>13}{rl:>13}")
+        print(f"{what:<{w}}{sec:>9.2f}{r:>9}{m:>13}{rl:>13}")
     print("\nseconds per stage, summed over threads (read, convert and write overlap):")
     for what, st in stages:
-        print(f"  {what.strip():<42}" + "  ".join(f"{k} {v:.2f}" for k, v in st.items()))
+        print(f"  {what.strip():<{w}}" + "  ".join(f"{k} {v:.2f}" for k, v in st.items()))
     if not args.keep:
         shutil.rmtree(work)
 
