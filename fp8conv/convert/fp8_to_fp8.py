@@ -306,11 +306,73 @@ def _scale_compute(ckpt, qw: QuantizedWeight, sname, sshape, w: Writer, fn) -> T
     return TensorJob(sname, "compute", None, w.scale_dtype, sshape, compute=compute)
 
 
-def _dequant_fp32(ckpt, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q = _read(ckpt, qw.codes).view(torch.float8_e4m3fn).reshape(qw.shape)
-    s = scale_to_float32(_read(ckpt, qw.scale)).reshape(qw.layout.view).expand(qw.layout.grid).contiguous()
-    ref = q.float() * expand_scales(s, tuple(qw.shape), qw.layout.tile)
-    return q, s, ref
+# Elements of one band of a requantized weight: its float32 and float64 work is a few times this, whatever
+# the tensor's size (a whole 7168 x 18432 weight at once took 18x its bf16 size in memory).
+BAND_ELEMS = 8 << 20
+
+
+def _requantize(ckpt, cp, qw: QuantizedWeight, w: Writer, opts) -> dict[str, torch.Tensor]:
+    """One weight quantized again, band by band (whole tile rows of about BAND_ELEMS elements, each expert
+    on its own): new codes and float32 scales; the loss against the source (and the reference) recorded
+    from float64 sums over the bands."""
+    shape = tuple(qw.shape)
+    m, n = shape[-2:]
+    q_all = _read(ckpt, qw.codes).view(torch.float8_e4m3fn).reshape(-1, m, n)
+    grid = qw.layout.grid
+    s_all = scale_to_float32(_read(ckpt, qw.scale)).reshape(qw.layout.view).expand(grid)
+    s_all = s_all.reshape(-1, *grid[-2:])
+    src_tile = qw.layout.tile
+    if opts.scale_fmt == "ue8m0":
+        tile = src_tile
+    elif w.scheme == "fp8-channel":
+        tile = (1, n)
+    else:
+        tile = (1, MX_GROUP)
+    experts = q_all.shape[0]
+    q_out = torch.empty((experts, m, n), dtype=torch.float8_e4m3fn)
+    s_out = torch.empty((experts, math.ceil(m / tile[0]), math.ceil(n / tile[1])), dtype=torch.float32)
+    orig = None
+    if cp.reference is not None:
+        orig = _read(cp.reference, cp.reference.info(qw.name)).reshape(experts, m, n)
+    bm = src_tile[0]
+    step = max(bm, (BAND_ELEMS // max(n, 1)) // bm * bm)
+    err = ref_sq = o_err = o_src = o_sq = 0.0
+    for e in range(experts):
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            qb, sb = q_all[e, r0:r1], s_all[e, r0 // bm : math.ceil(r1 / bm)]
+            ref = qb.float() * expand_scales(sb, (r1 - r0, n), src_tile)
+            if opts.scale_fmt == "ue8m0":
+                from fp8conv.targets.requant import requant_ue8m0
+
+                q2, s2 = requant_ue8m0(qb, sb, src_tile)
+            elif w.scheme == "fp8-channel":
+                q2, s2 = channel_quant(ref)
+            else:
+                q2, ex = mx_quant(ref, w.mx_rule)
+                s2 = scale_to_float32(ex)
+            got = q2.float() * expand_scales(s2, (r1 - r0, n), tile)
+            g64, r64 = got.double(), ref.double()
+            err += float((g64 - r64).pow(2).sum())
+            ref_sq += float(r64.pow(2).sum())
+            if orig is not None:
+                o64 = orig[e, r0:r1].double()
+                o_err += float((g64 - o64).pow(2).sum())
+                o_src += float((r64 - o64).pow(2).sum())
+                o_sq += float(o64.pow(2).sum())
+            q_out[e, r0:r1] = q2
+            s_out[e, r0 // tile[0] : math.ceil(r1 / tile[0])] = s2
+    change = cp.changes[qw.name]
+    change.lossless = err == 0
+    change.rel_error = math.sqrt(err / ref_sq) if ref_sq > 0 else 0.0
+    change.sqnr_db = _db(ref_sq, err)
+    if orig is not None:
+        change.sqnr_vs_reference_db = _db(o_sq, o_err)
+        change.source_sqnr_vs_reference_db = _db(o_sq, o_src)
+    return {
+        "codes": q_out.reshape(shape),
+        "scale": s_out.reshape(*shape[:-2], *s_out.shape[-2:]),
+    }
 
 
 def _requant_jobs(
@@ -324,26 +386,7 @@ def _requant_jobs(
 
     def result(part: str) -> torch.Tensor:
         if not state:
-            q, s, ref = _dequant_fp32(ckpt, qw)
-            if opts.scale_fmt == "ue8m0":
-                from fp8conv.targets.requant import requant_ue8m0
-
-                q2, s2 = requant_ue8m0(q, s, qw.layout.tile)
-                tile = qw.layout.tile
-            elif w.scheme == "fp8-channel":
-                q2, s2 = channel_quant(ref)
-                tile = (1, qw.shape[-1])
-            else:
-                q2, e = mx_quant(ref, w.mx_rule)
-                s2 = scale_to_float32(e)
-                tile = (1, MX_GROUP)
-            got = q2.float() * expand_scales(s2, tuple(qw.shape), tile)
-            _record(cp.changes[name], ref, got)
-            if cp.reference is not None:
-                orig = _read(cp.reference, cp.reference.info(name)).double()
-                cp.changes[name].sqnr_vs_reference_db = _sqnr(orig, got)
-                cp.changes[name].source_sqnr_vs_reference_db = _sqnr(orig, ref)
-            state.update(codes=q2, scale=s2)
+            state.update(_requantize(ckpt, cp, qw, w, opts))
         return state.pop(part)
 
     def codes() -> bytes:
@@ -358,10 +401,8 @@ def _requant_jobs(
     )
 
 
-def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
-    d = (got.double() - ref.double()).pow(2).sum()
-    r = ref.double().pow(2).sum()
-    return float(10 * torch.log10(r / d)) if d > 0 and r > 0 else math.inf
+def _db(signal: float, noise: float) -> float:
+    return 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else math.inf
 
 
 def _open_reference(path: str, found, ckpt: Checkpoint) -> Checkpoint:
@@ -383,14 +424,6 @@ def _open_reference(path: str, found, ckpt: Checkpoint) -> Checkpoint:
                 tensor=qw.name,
             )
     return ref
-
-
-def _record(change: TensorChange, ref: torch.Tensor, got: torch.Tensor) -> None:
-    d = (got.double() - ref.double()).pow(2).sum()
-    r = ref.double().pow(2).sum()
-    change.lossless = bool(d == 0)
-    change.rel_error = float((d / r).sqrt()) if r > 0 else 0.0
-    change.sqnr_db = float(10 * torch.log10(r / d)) if d > 0 and r > 0 else math.inf
 
 
 def run_convert(ckpt: Checkpoint, cp: ConvertPlan, dst: Path, opts: ConvertOptions, progress=None):
