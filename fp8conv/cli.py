@@ -10,7 +10,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -662,14 +662,14 @@ def convert(
     src: SrcArg,
     dst: DstArg = None,
     format: Annotated[
-        Optional[str], typer.Option("--format", help="fp8 | compressed-tensors (default: the source's)")
+        Optional[QuantFormat], typer.Option("--format", help="output layout (default: the source's)")
     ] = None,
     scheme: Annotated[
-        Optional[str],
-        typer.Option("--scheme", help="fp8-block | fp8-channel | mxfp8 (default: the source's)"),
+        Optional[Scheme], typer.Option("--scheme", help="output scheme (default: the source's)")
     ] = None,
     scale_fmt: Annotated[
-        str, typer.Option("--scale-fmt", help="keep | ue8m0 (requantize as DeepGEMM does at load)")
+        Literal["keep", "ue8m0"],
+        typer.Option("--scale-fmt", help="keep the scales, or requantize to ue8m0 as DeepGEMM does at load"),
     ] = "keep",
     block_size: Annotated[
         Optional[str], typer.Option("--block-size", help="MxN nested in the source's tiles")
@@ -831,10 +831,9 @@ def verify(
         ),
     ] = 8,
     reference_mode: Annotated[
-        str,
+        Literal["auto", "exact", "statistical"],
         typer.Option(
             "--reference-mode",
-            metavar="auto|exact|statistical",
             help="FP8 CKPT vs its original: exact (bit-for-bit re-quantization), statistical, or auto",
         ),
     ] = "auto",
