@@ -657,7 +657,7 @@ def print_plan(plan, command: str, json_target: str | None, full: bool, protect=
     )
 
 
-@app.command(short_help="FP8 -> FP8: relayout, requantize to ue8m0, block -> channel, -> MXFP8")
+@app.command(short_help="FP8 -> FP8: relayout, ue8m0 requant, block -> channel, -> MXFP8 (DST: SRC-<change>)")
 def convert(
     src: SrcArg,
     dst: DstArg = None,
@@ -691,8 +691,9 @@ def convert(
     quiet: QuietOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """FP8 checkpoint -> FP8: another layout, scheme, scale format or block, saying what was lossless."""
-    from fp8conv.convert import ConvertOptions, plan_for_convert
+    """FP8 checkpoint -> FP8: another layout, scheme, scale format or block, saying what was lossless
+    (DST: SRC-<what changes>, e.g. ckpt-fp8-ue8m0)."""
+    from fp8conv.convert import ConvertOptions, convert_suffix, plan_for_convert
     from fp8conv.convert import convert as run_convert
 
     def options():
@@ -728,7 +729,7 @@ def convert(
             )
         return
     opts = run_guarded(options, json_out)
-    out_dir = where_to(src, dst, "fp8-converted", revision)
+    out_dir = where_to(src, dst, convert_suffix(opts), revision)
     progress = ConsoleProgress(quiet, "convert", dst=out_dir)
     summary, cp = run_guarded(
         lambda: run_convert(src, out_dir, opts, progress, revision=revision),

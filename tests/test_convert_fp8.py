@@ -304,3 +304,12 @@ def test_requant_in_bands_gives_the_whole_tensors_bytes(sample, tmp_path, monkey
     for k, t in whole.items():
         if t["sqnr_db"] is not None and math.isfinite(t["sqnr_db"]):
             assert banded[k]["sqnr_db"] == pytest.approx(t["sqnr_db"], rel=1e-12), k
+
+
+def test_default_dst_says_what_changed(sample, tmp_path):
+    """Without DST, convert writes beside SRC under a name that says what it changed."""
+    src = sample("llama-tiny-fp8")
+    cli("convert", src, "--scale-fmt", "ue8m0", "-q")
+    cli("convert", src, "--format", "compressed-tensors", "-q")
+    assert (src.parent / f"{src.name}-ue8m0" / "model.safetensors.index.json").is_file()
+    assert (src.parent / f"{src.name}-ct" / "model.safetensors.index.json").is_file()

@@ -32,6 +32,7 @@ __all__ = [
     "ProgressArg",
     "QuantizeOptions",
     "Summary",
+    "convert_suffix",
     "default_dst",
     "dequantize",
     "plan_for_dequantize",
@@ -84,6 +85,21 @@ def quantize_suffix(options: QuantizeOptions) -> str:
     compressed-tensors layout."""
     base = {"fp8-block": "fp8", "fp8-channel": "fp8-channel", "mxfp8": "mxfp8"}[options.scheme]
     return base if options.format == "fp8" else f"{base}-ct"
+
+
+def convert_suffix(options: ConvertOptions) -> str:
+    """What a convert changes, in a default DST name: `ue8m0`, `ct`, `fp8-channel-ct`, `b64x128`, ...
+    (`converted` when it only rewrites the same layout)."""
+    parts = []
+    if options.scheme is not None:
+        parts.append(options.scheme)
+    if options.format is not None:
+        parts.append("ct" if options.format == "compressed-tensors" else options.format)
+    if options.scale_fmt != "keep":
+        parts.append(options.scale_fmt)
+    if options.block_size is not None:
+        parts.append("b{}x{}".format(*options.block_size))
+    return "-".join(parts) or "converted"
 
 
 def plan_notes(plan: Plan) -> list[str]:
