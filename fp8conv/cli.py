@@ -503,7 +503,8 @@ def quantize(
         print_plan(plan, "quantize", json_out, full, (src,))
         return
     opts = run_guarded(options, json_out)
-    out_dir = where_to(src, dst, quantize_suffix(opts), revision)
+    # the suffix names the scheme's writer: a pair no loader reads is refused here, exit 2
+    out_dir = where_to(src, dst, run_guarded(lambda: quantize_suffix(opts), json_out), revision)
     progress = ConsoleProgress(quiet, "quantize", dst=out_dir)
     summary = run_guarded(
         lambda: run_quantize(src, out_dir, opts, progress, revision=revision),

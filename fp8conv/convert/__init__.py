@@ -83,18 +83,21 @@ def default_dst(src: SrcArg, suffix: str, revision: str | None = None) -> Path:
 def quantize_suffix(options: QuantizeOptions) -> str:
     """The scheme in a default DST name: `fp8` (block), `fp8-channel` or `mxfp8`, with `-ct` for the
     compressed-tensors layout."""
-    base = {"fp8-block": "fp8", "fp8-channel": "fp8-channel", "mxfp8": "mxfp8"}[options.scheme]
-    return base if options.format == "fp8" else f"{base}-ct"
+    from fp8conv.formats.writers import writer
+
+    return writer(options.format, options.scheme).dst_suffix
 
 
 def convert_suffix(options: ConvertOptions) -> str:
     """What a convert changes, in a default DST name: `ue8m0`, `ct`, `fp8-channel-ct`, `b64x128`, ...
     (`converted` when it only rewrites the same layout)."""
+    from fp8conv.formats.writers import FORMAT_TAGS
+
     parts = []
     if options.scheme is not None:
         parts.append(options.scheme)
     if options.format is not None:
-        parts.append("ct" if options.format == "compressed-tensors" else options.format)
+        parts.append(FORMAT_TAGS[options.format])
     if options.scale_fmt != "keep":
         parts.append(options.scale_fmt)
     if options.block_size is not None:

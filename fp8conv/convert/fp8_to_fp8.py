@@ -37,12 +37,11 @@ from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
 from fp8conv.errors import InvalidCheckpoint, UsageError
 from fp8conv.formats import Element, Granularity, QuantizedWeight, detect, strip_config, strip_params
 from fp8conv.formats.scheme import MX_GROUP
-from fp8conv.formats.writers import Writer, writer
+from fp8conv.formats.writers import SCHEME_OF_GRANULARITY, Writer, format_of, writer
 from fp8conv.kernels import channel_quant, mx_quant, scale_to_float32
 from fp8conv.kernels.reference import expand_scales
 
 SCALE_FMTS = ("keep", "float", "ue8m0")
-SCHEMES_IN = {Granularity.BLOCK: "fp8-block", Granularity.CHANNEL: "fp8-channel", Granularity.GROUP: "mxfp8"}
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def _source_scheme(found, ckpt: Checkpoint) -> tuple[str, tuple[int, int] | None
     schemes, blocks = set(), set()
     for w in found.weights.values():
         g = w.layout.granularity
-        if w.element is not Element.FP8_E4M3 or g not in SCHEMES_IN:
+        if w.element is not Element.FP8_E4M3 or g not in SCHEME_OF_GRANULARITY:
             raise InvalidCheckpoint(
                 f"{w.scheme.describe()}: fp8conv convert reads e4m3 weights scaled per block, per channel "
                 "or per 1 x 32 MX group",
@@ -119,7 +118,7 @@ def _source_scheme(found, ckpt: Checkpoint) -> tuple[str, tuple[int, int] | None
                 tensor=w.name,
                 hint="fp8conv dequantize, then fp8conv quantize",
             )
-        schemes.add(SCHEMES_IN[g])
+        schemes.add(SCHEME_OF_GRANULARITY[g])
         if g is Granularity.BLOCK:
             blocks.add(w.layout.tile)
     if not schemes:
@@ -146,7 +145,7 @@ def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
                 tensor=a.name,
             )
     src_scheme, src_block = _source_scheme(found, ckpt)
-    fmt = opts.format or ("compressed-tensors" if found.family == "compressed-tensors" else "fp8")
+    fmt = opts.format or format_of(found.family)
     scheme = opts.scheme or src_scheme
     w = writer(fmt, scheme)
     block = opts.block_size or src_block or (128, 128)

@@ -12,9 +12,8 @@ from fp8conv.checkpoint.layout import Checkpoint
 from fp8conv.convert.options import QuantizeOptions
 from fp8conv.errors import InvalidCheckpoint
 from fp8conv.formats import Element, Granularity, detect, find_quantization_config
-from fp8conv.formats.writers import writer
+from fp8conv.formats.writers import SCHEME_OF_GRANULARITY, format_of, writer
 
-SCHEME_OF = {Granularity.BLOCK: "fp8-block", Granularity.CHANNEL: "fp8-channel", Granularity.GROUP: "mxfp8"}
 SHOWN = 4  # differences of each kind listed in a refusal
 
 
@@ -36,7 +35,7 @@ def read_reference(ref: Checkpoint) -> Reference:
         raise InvalidCheckpoint("--like: the reference holds no FP8 weight", file=ref.root)
     grans, tiles, dtypes = set(), set(), set()
     for w in found.weights.values():
-        if w.element is not Element.FP8_E4M3 or w.layout.granularity not in SCHEME_OF:
+        if w.element is not Element.FP8_E4M3 or w.layout.granularity not in SCHEME_OF_GRANULARITY:
             raise InvalidCheckpoint(
                 f"--like: {w.scheme.describe()} is not a scheme fp8conv quantize writes "
                 "(block, per-channel, MXFP8 e4m3)",
@@ -48,8 +47,8 @@ def read_reference(ref: Checkpoint) -> Reference:
         dtypes.add(w.scale.dtype)
     if len(grans) > 1 or len(tiles) > 1:
         raise InvalidCheckpoint("--like: the reference mixes schemes or tiles", file=ref.root)
-    fmt = "compressed-tensors" if found.family == "compressed-tensors" else "fp8"
-    scheme = SCHEME_OF[grans.pop()]
+    fmt = format_of(found.family)
+    scheme = SCHEME_OF_GRANULARITY[grans.pop()]
     w = writer(fmt, scheme)
     if dtypes != {w.scale_dtype}:
         raise InvalidCheckpoint(

@@ -25,10 +25,19 @@ from dataclasses import dataclass
 
 from fp8conv.errors import UsageError
 from fp8conv.formats import compressed_tensors, fp8_block
-from fp8conv.formats.scheme import MX_GROUP
+from fp8conv.formats.scheme import MX_GROUP, Granularity
 
 SCHEMES = ("fp8-block", "fp8-channel", "mxfp8")
 FORMATS = ("fp8", "compressed-tensors")
+# The --scheme a stored e4m3 weight's scale granularity is (what `convert` and `--like` read back).
+SCHEME_OF_GRANULARITY = {
+    Granularity.BLOCK: "fp8-block",
+    Granularity.CHANNEL: "fp8-channel",
+    Granularity.GROUP: "mxfp8",
+}
+# Each --format and --scheme in an output folder's default name (`ckpt-fp8`, `ckpt-mxfp8-ct`).
+FORMAT_TAGS = {"fp8": "fp8", "compressed-tensors": "ct"}
+SCHEME_TAGS = {"fp8-block": "fp8", "fp8-channel": "fp8-channel", "mxfp8": "mxfp8"}
 # compressed-tensors' FP8_BLOCK preset quantizes activations per 1 x 128 group (dynamic).
 CT_BLOCK_ACT_GROUP = 128
 
@@ -70,6 +79,12 @@ class Writer:
     def fixed_tile(self) -> bool:
         """The scheme fixes its tile (--block-size does not apply)."""
         return self.scheme != "fp8-block"
+
+    @property
+    def dst_suffix(self) -> str:
+        """The scheme and layout in a default output folder name: `fp8`, `fp8-channel-ct`, `mxfp8`, ..."""
+        tag = SCHEME_TAGS[self.scheme]
+        return tag if self.format == "fp8" else f"{tag}-{FORMAT_TAGS[self.format]}"
 
 
 def _ct_config(fmt: str, weights: dict, inputs: dict, ignore: list[str]) -> dict:
@@ -155,6 +170,11 @@ WRITERS = {
         "mxfp8", "compressed-tensors", compressed_tensors.SCALE_SUFFIX, "U8", "ct", MX_GROUP, ct_mxfp8_config
     ),
 }
+
+
+def format_of(family: str) -> str:
+    """The --format a detected family is written back in: compressed-tensors' own layout, else fp8."""
+    return "compressed-tensors" if family == compressed_tensors.QUANT_METHOD else "fp8"
 
 
 def writer(fmt: str, scheme: str = "fp8-block") -> Writer:
