@@ -120,10 +120,10 @@ def _progress(progress: ProgressArg, label: str):
 
 def unmatched_patterns(ckpt: Checkpoint, patterns: tuple[str, ...]) -> list[str]:
     """The patterns (globs or `re:` expressions) that match no tensor name in the checkpoint."""
-    from fp8conv.convert.plan_quantize import _match
+    from fp8conv.text import first_match
 
     names = list(ckpt.weight_map)
-    return [p for p in patterns if not any(_match(n, (p,)) for n in names)]
+    return [p for p in patterns if not any(first_match(n, (p,)) for n in names)]
 
 
 def plan_for_dequantize(

@@ -20,8 +20,6 @@ load or run and why (`--target X` keeps exactly those bf16).
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections import defaultdict
 
 from fp8conv.checkpoint.layout import Checkpoint
@@ -31,6 +29,7 @@ from fp8conv.convert.options import QuantizeOptions
 from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
 from fp8conv.errors import InvalidCheckpoint
 from fp8conv.formats.writers import Writer, writer
+from fp8conv.text import first_match
 
 # Left unquantized by default (FORMATS.md): embeddings, lm_head, norms, MoE router gates; and the MTP
 # layer's projections as the DeepSeek-V3 release ships them in bf16 (`eh_proj`, `shared_head.head`;
@@ -58,17 +57,6 @@ DEFAULT_SKIP = (
 LOADERS = ("transformers", "vllm", "sglang")
 
 
-def _match(name: str, patterns: tuple[str, ...]) -> str | None:
-    """The first pattern (glob, or `re:` regular expression) that matches the name."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.search(p[3:], name):
-                return p
-        elif fnmatch.fnmatchcase(name, p):
-            return p
-    return None
-
-
 def skip_reason(info: TensorInfo, opts: QuantizeOptions, w: Writer | None = None) -> str | None:
     """Why a tensor is left as it is by the skip rules and the scheme, or None if it is quantized."""
     w = w or writer(opts.format, opts.scheme)
@@ -89,12 +77,12 @@ def skip_reason(info: TensorInfo, opts: QuantizeOptions, w: Writer | None = None
         return f"K = {n} is not a multiple of {bn} (MXFP8 groups)"
     if m < bm or n < bn:
         return f"smaller than one {bm}x{bn} tile"
-    hit = _match(name, opts.skip)
+    hit = first_match(name, opts.skip)
     if hit:
         return f"--skip {hit}"
     if opts.only:
-        return None if _match(name, opts.only) else "not matched by --only"
-    hit = _match(name, DEFAULT_SKIP)
+        return None if first_match(name, opts.only) else "not matched by --only"
+    hit = first_match(name, DEFAULT_SKIP)
     if hit:
         return f"default skip {hit} (embeddings, lm_head, norms, routers, MTP projections)"
     return None

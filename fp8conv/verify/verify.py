@@ -15,7 +15,6 @@ exit 0 / 1.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import random
 import re
@@ -26,6 +25,7 @@ from fp8conv.checkpoint.layout import open_checkpoint
 from fp8conv.checkpoint.safetensors_io import FLOAT_DTYPES
 from fp8conv.errors import InvalidCheckpoint, ResourceError, UsageError
 from fp8conv.kernels import resolve_device
+from fp8conv.text import first_match
 from fp8conv.verify.compare import (
     DEFAULT_MIN_SQNR,
     REFERENCE_MODES,
@@ -134,13 +134,7 @@ class VerifyOptions:
 
 
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.search(p[3:], name):
-                return True
-        elif fnmatch.fnmatchcase(name, p):
-            return True
-    return False
+    return first_match(name, patterns) is not None
 
 
 # ---------------------------------------------------------------------------------------- selection
