@@ -143,6 +143,16 @@ def _as_nobody(args: list[str], cwd: Path):
             probe = subprocess.run([*tool, "true"], capture_output=True)
             if probe.returncode == 0:
                 env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": str(cwd)}
+                # The unprivileged user must be able to read this checkout and its Python packages (a
+                # clone inside a 0700 folder, as `mktemp -d` makes, is not readable by it).
+                imports = subprocess.run(
+                    [*tool, sys.executable, "-c", "import fp8conv.cli"], capture_output=True, env=env, cwd=cwd
+                )
+                if imports.returncode != 0:
+                    pytest.skip(
+                        "the unprivileged user cannot import fp8conv from this checkout (its folder or the "
+                        "virtual environment is not readable by others)"
+                    )
                 return subprocess.run(
                     [*tool, sys.executable, "-m", "fp8conv.cli", *args],
                     capture_output=True,
