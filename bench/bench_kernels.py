@@ -4,7 +4,8 @@ prints two tables.
     python bench/bench_kernels.py [--quick] [--sweep [KERNEL]] [--only mem|gemm]
 
 Rows: the device-to-device copy ceiling (bytes read + written, a large buffer), then weight_dequant
-(fp8 -> bf16), weight_quant (bf16 -> fp8), act_quant (bf16 -> fp8, 1 x 128 groups) and fp4_dequant
+(fp8 -> bf16), weight_quant (bf16 -> fp8), act_quant (bf16 -> fp8, 1 x 128 groups), channel_quant (one
+scale per row) and mx_quant (MXFP8, 1 x 32 groups), each beside the torch path, and fp4_dequant
 (MX FP4 -> bf16) in % of that copy (bytes in + out: fp8 1 B, bf16 2 B, fp4 half a byte, scales), and
 in % of a same-size copy-like kernel timed the same way; then fp8_gemm beside cuBLAS blockwise FP8
 (`torch._scaled_mm`, same operands) with each one's relative Frobenius error against a float64
@@ -193,6 +194,16 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: str | No
     row("weight_dequant, torch eager", b_dq, lambda i: (qs[i].float() * s_exp[i]).to(torch.bfloat16), False)
     row("weight_quant", b_wq, wquant)
     row("act_quant", b_aq, aquant)
+    # per-channel and MXFP8 (bf16 in, e4m3 out, one float32 per row / one byte per 32), beside the
+    # torch ops they replaced on the GPU (reference.py, same bytes)
+    b_ch = m * n * 3 + m * 4
+    row("channel_quant", b_ch, lambda i: K.channel_quant(xs[i]))
+    row("channel_quant, torch eager", b_ch, lambda i: ref.channel_quant_torch(xs[i]), False)
+    if n % 32 == 0:
+        b_mx = m * n * 3 + m * n // 32
+        row("mx_quant (ceil)", b_mx, lambda i: K.mx_quant(xs[i], "ceil"))
+        row("mx_quant (ct)", b_mx, lambda i: K.mx_quant(xs[i], "ct"), False)
+        row("mx_quant, torch eager", b_mx, lambda i: ref.mx_quant_torch(xs[i], "ceil"), False)
     row(f"fp4_dequant ({m}x{n4})", b_f4, fp4)
     row("  torch bf16 -> fp8 cast (quantizer traffic)", 3 * m * n, lambda i: casts[i].copy_(xs[i]), False)
     row(

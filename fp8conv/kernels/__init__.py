@@ -1,8 +1,8 @@
-"""Block-FP8 kernels and the one place that picks a backend.
+"""FP8 / FP4 kernels and the one place that picks a backend.
 
 Public functions take tensors on any device: CUDA tensors go to the Triton kernels, CPU tensors to
-the torch paths (`reference.py`). The outputs of `weight_dequant`, `weight_quant` and `act_quant` are
-byte-identical on both. Every function takes `out=` (buffers on the input's device to write into and
+the torch paths (`reference.py`). The outputs of every function but fp8_gemm are byte-identical on
+both. Every function takes `out=` (buffers on the input's device to write into and
 return; for the quantizers a pair (codes, scales), either of which may be None).
 
     weight_dequant(q, s, block_size=(128, 128), out_dtype=torch.bfloat16, out=None) -> y
@@ -10,17 +10,18 @@ return; for the quantizers a pair (codes, scales), either of which may be None).
     act_quant(x, group_size=128, scale_fmt="float", mn_major=False, out=None) -> (q, s)
     fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, out=None) -> a @ b.T, dequantized
     fp4_dequant(blocks, scales, out_dtype=torch.bfloat16, out=None) -> y   (MX FP4: e2m1 codes, e8m0 scales)
-    channel_quant(x) -> (q, s)                 per-channel FP8: float32 scales [..., M, 1]
-    mx_quant(x, rule="ceil") -> (q, e)         MXFP8: uint8 e8m0 exponents [..., M, N/32]
+    channel_quant(x, out=None) -> (q, s)            per-channel FP8: float32 scales [..., M, 1]
+    mx_quant(x, rule="ceil", out=None) -> (q, e)    MXFP8: uint8 e8m0 exponents [..., M, N/32]
 
 fp8_gemm takes a_scale row-major (as act_quant returns it by default) or MN-major
 (act_quant(..., mn_major=True), the layout cuBLAS's blockwise GEMM takes); on Hopper the MN-major
 one is faster to read (bench/NOTES.md).
 
 Kernel families, one file each (each @triton.jit kernel directly above its launcher): `quant.py`
-(weight_dequant, weight_quant, act_quant), `gemm.py` (the Triton GEMMs and fp8_gemm's launcher),
-`gluon_gemm.py` (the Hopper GEMM), `fp4.py` (FP4 e2m1 dequantization); `common.py` holds what they
-share (launch options, the cached launch state), `checks.py` the argument checks. The GPU launchers
+(weight_dequant, weight_quant, act_quant, channel_quant, mx_quant), `gemm.py` (the Triton GEMMs and
+fp8_gemm's launcher), `gluon_gemm.py` (the Hopper GEMM), `fp4.py` (FP4 e2m1 dequantization);
+`common.py` holds what they share (launch options, the cached launch state), `checks.py` the argument
+checks. The GPU launchers
 keep per-shape launch state, so a repeated call with the same shapes costs little host time.
 """
 
@@ -210,14 +211,26 @@ def fp4_dequant(
     return _into("out", fp4_dequant_torch(blocks, scales, out_dtype), out)
 
 
-def channel_quant(x):
+def channel_quant(x: torch.Tensor, out: Out = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel FP8 of weights [..., M, N]: e4m3 codes and one float32 scale per row [..., M, 1].
-    The torch path on every device (elementwise ops and a row amax, memory-bound; same bytes)."""
-    return channel_quant_torch(x)
+    Triton on CUDA (quant.py, bit-identical to the torch path), torch on CPU."""
+    if x.is_cuda:
+        from fp8conv.kernels.quant import channel_quant_triton
+
+        return channel_quant_triton(x, out=out)
+    q_out, s_out = (None, None) if out is None else out
+    q, s = channel_quant_torch(x)
+    return _into("out[0]", q, q_out), _into("out[1]", s, s_out)
 
 
-def mx_quant(x, rule="ceil"):
+def mx_quant(x: torch.Tensor, rule: str = "ceil", out: Out = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MXFP8 of weights [..., M, N] (N % 32 == 0): e4m3 codes and uint8 e8m0 exponents [..., M, N/32];
-    rule "ceil" (OCP / DeepGEMM / transformers) or "ct" (compressed-tensors). The torch path on every
-    device (bit operations on float32; same bytes)."""
-    return mx_quant_torch(x, rule)
+    rule "ceil" (OCP / DeepGEMM / transformers) or "ct" (compressed-tensors). Triton on CUDA (quant.py,
+    bit-identical to the torch path), torch on CPU."""
+    if x.is_cuda:
+        from fp8conv.kernels.quant import mx_quant_triton
+
+        return mx_quant_triton(x, rule, out=out)
+    q_out, s_out = (None, None) if out is None else out
+    q, e = mx_quant_torch(x, rule)
+    return _into("out[0]", q, q_out), _into("out[1]", e, s_out)

@@ -1,12 +1,16 @@
-"""The block-FP8 quantize / dequantize family: weight_dequant, weight_quant and act_quant, each kernel
-directly above its launcher. Same signatures as the torch functions in `reference.py` (plus `out=`),
-and the same output bytes (codes and scales). The numerics contract (see reference.py):
+"""The FP8 quantize / dequantize family: weight_dequant, weight_quant and act_quant (block scales),
+channel_quant (one scale per row: weight_quant's 1 x N tile) and mx_quant (MXFP8: 1 x 32 groups, e8m0
+exponent bytes), each kernel directly above its launcher. Same signatures as the torch functions in
+`reference.py` (plus `out=`), and the same output bytes (codes and scales). The numerics contract
+(see reference.py):
 
   dequantize:  y = cast_out(fp32(q) * s)              one fp32 multiply, one RNE cast
   quantize:    amax = max|x| over the tile's real elements
                s = max(amax / 448, 2**-126)            IEEE division (tl.math.div_rn -> div.rn.f32)
                ue8m0: s = 2 ** ceil(log2(s))           by exponent bits
                q = e4m3(clamp(x / s, -448, 448))       IEEE division, RNE cast (cvt.rn.satfinite)
+  MXFP8:       e = the group's e8m0 byte from amax ("ceil" or "ct" rule, reference.mx_exponents)
+               q = e4m3(clamp(x * 2**(127-e), -448, 448))   exact power-of-two multiply, RNE cast
 
 Triton's plain `/` on fp32 lowers to an approximate divide (div.full.f32, ~2 ulp), so every division
 here is `tl.math.div_rn` (checked in the PTX of Triton 3.6 and 3.9: `div.rn.f32`, no `.ftz`, so
@@ -44,9 +48,24 @@ from fp8conv.kernels.common import (
     state_key,
     store_state,
 )
-from fp8conv.kernels.reference import BLOCK, FP8_MAX, empty_scales, scale_grid, to_mn_major
+from fp8conv.kernels.reference import (
+    BLOCK,
+    E4M3_EMAX,
+    FP8_MAX,
+    MX_GROUP,
+    MX_RULES,
+    empty_scales,
+    scale_grid,
+    to_mn_major,
+)
 
-__all__ = ["act_quant_triton", "weight_dequant_triton", "weight_quant_triton"]
+__all__ = [
+    "act_quant_triton",
+    "channel_quant_triton",
+    "mx_quant_triton",
+    "weight_dequant_triton",
+    "weight_quant_triton",
+]
 
 # Largest tile (elements) a quantization program keeps in registers in one pass.
 _SINGLE_PASS_MAX = 16384
@@ -75,11 +94,15 @@ ACT_QUANT_TILE = {
     "row_ELEMS": 1024,
     "row_num_warps": 2,
 }
-WEIGHT_QUANT = {"num_warps": 8, "div": 1, "maxnreg_narrow": 128}
+WEIGHT_QUANT = {"num_warps": 8, "div": 1, "maxnreg_narrow": 128, "row_chunk": 4096}
 # "maxnreg_narrow": a register cap for the one-pass 128 x 128 build where rows are only 8- or 4-element
 # aligned (n % 16 != 0, e.g. 7000 x 1000). Its narrower fp8 stores need more address registers: ptxas
 # gave 134-150 per thread, so one program of 256 threads per multiprocessor instead of two; capped at
 # 128 it fits two without spilling (sm_90a build; with 16-aligned rows it needs 127 uncapped).
+# "row_chunk": elements per pass of the two-pass build for one-row tiles (channel_quant's rows longer
+# than _SINGLE_PASS_MAX): one row a program, read twice (the second time mostly from the L2).
+# mx_quant: 1 x 32 groups a program (GROUPS, across rows when rows are short) and warps.
+MX_QUANT_TILE = {"GROUPS": 128, "num_warps": 4}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,7 +593,9 @@ def _wq_state(x, block_size, scale_fmt, fp8_dtype, q_out, s_out):
         return s_shape, launch, ints
     bm_p, bn_p = pow2(min(bm, m)), pow2(bn_k)
     single = bm_p * bn_p <= _SINGLE_PASS_MAX
-    if not single:
+    if not single and bm == 1:
+        bn_p = min(bn_p, WEIGHT_QUANT["row_chunk"])
+    elif not single:
         bn_p = min(bn_p, 256)
         bm_p = min(bm_p, max(1, 8192 // bn_p))
     elems = bm_p * bn_p
@@ -595,3 +620,123 @@ def _wq_state(x, block_size, scale_fmt, fp8_dtype, q_out, s_out):
         dict(num_warps=num_warps, **cap, **LAUNCH_OPTS),
     )
     return s_shape, launch, (m, n // al, bm, sm, sn)
+
+
+def channel_quant_triton(
+    x: torch.Tensor, out: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel FP8 of weights [..., M, N]: e4m3 codes and float32 scales [..., M, 1], one per row.
+    The block numerics with a 1 x N tile, so this is weight_quant's launch (act_quant's row kernel for
+    rows up to _SINGLE_PASS_MAX elements, its two-pass one beyond); same bytes as
+    reference.channel_quant_torch."""
+    if x.dim() < 2:
+        raise ValueError("weight must have at least 2 dimensions")
+    return weight_quant_triton(x, (1, max(1, x.shape[-1])), "float", out=out)
+
+
+@triton.jit(do_not_specialize=["R"])
+def _mx_quant_kernel(
+    x_ptr,
+    q_ptr,
+    e_ptr,
+    R,
+    NG,
+    BLOCK_R: tl.constexpr,
+    NG_B: tl.constexpr,
+    GROUP: tl.constexpr,
+    CT: tl.constexpr,
+    FMAX: tl.constexpr,
+    EMAX: tl.constexpr,
+):
+    """x [R, NG * GROUP] -> codes of x's shape and e8m0 bytes [R, NG]: one program quantizes BLOCK_R
+    rows of NG_B adjacent groups (the row length is a multiple of GROUP, so whole groups only)."""
+    pid = tl.program_id(0)
+    n_gb = tl.cdiv(NG, NG_B)
+    pid_r = pid // n_gb
+    gis = (pid - pid_r * n_gb) * NG_B + tl.arange(0, NG_B)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = (rows < R)[:, None] & (gis < NG)[None, :]  # [BLOCK_R, NG_B]
+    K = NG * GROUP
+    offs = (rows.to(tl.int64)[:, None] * K + gis[None, :] * GROUP)[:, :, None] + tl.arange(0, GROUP)[
+        None, None, :
+    ]
+    x = tl.load(x_ptr + offs, mask=ok[:, :, None], other=0.0).to(tl.float32)
+    amax = tl.reduce(tl.abs(x), 2, _max_nan)  # [BLOCK_R, NG_B]
+    bad = (amax != amax) | (amax == float("inf"))
+    if CT:
+        # compressed-tensors: amax rounded to a power of two (up from a mantissa of 0.75), minus EMAX
+        bits = amax.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) >= 0x600000).to(tl.int32) - EMAX
+        e = tl.where(amax == 0, 0, tl.minimum(tl.maximum(e, 0), 254))
+    else:
+        # OCP / DeepGEMM / transformers: the smallest power of two >= max(amax / FMAX, 2**-126)
+        s = tl.maximum(tl.math.div_rn(amax, FMAX), 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
+        bits = s.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        e = tl.where(amax == 0, 127, e)
+    e = tl.where(bad, 255, e)
+    # 1 / 2**(e-127) = 2**(127-e) as float32 bits, clamped as the torch path clamps it (e = 255 is
+    # refused by the callers whatever the codes)
+    inv = (tl.minimum(tl.maximum(254 - e, 1), 254) << 23).to(tl.float32, bitcast=True)
+    y = tl.clamp(x * inv[:, :, None], -FMAX, FMAX, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(q_ptr + offs, y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok[:, :, None])
+    e_offs = rows.to(tl.int64)[:, None] * NG + gis[None, :]
+    tl.store(e_ptr + e_offs, e.to(tl.uint8), mask=ok)
+
+
+def mx_quant_triton(
+    x: torch.Tensor,
+    rule: str = "ceil",
+    out: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP8 of weights [..., M, N] (N % 32 == 0): e4m3 codes [..., M, N] and uint8 e8m0 exponents
+    [..., M, N/32] under `rule` ("ceil" or "ct", see reference.mx_exponents); same bytes as
+    reference.mx_quant_torch. `out`: (codes, exponents) to write into, either may be None."""
+    q_out, s_out = (None, None) if out is None else out
+    key = state_key("mx", x, rule, q_out, s_out)
+    st = launch_state(key) if key is not None else None
+    if st is None:
+        st = _mx_state(x, rule, q_out, s_out)
+        if key is not None:
+            store_state(key, st)
+    e_shape, launch, ints = st
+    q = q_out if q_out is not None else torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    e = s_out if s_out is not None else torch.empty(e_shape, dtype=torch.uint8, device=x.device)
+    if launch is not None:
+        launch(x, q, e, *ints)
+    return q, e
+
+
+def _mx_state(x, rule, q_out, s_out):
+    if rule not in MX_RULES:
+        raise ValueError(f"MX scale rule must be one of {', '.join(MX_RULES)}, not {rule!r}")
+    check_tensor("x", x, FLOAT_DTYPES)
+    if x.dim() < 2:
+        raise ValueError("weight must have at least 2 dimensions")
+    n = x.shape[-1]
+    if n % MX_GROUP:
+        raise ValueError(f"MXFP8 needs the last dimension to be a multiple of {MX_GROUP}, not {n}")
+    e_shape = (*x.shape[:-1], n // MX_GROUP)
+    if q_out is not None:
+        check_out("out[0]", q_out, x.shape, torch.float8_e4m3fn, x.device)
+    if s_out is not None:
+        check_out("out[1]", s_out, e_shape, torch.uint8, x.device)
+    if x.numel() == 0:
+        return e_shape, None, ()
+    r, ng = x.numel() // n, n // MX_GROUP
+    ng_b = min(pow2(ng), MX_QUANT_TILE["GROUPS"])
+    block_r = max(1, min(pow2(r), MX_QUANT_TILE["GROUPS"] // ng_b))
+    launch = Launch(
+        _mx_quant_kernel,
+        (triton.cdiv(r, block_r) * triton.cdiv(ng, ng_b),),
+        dict(
+            BLOCK_R=block_r,
+            NG_B=ng_b,
+            GROUP=MX_GROUP,
+            CT=rule == "ct",
+            FMAX=FP8_MAX[torch.float8_e4m3fn],
+            EMAX=E4M3_EMAX,
+        ),
+        dict(num_warps=MX_QUANT_TILE["num_warps"], **LAUNCH_OPTS),
+    )
+    return e_shape, launch, (r, ng)

@@ -1,10 +1,10 @@
 """The Triton kernels against the torch paths, on a CUDA GPU (run: `make test-gpu`).
 
-weight_dequant, weight_quant and act_quant must give the same BYTES as reference.py run on the CPU
-(codes and scales, atol=0); fp8_gemm must match a float64 product of the dequantized operands within
-a stated error bound. Every test draws fresh random data (never zeros only), and the CUDA caching
-allocator is filled with NaN before each kernel call, so an output element a kernel forgets to write
-shows up as a mismatch.
+weight_dequant, weight_quant, act_quant, channel_quant, mx_quant and fp4_dequant must give the same
+BYTES as reference.py run on the CPU (codes and scales, atol=0); fp8_gemm must match a float64 product
+of the dequantized operands within a stated error bound. Every test draws fresh random data (never
+zeros only), and the CUDA caching allocator is filled with NaN before each kernel call, so an output
+element a kernel forgets to write shows up as a mismatch.
 """
 
 from __future__ import annotations
@@ -719,6 +719,101 @@ def test_fp4_dequant_storage_dtypes_and_dispatch():
     assert_same_bytes_or_both_nan(out, want, "out=")
     with pytest.raises(ValueError, match="shape"):
         kernels.fp4_dequant(b, s, out=out[:1])
+
+
+# ---- channel_quant and mx_quant ------------------------------------------------------------------
+
+# Rows below and above one register tile (18432 > 16384: the two-pass row path), ragged, 3-D experts.
+SCHEME_SHAPES = [(576, 7168), (128, 18432), (7000, 1000), (1, 5), (211, 389), (4, 300, 260), (3, 96)]
+MX_SHAPES = [(576, 7168), (64, 18432), (7000, 1024), (1, 32), (211, 4128), (4, 300, 256), (3, 96)]
+
+
+def _scheme_params(shapes):
+    out = []
+    for shape in shapes:
+        for dt in FLOAT_DTYPES:
+            if dt == torch.bfloat16 or math.prod(shape) < 1_000_000:
+                out.append(pytest.param(shape, dt, id=f"{'x'.join(map(str, shape))}-{_DT[dt]}"))
+    return out
+
+
+@pytest.mark.parametrize("shape, in_dtype", _scheme_params(SCHEME_SHAPES))
+def test_channel_quant_bit_exact(tk, shape, in_dtype):
+    g = _gen()
+    x = random_weights(shape, in_dtype, g)
+    poison(x.numel() * 2)
+    q, s = tk.channel_quant_triton(x.cuda())
+    qr, sr = ref.channel_quant_torch(x)
+    assert s.shape == (*shape[:-1], 1)
+    assert_same_bytes(s, sr, f"channel scales {shape} {in_dtype}")
+    assert_same_bytes(q, qr, f"channel codes {shape} {in_dtype}")
+
+
+def mx_weights(shape, dtype, g) -> torch.Tensor:
+    """random_weights with the groups where the MX rules differ planted: amax exactly 1.75 * 2**k,
+    an all-zero group, float32 / bf16 subnormals only, a group at float32's top."""
+    x = random_weights(shape, torch.float32, g)
+    grp = x.view(-1, 32)
+    k = grp.shape[0]
+    for i, fill in enumerate([None, 0.0, 2.0**-130, None]):
+        if i < k and fill is not None:
+            grp[i] = fill * (1 + torch.rand(32, generator=g))
+    grp[0, 3] = 1.75 * 2.0 ** int(torch.randint(-20, 20, (1,), generator=g))
+    if k > 3 and dtype != torch.float16:
+        grp[3, 7] = 3.0e38
+    if dtype == torch.float16:
+        x = x.clamp(-60000, 60000)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("rule", ["ceil", "ct"])
+@pytest.mark.parametrize("shape, in_dtype", _scheme_params(MX_SHAPES))
+def test_mx_quant_bit_exact(tk, shape, in_dtype, rule):
+    g = _gen()
+    x = mx_weights(shape, in_dtype, g)
+    poison(x.numel() * 2)
+    q, e = tk.mx_quant_triton(x.cuda(), rule)
+    qr, er = ref.mx_quant_torch(x, rule)
+    assert e.dtype == torch.uint8 and e.shape == (*shape[:-1], shape[-1] // 32)
+    assert_same_bytes(e, er, f"mx exponents {shape} {in_dtype} {rule}")
+    assert_same_bytes(q, qr, f"mx codes {shape} {in_dtype} {rule}")
+
+
+def test_mx_quant_nonfinite_groups_and_validation(tk):
+    x = torch.randn(4, 96)
+    x[0, 3], x[2, 40], x[3, 95] = float("inf"), float("nan"), -float("inf")
+    for rule in ("ceil", "ct"):
+        e = tk.mx_quant_triton(x.cuda(), rule)[1].cpu()
+        assert torch.equal(e, ref.mx_quant_torch(x, rule)[1])
+        assert e[0, 0] == e[2, 1] == e[3, 2] == 255
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tk.mx_quant_triton(torch.zeros(2, 48, device="cuda"))
+    with pytest.raises(ValueError, match="rule"):
+        tk.mx_quant_triton(torch.zeros(2, 64, device="cuda"), "floor")
+
+
+def test_scheme_quantizers_dispatch_and_out(tk):
+    """kernels.channel_quant / mx_quant take the Triton kernels on CUDA (a launch state appears) and
+    write into out= buffers."""
+    from fp8conv import kernels
+    from fp8conv.kernels import common
+
+    x = random_weights((300, 256), torch.bfloat16, _gen())
+    xc = x.cuda()
+    common.clear_launch_state()
+    q, s = kernels.channel_quant(xc)
+    q2, e = kernels.mx_quant(xc, "ct")
+    assert len(common.launch_state_keys()) == 2
+    assert_same_bytes(s, ref.channel_quant_torch(x)[1], "dispatch channel scales")
+    assert_same_bytes(e, ref.mx_quant_torch(x, "ct")[1], "dispatch mx exponents")
+    qo, so = torch.empty_like(q), torch.full_like(s, float("nan"))
+    assert kernels.channel_quant(xc, out=(qo, so))[1] is so
+    assert_same_bytes(so, s, "channel out=")
+    qo, eo = torch.empty_like(q2), torch.zeros_like(e)
+    r = kernels.mx_quant(xc, "ct", out=(qo, eo))
+    assert r[0] is qo and r[1] is eo
+    assert_same_bytes(qo, q2, "mx out=")
+    assert_same_bytes(eo, e, "mx out= exponents")
 
 
 # ---- out= buffers and the cached launch state --------------------------------------------------
