@@ -150,13 +150,21 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: str | No
     fp4_like = [torch.empty(m, n // 4, dtype=torch.int32, device="cuda") for _ in range(n_sets)]
     bytes_src = [torch.randint(0, 255, (m, n // 4), dtype=torch.uint8, device="cuda") for _ in range(n_sets)]
 
-    def row(name, nbytes, make, host=True):
+    def row(name, nbytes, make, host=True, graph=True):
+        """graph=False: eager only (torch paths that copy a host constant cannot be captured)."""
         clear_launch_state()  # the sweeps change tuning tables, read when a launch state is built
         calls = [lambda i=i: make(i) for i in range(n_sets)]
         ems = eager_ms(calls * max(1, 16 // n_sets))  # >= 16 calls a round: its first launch amortized
         egbs = nbytes / ems / 1e6
-        gms = graph_ms(calls)
-        ggbs = nbytes / gms / 1e6
+        graph_cols = ("", "", "")
+        if graph:
+            gms = graph_ms(calls)
+            ggbs = nbytes / gms / 1e6
+            graph_cols = (
+                f"{gms * 1e3:7.1f} us",
+                f"{100 * ggbs / copy_gbs:5.1f}%",
+                f"{100 * ggbs / same_copy:5.1f}%",
+            )
         hu = f"{host_us(calls * max(1, 64 // n_sets)):5.1f}" if host else ""
         rows.append(
             (
@@ -165,9 +173,7 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: str | No
                 f"{ems * 1e3:7.1f} us",
                 f"{100 * egbs / copy_gbs:5.1f}%",
                 f"{100 * egbs / same_copy_eager:5.1f}%",
-                f"{gms * 1e3:7.1f} us",
-                f"{100 * ggbs / copy_gbs:5.1f}%",
-                f"{100 * ggbs / same_copy:5.1f}%",
+                *graph_cols,
                 hu,
             )
         )
@@ -198,12 +204,12 @@ def mem_shape_rows(m: int, n: int, quick: bool, copy_gbs: float, sweep: str | No
     # torch ops they replaced on the GPU (reference.py, same bytes)
     b_ch = m * n * 3 + m * 4
     row("channel_quant", b_ch, lambda i: K.channel_quant(xs[i]))
-    row("channel_quant, torch eager", b_ch, lambda i: ref.channel_quant_torch(xs[i]), False)
+    row("channel_quant, torch eager", b_ch, lambda i: ref.channel_quant_torch(xs[i]), False, False)
     if n % 32 == 0:
         b_mx = m * n * 3 + m * n // 32
         row("mx_quant (ceil)", b_mx, lambda i: K.mx_quant(xs[i], "ceil"))
         row("mx_quant (ct)", b_mx, lambda i: K.mx_quant(xs[i], "ct"), False)
-        row("mx_quant, torch eager", b_mx, lambda i: ref.mx_quant_torch(xs[i], "ceil"), False)
+        row("mx_quant, torch eager", b_mx, lambda i: ref.mx_quant_torch(xs[i], "ceil"), False, False)
     row(f"fp4_dequant ({m}x{n4})", b_f4, fp4)
     row("  torch bf16 -> fp8 cast (quantizer traffic)", 3 * m * n, lambda i: casts[i].copy_(xs[i]), False)
     row(
