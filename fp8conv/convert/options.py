@@ -1,32 +1,33 @@
 """Options for the conversion commands: frozen, validated once, built by the CLI or by callers.
 
-Choices are `Literal` types, so type checkers flag a typo and the CLI shows and validates the same
-choices. This module does not import torch (the CLI imports it to build its options and answers
-`--help` without torch); the torch dtype is looked up when a conversion asks for it.
+Choices are `Literal` types (fp8conv/choices.py), so type checkers flag a typo and the CLI shows and
+validates the same choices. This module does not import torch (the CLI imports it to build its options
+and answers `--help` without torch); the torch dtype is looked up when a conversion asks for it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING
 
+from fp8conv.choices import (  # noqa: F401  (the option types, re-exported for the CLI and callers)
+    FORMAT_CHOICES,
+    OUT_DTYPE_CHOICES,
+    SCALE_FMT_CHOICES,
+    SCHEMES,
+    TARGETS,
+    OutDtype,
+    QuantFormat,
+    ScaleFmt,
+    Scheme,
+    Target,
+)
 from fp8conv.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
-OutDtype = Literal["bf16", "fp16", "fp32"]
-QuantFormat = Literal["fp8", "compressed-tensors"]
-ScaleFmt = Literal["float", "ue8m0"]
-Scheme = Literal["fp8-block", "fp8-channel", "mxfp8"]
-Target = Literal["any", "transformers", "vllm", "sglang"]
-
-OUT_DTYPE_CHOICES: tuple[str, ...] = get_args(OutDtype)
-FORMAT_CHOICES: tuple[str, ...] = get_args(QuantFormat)
-SCALE_FMT_CHOICES: tuple[str, ...] = get_args(ScaleFmt)
-SCHEMES: tuple[str, ...] = get_args(Scheme)
-TARGETS: tuple[str, ...] = get_args(Target)
 DTYPE_CONFIG_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 

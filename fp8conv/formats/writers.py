@@ -23,12 +23,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fp8conv.choices import FORMAT_CHOICES as FORMATS
+from fp8conv.choices import SCHEMES
 from fp8conv.errors import UsageError
 from fp8conv.formats import compressed_tensors, fp8_block
 from fp8conv.formats.scheme import MX_GROUP, Granularity
 
-SCHEMES = ("fp8-block", "fp8-channel", "mxfp8")
-FORMATS = ("fp8", "compressed-tensors")
 # The --scheme a stored e4m3 weight's scale granularity is (what `convert` and `--like` read back).
 SCHEME_OF_GRANULARITY = {
     Granularity.BLOCK: "fp8-block",
