@@ -238,3 +238,31 @@ def test_power_of_two_scales_are_kept_bf16_exactly(model8640, tmp_path):  # noqa
     for name in MLP:
         w = full(name)
         assert torch.equal(t[w].double(), exact_fp8(s[w], s[w + "_scale_inv"])), w
+
+
+def test_verify_asks_the_same_rule_and_passes_what_convert_wrote(fp8_8640, tmp_path):
+    """verify's loader check and convert's plan ask one per-weight rule: verify names on the --target any
+    output exactly the weights convert --target keeps bf16 for that rule, and passes convert's output."""
+    from fp8conv.targets import serving_report
+
+    def failing(path, target, rule):
+        report = serving_report(path, (1,), targets=(target,))
+        return report, {f.tensor for f in report.loaders[0].findings if f.rule == rule}
+
+    _, ragged = failing(fp8_8640, "transformers", "ragged tiles")
+    assert ragged == set(plan(fp8_8640, "--target", "transformers")["kept_bf16"])
+    out = tmp_path / "tf"
+    cli("convert", fp8_8640, out, "--target", "transformers", "-q")
+    report, ragged = failing(out, "transformers", "ragged tiles")
+    assert ragged == set() and report.ok and report.loaders[0].loads
+
+    ct = tmp_path / "ct"
+    cli("convert", fp8_8640, ct, "--format", "compressed-tensors", "-q")
+    _, groups = failing(ct, "transformers", "activation group")
+    kept = plan(fp8_8640, "--format", "compressed-tensors", "--target", "transformers")["kept_bf16"]
+    assert groups == set(kept) == {full("down_proj")}
+    assert "activation group 128" in kept[full("down_proj")]
+    out = tmp_path / "ct-vllm"
+    cli("convert", fp8_8640, out, "--format", "compressed-tensors", "--target", "vllm", "-q")
+    report = serving_report(out, (1,), targets=("vllm", "transformers", "compressed-tensors"))
+    assert report.ok, report.to_dict()
