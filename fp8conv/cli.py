@@ -764,7 +764,11 @@ def convert(
 
         for r in rows:
             if r["tensor"] in cp.kept:
-                exact = "lossless: the bf16 values equal the FP8 ones" if r["lossless"] else "lossy"
+                exact = (
+                    "lossless: the bf16 values equal the FP8 ones"
+                    if r["lossless"]
+                    else "lossy: bf16 rounds them"
+                )
                 err.print(Text(f"{r['tensor']}: {r['how']} ({exact})"), soft_wrap=True, highlight=False)
         if lossy:
             table = Table(
@@ -780,7 +784,8 @@ def convert(
                 return f"{v:.2f}" if v is not None else "-"
 
             for r in lossy:
-                row = [r["tensor"], r["how"], db(r["sqnr_db"]), f"{r['rel_error'] or 0:.3e}"]
+                how = "kept bf16 (above)" if r["tensor"] in cp.kept else r["how"]
+                row = [r["tensor"], how, db(r["sqnr_db"]), f"{r['rel_error'] or 0:.3e}"]
                 if reference:
                     row.append(f"{db(r['sqnr_vs_reference_db'])} ({db(r['source_sqnr_vs_reference_db'])})")
                 table.add_row(*row)

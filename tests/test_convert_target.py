@@ -266,3 +266,28 @@ def test_verify_asks_the_same_rule_and_passes_what_convert_wrote(fp8_8640, tmp_p
     cli("convert", fp8_8640, out, "--format", "compressed-tensors", "--target", "vllm", "-q")
     report = serving_report(out, (1,), targets=("vllm", "transformers", "compressed-tensors"))
     assert report.ok, report.to_dict()
+
+
+def test_stacked_experts_kept_bf16_are_skipped_by_their_module(sample, tmp_path):
+    """DeepSeek-style sample: transformers v5 fused `experts.gate_up_proj` [4, 256, 320] has K = 320,
+    which vLLM's activation groups of 128 refuse: written bf16 (dequantize's bytes), its module
+    `...mlp.experts` in modules_to_not_convert (the parameter name is not a module's)."""
+    src = sample("deepseek-tiny-fp8")
+    out = tmp_path / "vllm"
+    cli("convert", src, out, "--target", "vllm", "-q", "--json", tmp_path / "s.json")
+    report = json.loads((tmp_path / "s.json").read_text())
+    stacked = "model.layers.0.mlp.experts.gate_up_proj"
+    kept = {r["tensor"] for r in report["tensors"] if r["how"].startswith("kept bf16")}
+    assert stacked in kept and "model.layers.0.self_attn.o_proj.weight" not in kept
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.experts" in qc["modules_to_not_convert"]
+    cli("dequantize", src, tmp_path / "bf16", "-q")
+    ours, theirs = {}, {}
+    for p in out.glob("*.safetensors"):
+        ours.update(load_file(p))
+    for p in (tmp_path / "bf16").glob("*.safetensors"):
+        theirs.update(load_file(p))
+    for name in kept:
+        assert ours[name].dtype == torch.bfloat16, name
+        assert torch.equal(ours[name].view(torch.uint8), theirs[name].view(torch.uint8)), name
+        assert name + "_scale_inv" not in ours and name[: -len("weight")] + "weight_scale_inv" not in ours

@@ -222,7 +222,7 @@ def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
         )
         jobs[qw.name], jobs[qw.scale.name] = codes, scale
     shards = []
-    not_converted: list[str] = [n[: -len(".weight")] for n in kept if n.endswith(".weight")]
+    not_converted: list[str] = [_module_of(n) for n in kept]
     for shard_name, header in ckpt.shards.items():
         sp = ShardPlan(shard_name, header.metadata)
         for name, info in header.tensors.items():
@@ -275,7 +275,24 @@ def _kept_for_target(ckpt: Checkpoint, found, rules, opts: ConvertOptions):
     base = {n: None if n in found.weights else "not FP8" for n in tensors}
     quant = apply_targets(ckpt.config, tensors, base, *rules, targets_of(opts.target))
     kept = {n: why for n, why in quant.items() if n in found.weights and why is not None}
+    # a stacked-experts parameter (transformers v5 `experts.gate_up_proj`) is skipped by its module,
+    # which holds the others too: they stay bf16 with it, or the skip list would misdescribe them
+    for name, why in list(kept.items()):
+        if not name.endswith(".weight"):
+            module = _module_of(name)
+            for other in found.weights:
+                if other not in kept and not other.endswith(".weight") and _module_of(other) == module:
+                    loader = why.split(":", 1)[0]
+                    kept[other] = quant[other] = (
+                        f"{loader}: {module} is skipped as a whole for {name}: one precision per module"
+                    )
     return kept, tensors, base, quant
+
+
+def _module_of(name: str) -> str:
+    """The module a weight's skip-list entry names: `X` for `X.weight`, the parent of a stacked-experts
+    parameter (`...mlp.experts` for `...mlp.experts.gate_up_proj`)."""
+    return name[: -len(".weight")] if name.endswith(".weight") else name.rsplit(".", 1)[0]
 
 
 def _kept_job(ckpt: Checkpoint, cp: ConvertPlan, qw: QuantizedWeight, why: str) -> TensorJob:
