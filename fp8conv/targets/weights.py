@@ -32,6 +32,9 @@ ACTIVATION_GROUP_SOURCES = {
 }
 
 
+_WHOSE = {"compressed-tensors": "compressed-tensors'", "vllm": "vLLM's", "sglang": "SGLang's"}
+
+
 @dataclass(frozen=True)
 class Refusal:
     target: str
@@ -93,7 +96,7 @@ def weight_refusal(
             target,
             "activation group",
             f"input size K = {cols}{of} is not a multiple of the activation group {group}: "
-            f"{who}'s per-group quantization of the input fails in the forward pass",
+            f"{_WHOSE[who]} per-group quantization of the input fails in the forward pass",
             ACTIVATION_GROUP_SOURCES[who],
         )
     return None
