@@ -675,6 +675,9 @@ def convert(
     block_size: Annotated[
         Optional[str], typer.Option("--block-size", help="MxN nested in the source's tiles")
     ] = None,
+    target: Annotated[
+        Target, typer.Option("--target", help="loader the output must run in; writes bf16 what it cannot")
+    ] = "any",
     reference: Annotated[
         Optional[str],
         typer.Option(
@@ -704,6 +707,7 @@ def convert(
             scale_fmt=scale_fmt,
             block_size=block_size,
             reference=reference,
+            target=target,
             dry_run=dry_run,
             device=device,
             overwrite=overwrite,
@@ -715,19 +719,35 @@ def convert(
         )
         rows = cp.report()
         lossy = [r["tensor"] for r in rows if not r["lossless"]]
-        emit_json(json_out, {"ok": True, "dry_run": True, "lossless": not lossy, "tensors": rows}, (src,))
+        kept = {r["tensor"]: r["how"] for r in rows if r["tensor"] in cp.kept}
+        emit_json(
+            json_out,
+            {
+                "ok": True,
+                "dry_run": True,
+                "lossless": not lossy,
+                "tensors": rows,
+                "kept_bf16": kept,
+                "modules_to_not_convert": cp.plan.modules_to_not_convert,
+                "notes": cp.notes,
+            },
+            (src,),
+        )
         if json_out != "-":
+            for note in cp.notes:
+                log(f"note: {note}")
+            requant = len(lossy) - len(kept)
+            said = [f"{requant} requantized (lossy, measured when written)"] if requant else []
+            if kept:
+                said.append(f"{len(kept)} kept bf16 for --target {target} (measured when written)")
             out.print(
                 f"convert plan ({cp.source_format} {cp.source_scheme} -> "
                 f"{cp.writer.format} {cp.writer.scheme}): "
-                f"{len(rows)} FP8 weights, "
-                + (
-                    "all lossless"
-                    if not lossy
-                    else f"{len(lossy)} requantized (lossy, measured when written)"
-                ),
+                f"{len(rows)} FP8 weights, " + ("; ".join(said) or "all lossless"),
                 highlight=False,
             )
+            for name, how in kept.items():  # whole: the reason is the loader's own message
+                out.print(Text(f"  {name}: {how}"), soft_wrap=True, highlight=False)
         return
     opts = run_guarded(options, json_out)
     out_dir = where_to(src, dst, convert_suffix(opts), revision)
@@ -742,8 +762,18 @@ def convert(
     if not quiet:
         from rich.table import Table
 
+        for r in rows:
+            if r["tensor"] in cp.kept:
+                exact = (
+                    "lossless: the bf16 values equal the FP8 ones"
+                    if r["lossless"]
+                    else "lossy: bf16 rounds them"
+                )
+                err.print(Text(f"{r['tensor']}: {r['how']} ({exact})"), soft_wrap=True, highlight=False)
         if lossy:
-            table = Table(title=f"lossy: {len(lossy)} of {len(rows)} weights requantized (worst first)")
+            table = Table(
+                title=f"lossy: {len(lossy)} of {len(rows)} weights changed their values (worst first)"
+            )
             cols = ["tensor", "how", "SQNR dB", "rel. error"]
             if reference:
                 cols += ["SQNR vs BF16 dB (was)"]
@@ -754,13 +784,17 @@ def convert(
                 return f"{v:.2f}" if v is not None else "-"
 
             for r in lossy:
-                row = [r["tensor"], r["how"], db(r["sqnr_db"]), f"{r['rel_error'] or 0:.3e}"]
+                how = "kept bf16 (above)" if r["tensor"] in cp.kept else r["how"]
+                row = [r["tensor"], how, db(r["sqnr_db"]), f"{r['rel_error'] or 0:.3e}"]
                 if reference:
                     row.append(f"{db(r['sqnr_vs_reference_db'])} ({db(r['source_sqnr_vs_reference_db'])})")
                 table.add_row(*row)
             err.print(table)
         else:
-            err.print(f"lossless: all {len(rows)} FP8 weights kept their values exactly", highlight=False)
+            bf16 = f" ({len(cp.kept)} of them as bf16)" if cp.kept else ""
+            err.print(
+                f"lossless: all {len(rows)} FP8 weights kept their values exactly{bf16}", highlight=False
+            )
     report_summary(summary, quiet, None)
     emit_json(
         json_out,

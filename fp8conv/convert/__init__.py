@@ -89,8 +89,8 @@ def quantize_suffix(options: QuantizeOptions) -> str:
 
 
 def convert_suffix(options: ConvertOptions) -> str:
-    """What a convert changes, in a default DST name: `ue8m0`, `ct`, `fp8-channel-ct`, `b64x128`, ...
-    (`converted` when it only rewrites the same layout)."""
+    """What a convert changes, in a default DST name: `ue8m0`, `ct`, `fp8-channel-ct`, `b64x128`,
+    `ct-vllm` (a --target), ... (`converted` when it only rewrites the same layout)."""
     from fp8conv.formats.writers import FORMAT_TAGS
 
     parts = []
@@ -102,6 +102,8 @@ def convert_suffix(options: ConvertOptions) -> str:
         parts.append(options.scale_fmt)
     if options.block_size is not None:
         parts.append("b{}x{}".format(*options.block_size))
+    if options.target != "any":
+        parts.append(options.target)
     return "-".join(parts) or "converted"
 
 
@@ -280,7 +282,8 @@ def quantize(
 def plan_for_convert(
     src: SrcArg, options: ConvertOptions | None = None, *, revision: str | None = None
 ) -> ConvertPlan:
-    """The convert plan (what --dry-run shows): per tensor what changes and whether it is lossless."""
+    """The convert plan (what --dry-run shows): per tensor what changes and whether it is lossless;
+    with a --target, the weights it keeps bf16 and why (`how`), and the plan's `notes`."""
     from fp8conv.checkpoint.layout import open_checkpoint
     from fp8conv.convert.fp8_to_fp8 import ConvertOptions, plan_convert
 
@@ -296,14 +299,19 @@ def convert(
     revision: str | None = None,
 ) -> tuple[Summary, ConvertPlan]:
     """FP8 checkpoint -> FP8 checkpoint in another layout, scheme, scale format or block. Returns the
-    summary and the plan, whose report() gives per tensor how it changed and the loss, worst first."""
+    summary and the plan, whose report() gives per tensor how it changed and the loss, worst first.
+    options.target: a weight that loader cannot load or run in the output is written bf16 (the bytes
+    `dequantize` writes for it), left out of the quantization config, and reported "kept bf16: why"."""
     from fp8conv.checkpoint.layout import open_checkpoint
     from fp8conv.convert.fp8_to_fp8 import ConvertOptions, plan_convert, run_convert
 
     opts = options or ConvertOptions()
     ckpt = open_checkpoint(src, revision)
     cp = plan_convert(ckpt, opts)
-    return run_convert(ckpt, cp, Path(dst), opts, _progress(progress, "convert")), cp
+    prog = _progress(progress, "convert")
+    for note in cp.notes:
+        prog.note(note)
+    return run_convert(ckpt, cp, Path(dst), opts, prog), cp
 
 
 def _like(opts: QuantizeOptions):

@@ -19,6 +19,12 @@ weights scaled per block, per channel or per 1 x 32 MX group):
 Every lossy tensor is measured against the FP8 source's own dequantized weight: SQNR in dB and
 relative Frobenius error, reported worst first; with `--reference BF16`, also the SQNR of the new and of
 the source weight against the original BF16 one.
+
+`--target transformers|vllm|sglang`: a weight that loader could not load or run in the output's scheme,
+layout and block (fp8conv.convert.targeting, the rules quantize's --target applies) is written bf16 by
+`fp8conv dequantize`'s own job for it (the same bytes), its scale dropped and its module added to the
+config's skip list; its change reads "kept bf16: <reason>", lossless only where every bf16 value equals
+the FP8 one exactly (power-of-two scales), which is measured once it is written.
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ import torch
 
 from fp8conv.checkpoint.layout import Checkpoint
 from fp8conv.checkpoint.safetensors_io import FLOAT_DTYPES, ShardReader, TensorInfo
+from fp8conv.convert import decode
+from fp8conv.convert.options import TARGETS
 from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
+from fp8conv.convert.targeting import apply_targets, notes_for, targets_of
 from fp8conv.errors import InvalidCheckpoint, UsageError
 from fp8conv.formats import Element, Granularity, QuantizedWeight, detect, strip_config, strip_params
 from fp8conv.formats.scheme import MX_GROUP
@@ -51,6 +60,7 @@ class ConvertOptions:
     scale_fmt: str = "keep"
     block_size: tuple[int, int] | None = None  # None: the source's block
     reference: str | None = None  # the original BF16 checkpoint: lossy tensors are also measured against it
+    target: str = "any"  # the loader the output must load and run in: what it cannot stays bf16
     dry_run: bool = False
     device: str = "cpu"
     overwrite: bool = False
@@ -60,6 +70,8 @@ class ConvertOptions:
 
         if self.scale_fmt not in SCALE_FMTS:
             raise UsageError(f"--scale-fmt must be one of {', '.join(SCALE_FMTS)}, not {self.scale_fmt!r}")
+        if self.target not in TARGETS:
+            raise UsageError(f"--target must be one of {', '.join(TARGETS)}, not {self.target!r}")
         if self.block_size is not None:
             object.__setattr__(self, "block_size", parse_block(self.block_size))
 
@@ -74,8 +86,8 @@ class ConvertOptions:
 @dataclass
 class TensorChange:
     tensor: str
-    how: str  # "relayout", "nested tiles", "inherited exponents", "requantized"
-    lossless: bool
+    how: str  # "relayout", "nested tiles", "inherited exponents", "requantized", "kept bf16: <reason>"
+    lossless: bool  # kept bf16: whether every bf16 value equals the FP8 one exactly (measured when written)
     sqnr_db: float | None = None  # lossy: against the source's dequantized weight
     rel_error: float | None = None
     # with --reference: the new weight and the FP8 source each against the original BF16 weight
@@ -92,6 +104,11 @@ class ConvertPlan:
     block: tuple[int, int] | None
     changes: dict[str, TensorChange] = field(default_factory=dict)  # filled as tensors are written
     reference: Checkpoint | None = None  # --reference: the original BF16 checkpoint
+    kept: dict[str, QuantizedWeight] = field(default_factory=dict)  # --target: written bf16 instead
+
+    @property
+    def notes(self) -> list[str]:
+        return self.plan.notes
 
     @property
     def lossless(self) -> bool:
@@ -183,21 +200,35 @@ def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
     power_of_two = (
         _all_power_of_two(ckpt, found) if scheme == "mxfp8" and src_scheme == "fp8-block" else False
     )
+    rules = _rules(w, block if scheme == "fp8-block" else None)
+    kept, tensors, base, quant = _kept_for_target(ckpt, found, rules, opts)
+    if kept and len(kept) == len(found.weights):
+        raise InvalidCheckpoint(
+            f"--target {opts.target}: every FP8 weight would be written bf16 (first: "
+            f"{next(iter(kept))}: {next(iter(kept.values()))}); nothing is left to convert",
+            file=ckpt.root,
+            hint="fp8conv dequantize writes the whole checkpoint in bf16; or pick another --block-size",
+        )
     # the codes job where the source's codes are, the scale job where its scale is (same shards, same
-    # order: a relayout's round trip is byte-identical)
-    jobs = {}
+    # order: a relayout's round trip is byte-identical); a weight kept bf16 becomes the dequantize's
+    # job for it and its scale is dropped
+    jobs: dict[str, TensorJob | None] = {}
     for qw in found.weights.values():
+        if qw.name in kept:
+            jobs[qw.name], jobs[qw.scale.name] = _kept_job(ckpt, cp, qw, kept[qw.name]), None
+            continue
         codes, scale = _weight_jobs(
             ckpt, cp, qw, ckpt.info(qw.name), w, block, src_scheme, opts, power_of_two
         )
         jobs[qw.name], jobs[qw.scale.name] = codes, scale
     shards = []
-    not_converted: list[str] = []
+    not_converted: list[str] = [_module_of(n) for n in kept]
     for shard_name, header in ckpt.shards.items():
         sp = ShardPlan(shard_name, header.metadata)
         for name, info in header.tensors.items():
             if name in jobs:
-                sp.jobs.append(jobs[name])
+                if jobs[name] is not None:
+                    sp.jobs.append(jobs[name])
                 continue
             sp.jobs.append(TensorJob(name, "copy", info, info.dtype, info.shape, reason="not FP8"))
             if name.endswith(".weight") and info.dtype in FLOAT_DTYPES and len(info.shape) in (2, 3):
@@ -214,7 +245,65 @@ def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
     cp.plan = Plan(
         shards, config, skipped, family=found.family, drop_files=found.side_files, write_files=write_files
     )
+    cp.plan.notes = notes_for(
+        ckpt.config,
+        tensors,
+        base,
+        quant,
+        *rules,
+        opts.target,
+        "kept bf16",
+    )
     return cp
+
+
+def _rules(w: Writer, block: tuple[int, int] | None) -> tuple[str, tuple[int, int] | None, int | None]:
+    """What the loader rules see of the output: its quant_method, block (block scheme) and act group."""
+    return w.format, block, w.act_group
+
+
+def _kept_for_target(ckpt: Checkpoint, found, rules, opts: ConvertOptions):
+    """The FP8 weights the --target loader could not load or run in the output's scheme, layout and
+    block (name -> why), and the rule inputs the plan's notes are made from."""
+    scales = {qw.scale.name for qw in found.weights.values()}
+    # the output's tensors as the rules see them: an FP8 weight kept back is bf16, its scale gone
+    tensors = {
+        n: ("BF16" if n in found.weights else ckpt.info(n).dtype, tuple(ckpt.info(n).shape))
+        for n in ckpt.weight_map
+        if n not in scales
+    }
+    base = {n: None if n in found.weights else "not FP8" for n in tensors}
+    quant = apply_targets(ckpt.config, tensors, base, *rules, targets_of(opts.target))
+    kept = {n: why for n, why in quant.items() if n in found.weights and why is not None}
+    # a stacked-experts parameter (transformers v5 `experts.gate_up_proj`) is skipped by its module,
+    # which holds the others too: they stay bf16 with it, or the skip list would misdescribe them
+    for name, why in list(kept.items()):
+        if not name.endswith(".weight"):
+            module = _module_of(name)
+            for other in found.weights:
+                if other not in kept and not other.endswith(".weight") and _module_of(other) == module:
+                    loader = why.split(":", 1)[0]
+                    kept[other] = quant[other] = (
+                        f"{loader}: {module} is skipped as a whole for {name}: one precision per module"
+                    )
+    return kept, tensors, base, quant
+
+
+def _module_of(name: str) -> str:
+    """The module a weight's skip-list entry names: `X` for `X.weight`, the parent of a stacked-experts
+    parameter (`...mlp.experts` for `...mlp.experts.gate_up_proj`)."""
+    return name[: -len(".weight")] if name.endswith(".weight") else name.rsplit(".", 1)[0]
+
+
+def _kept_job(ckpt: Checkpoint, cp: ConvertPlan, qw: QuantizedWeight, why: str) -> TensorJob:
+    """A weight the target cannot run in FP8: `fp8conv dequantize`'s own job for it (the same decode,
+    the same checks, the same bf16 bytes). Whether the bf16 values equal the FP8 ones exactly is
+    measured after it is written (`measure_kept`)."""
+    cp.kept[qw.name] = qw
+    cp.changes[qw.name] = TensorChange(qw.name, f"kept bf16: {why}", False)
+    job = TensorJob(qw.out_name, "dequant", ckpt.info(qw.name), "BF16", qw.out_shape, scale=qw.scale)
+    job.block, job.weight = decode.kernel_tile(qw), qw
+    return job
 
 
 def _dtype_name(config: dict | None) -> str:
@@ -448,4 +537,57 @@ def run_convert(ckpt: Checkpoint, cp: ConvertPlan, dst: Path, opts: ConvertOptio
         ckpt, cp.plan, Path(dst), "convert", opts.job_key(), opts.device, opts.overwrite, None, progress
     )
     summary.tensors_converted = len(cp.changes)
+    summary.notes.extend(cp.notes)
+    if cp.kept and summary.complete:
+        measure_kept(ckpt, cp, Path(dst))
     return summary
+
+
+def measure_kept(ckpt: Checkpoint, cp: ConvertPlan, dst: Path) -> None:
+    """For every weight written bf16 for the target: the bf16 values as written in `dst` against the
+    FP8 source's exact values (codes x scales, in float64, where the product is exact): lossless only
+    when all are equal; else the SQNR and relative error (and, with --reference, against the original)."""
+    from fp8conv.checkpoint.layout import open_checkpoint
+
+    out = open_checkpoint(dst)
+    for name, qw in cp.kept.items():
+        shape = tuple(qw.shape)
+        m, n = shape[-2:]
+        got_all = _read(out, out.info(qw.out_name)).reshape(-1, *qw.out_shape[-2:])
+        if qw.transpose:
+            got_all = got_all.transpose(-1, -2)
+        q_all = _read(ckpt, qw.codes).view(torch.float8_e4m3fn).reshape(-1, m, n)
+        grid = qw.layout.grid
+        s_all = scale_to_float32(_read(ckpt, qw.scale)).reshape(qw.layout.view).expand(grid)
+        s_all = s_all.reshape(-1, *grid[-2:])
+        orig = None
+        if cp.reference is not None:
+            orig = _read(cp.reference, cp.reference.info(name)).reshape(-1, m, n)
+        tile = qw.layout.tile
+        bm = tile[0] if tile[0] < m else m
+        step = max(bm, (BAND_ELEMS // max(n, 1)) // bm * bm)
+        sums, equal = [0.0] * 5, True
+        for e in range(q_all.shape[0]):
+            for r0 in range(0, m, step):
+                r1 = min(m, r0 + step)
+                s_rows = s_all[e, r0 // tile[0] : math.ceil(r1 / tile[0])]
+                exact = q_all[e, r0:r1].double() * expand_scales(s_rows, (r1 - r0, n), tile).double()
+                got = got_all[e, r0:r1].double()
+                equal = equal and torch.equal(got, exact)
+                band = [float((got - exact).pow(2).sum()), float(exact.pow(2).sum()), 0.0, 0.0, 0.0]
+                if orig is not None:
+                    o64 = orig[e, r0:r1].double()
+                    band[2:] = [
+                        float((got - o64).pow(2).sum()),
+                        float((exact - o64).pow(2).sum()),
+                        float(o64.pow(2).sum()),
+                    ]
+                sums = [a + b for a, b in zip(sums, band, strict=True)]  # in band order
+        err, ref_sq, o_err, o_src, o_sq = sums
+        change = cp.changes[name]
+        change.lossless = equal
+        change.rel_error = math.sqrt(err / ref_sq) if ref_sq > 0 else 0.0
+        change.sqnr_db = _db(ref_sq, err)
+        if orig is not None:
+            change.sqnr_vs_reference_db = _db(o_sq, o_err)
+            change.source_sqnr_vs_reference_db = _db(o_sq, o_src)

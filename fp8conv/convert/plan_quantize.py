@@ -2,31 +2,21 @@
 
 A tensor stays as it is when it is not a float matrix, matches a skip rule (--skip, --only, the default
 rules: embeddings, lm_head, norms, routers, DeepSeek-V3's MTP projections), does not fit the scheme
-(MXFP8 needs K a multiple of 32), or when the --target loader could not load or run it in that scheme:
-
-- transformers (quant_method fp8): ragged tiles. It infers the block as weight shape / scale grid and
-  refuses a shape the grid does not divide (integrations/finegrained_fp8.py Fp8Dequantize).
-- transformers (compressed-tensors), vLLM, SGLang: K not a multiple of the activation group. compressed-
-  tensors quantizes the input per 1 x group_size group and fails in the forward pass; vLLM's and SGLang's
-  per-token-group activation quantization asserts K % group_size == 0 (vllm
-  model_executor/layers/quantization/utils/fp8_utils.py, sglang srt/layers/quantization/fp8_kernel.py).
-- vLLM, SGLang: the block-shape rules of fused layers (validate_fp8_block_shape, in fp8conv.targets.tp),
-  and every shard of a fused layer (q/k/v, gate/up) in one precision.
-
-`--target any` (the default) applies none of them: every tile fp8conv can write, ragged ones too, as the
-DeepSeek releases lay them out; the plan's notes then say, loader by loader, which weights it would not
-load or run and why (`--target X` keeps exactly those bf16).
+(MXFP8 needs K a multiple of 32), or when the --target loader could not load or run it in that scheme
+(fp8conv.convert.targeting: the per-weight rules of fp8conv.targets.weights, ragged tiles for transformers'
+fp8 method and K not a multiple of the activation group, and vLLM's and SGLang's fused-layer rules).
+`--target any` (the default) applies none of them; the plan's notes then say, loader by loader, which
+weights it would not load or run and why (`--target X` keeps exactly those bf16).
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 from fp8conv.checkpoint.layout import Checkpoint
 from fp8conv.checkpoint.safetensors_io import FLOAT_DTYPES, FP8_WEIGHT_DTYPES, TensorInfo
 from fp8conv.convert.like import Reference, check_same_tensors
 from fp8conv.convert.options import QuantizeOptions
 from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
+from fp8conv.convert.targeting import apply_targets, notes_for, targets_of
 from fp8conv.errors import InvalidCheckpoint
 from fp8conv.formats.writers import Writer, writer
 from fp8conv.text import first_match
@@ -54,7 +44,6 @@ DEFAULT_SKIP = (
     "*.eh_proj.*",
     "*.shared_head.head.*",
 )
-LOADERS = ("transformers", "vllm", "sglang")
 
 
 def skip_reason(info: TensorInfo, opts: QuantizeOptions, w: Writer | None = None) -> str | None:
@@ -88,73 +77,6 @@ def skip_reason(info: TensorInfo, opts: QuantizeOptions, w: Writer | None = None
     return None
 
 
-def targets_of(opts: QuantizeOptions) -> tuple[str, ...]:
-    """The loaders whose rules decide what stays bf16: none for `any` (every tile fp8conv can write,
-    ragged ones too, as DeepSeek lays them out; the plan's notes say what each loader would refuse)."""
-    return () if opts.target == "any" else (opts.target,)
-
-
-def loader_reason(shape: tuple[int, ...], w: Writer, opts: QuantizeOptions, target: str) -> str | None:
-    """Why `target` could not load or run this weight in the chosen scheme (per-tensor rules)."""
-    if w.scheme != "fp8-block":
-        return None  # per-channel: per-token activations; MXFP8: K % 32 is the scheme's own rule
-    m, n = shape[-2:]
-    bm, bn = w.tile(shape, opts.block_size)
-    if target == "transformers" and w.format == "fp8" and (m % bm or n % bn):
-        return (
-            f"transformers: {m}x{n} leaves ragged {bm}x{bn} tiles, and transformers infers the block as "
-            "weight shape / scale grid and refuses it"
-        )
-    group = w.act_group or bn  # quant_method fp8: activations quantized per 1 x block_k
-    if n % group and (target in ("vllm", "sglang") or w.format == "compressed-tensors"):
-        return (
-            f"{target}: K = {n} is not a multiple of the activation group {group}; the input's per-group "
-            "quantization fails in the forward pass"
-        )
-    return None
-
-
-def _layer_rules(
-    ckpt: Checkpoint, quant: dict[str, str | None], w: Writer, opts: QuantizeOptions, targets: tuple[str, ...]
-) -> None:
-    """vLLM / SGLang: block-shape rules of fused layers at TP 1 and one precision per fused layer.
-    Updates `quant` (name -> None if quantized, else the reason) in place until nothing changes."""
-    from fp8conv.targets.arch import plan_model
-    from fp8conv.targets.tp import check_layer
-
-    loaders = [t for t in targets if t in ("vllm", "sglang")]
-    if not loaders:
-        return
-    block = opts.block_size if w.scheme == "fp8-block" else None
-    for _ in range(4):
-        tensors = {
-            n: ("F8_E4M3" if quant.get(n, "") is None else ckpt.info(n).dtype, tuple(ckpt.info(n).shape))
-            for n in ckpt.weight_map
-        }
-        model = plan_model(ckpt.config, tensors)
-        changed = False
-        for layer in model.layers:
-            names = [p.tensor for p in layer.parts]
-            fp8 = [n for n in names if quant.get(n, "") is None]
-            if not fp8:
-                continue
-            why = None
-            for loader in loaders:
-                fail = check_layer(layer, 1, False, block, loader) if block is not None else None
-                if fail is not None:
-                    why = f"{loader}: {layer.name}: {fail.message}"
-                    break
-            if why is None and len(fp8) < len(names):
-                kept = next(n for n in names if n not in fp8)
-                why = f"{loaders[0]}: every shard of {layer.name} in one precision, and {kept} stays as it is"
-            if why is not None:
-                for n in fp8:
-                    quant[n] = why
-                changed = True
-        if not changed:
-            return
-
-
 def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions, like: Reference | None = None) -> Plan:
     """The quantize plan; with `like` (--like REF, opts already taken from it), exactly the reference's
     FP8 tensor set and its quantization_config."""
@@ -174,6 +96,9 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions, like: Reference | Non
                 tensor=name,
                 hint="run `fp8conv convert` to change its layout or scheme, or `fp8conv dequantize` first",
             )
+    tensors = {n: (ckpt.info(n).dtype, tuple(ckpt.info(n).shape)) for n in ckpt.weight_map}
+    # the loader rules see the output's quant_method, block (block scheme only) and activation group
+    rules = (w.format, opts.block_size if w.scheme == "fp8-block" else None, w.act_group)
     if like is not None:
         check_same_tensors(ckpt, like)
         base = {
@@ -183,7 +108,7 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions, like: Reference | Non
         quant = base
     else:
         base = {name: skip_reason(ckpt.info(name), opts, w) for name in ckpt.weight_map}
-        quant = _apply_targets(ckpt, base, w, opts, targets_of(opts))
+        quant = apply_targets(ckpt.config, tensors, base, *rules, targets_of(opts.target))
 
     shards = []
     not_converted: list[str] = []
@@ -224,33 +149,8 @@ def plan_quantize(ckpt: Checkpoint, opts: QuantizeOptions, like: Reference | Non
         if plan.config is not None and like.quantization_config is not None:
             plan.config["quantization_config"] = like.quantization_config
         return plan
-    if opts.target == "any":
-        plan.notes = [
-            note
-            for loader in LOADERS
-            for note in target_notes(
-                _apply_targets(ckpt, base, w, opts, (loader,)), f"{loader} cannot load or run"
-            )
-        ]
-    else:
-        plan.notes = target_notes(quant, f"--target {opts.target}: kept as they are")
+    plan.notes = notes_for(ckpt.config, tensors, base, quant, *rules, opts.target, "kept as they are")
     return plan
-
-
-def _apply_targets(
-    ckpt: Checkpoint, base: dict[str, str | None], w: Writer, opts: QuantizeOptions, targets: tuple[str, ...]
-) -> dict[str, str | None]:
-    """`base` (the skip rules' verdicts) with the loaders' per-tensor and per-layer rules added."""
-    quant = dict(base)
-    for name, why in base.items():
-        if why is None:
-            for target in targets:
-                why = loader_reason(tuple(ckpt.info(name).shape), w, opts, target)
-                if why is not None:
-                    break
-            quant[name] = why
-    _layer_rules(ckpt, quant, w, opts, targets)
-    return quant
 
 
 def _quantizer(w: Writer) -> str:
@@ -259,19 +159,6 @@ def _quantizer(w: Writer) -> str:
     if w.scheme == "mxfp8":
         return f"mx-{w.mx_rule}"
     return "block"
-
-
-def target_notes(quant: dict[str, str | None], lead: str) -> list[str]:
-    """One line per loader reason: how many weights it concerns, and which."""
-    by_reason: dict[str, list[str]] = defaultdict(list)
-    for name, why in quant.items():
-        if why and why.split(":", 1)[0] in LOADERS:
-            by_reason[why].append(name)
-    out = []
-    for why, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
-        shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
-        out.append(f"{lead}: {shown}: {why}")
-    return out
 
 
 def quantized_config(config: dict | None, opts: QuantizeOptions, skipped: list[str]) -> dict:

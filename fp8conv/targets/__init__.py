@@ -7,6 +7,8 @@ it returns findings (data) and never prints. The pieces are usable per tensor by
 - `tp.check_layer(layer, tp, ep, block, loader)`: the first partition rule a layer breaks;
 - `tp.check_tensor(plan, tensor, tp, ep, block, loader)`: the same for one tensor in a scheme to be;
 - `loaders.check_loaders(...)`: per target, loads or not and why;
+- `weights.weight_refusal(target, method, shape, block, act_group)`: the per-weight rules behind it,
+  which quantize's and convert's `--target` plans ask too;
 - `requant.requant_loss(...)`: the error Blackwell's UE8M0 requant adds to one tensor.
 """
 

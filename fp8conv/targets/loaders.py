@@ -7,10 +7,8 @@ findings (data). The rules are the loaders' own checks, with their messages wher
   only with dynamic activations and a two-number `weight_block_size`);
 - the scale name a loader reads (`weight_scale_inv` for native block FP8, `weight_scale` for
   compressed-tensors and per-tensor FP8) and the scale grid shape `[ceil(rows/bn), ceil(cols/bk)]`;
-- ragged tiles: transformers infers the block as weight shape / scale grid and refuses a shape the
-  grid does not divide; a grid that divides a ragged shape unevenly (130 rows, 2 scale rows) makes it
-  infer the wrong block (65) and dequantize wrong without an error;
-- compressed-tensors' group-quantized activations need K % group_size == 0 (the forward fails);
+- ragged tiles for transformers and compressed-tensors' activation group (K % group_size == 0, else the
+  forward fails): the per-weight rules of `weights.weight_refusal`, the one function the planners ask too;
 - every shard of a fused layer (q/k/v, gate/up) in the same precision (vLLM `is_layer_skipped`);
 - embeddings and lm_head are never FP8 layers in vLLM/SGLang (no scale parameter to load into);
 - shard metadata `{"format": "pt"}`: transformers 5.24 loads shards without it.
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 from fp8conv.targets import sources
 from fp8conv.targets.arch import FP8_DTYPES, ModelPlan, Role
 from fp8conv.targets.scheme import Scheme
+from fp8conv.targets.weights import weight_refusal
 
 TARGETS = ("transformers", "vllm", "sglang", "compressed-tensors")
 FLOAT_SCALE_DTYPES = {"F32", "BF16", "F16"}
@@ -183,32 +182,9 @@ def _scale_rules(target: str, scheme: Scheme, tensors) -> list[LoaderFinding]:
                 )
             )
         if target == "transformers" and scheme.method == "fp8":  # compressed-tensors pads, as vLLM does
-            srows, scols = sshape[-2], sshape[-1]
-            if rows % srows or cols % scols:
-                out.append(
-                    LoaderFinding(
-                        target,
-                        "fail",
-                        "ragged tiles",
-                        f"Weight shape ({rows}, {cols}) not divisible by scale grid ({srows}, {scols}). "
-                        "(transformers infers the block from the grid when it dequantizes, e.g. on CPU)",
-                        w,
-                        sources.TRANSFORMERS_FP8,
-                    )
-                )
-            elif rows // srows != bn or cols // scols != bk:
-                out.append(
-                    LoaderFinding(
-                        target,
-                        "fail",
-                        "ragged tiles",
-                        f"transformers would infer block [{rows // srows}, {cols // scols}] from shape "
-                        f"({rows}, {cols}) and grid ({srows}, {scols}) instead of [{bn}, {bk}]: it loads "
-                        "but dequantizes wrong",
-                        w,
-                        sources.TRANSFORMERS_FP8,
-                    )
-                )
+            refusal = weight_refusal(target, scheme.method, shape, scheme.block, grid=tuple(sshape[-2:]))
+            if refusal is not None:
+                out.append(LoaderFinding(target, "fail", refusal.rule, refusal.message, w, refusal.source))
     return out
 
 
@@ -243,26 +219,24 @@ def _plan_rules(target: str, scheme: Scheme, plan: ModelPlan, tensors) -> list[L
                         sources.VLLM_QUANT_UTILS,
                     )
                 )
+        # K against the activation group, per fused layer (its parts share K). Reported for the
+        # compressed-tensors layout's own readers; the planners also keep vLLM's and SGLang's
+        # per-token-group rule (quant_method fp8, group = block_k), which this check leaves out.
         if (
             target in ("compressed-tensors", "transformers")
             and scheme.method == "compressed-tensors"
-            and scheme.act_group
             and True in dtypes
             and layer.role != Role.VOCAB
-            and layer.input_size % scheme.act_group
         ):
-            out.append(
-                LoaderFinding(
-                    target,
-                    "fail",
-                    "activation group",
-                    f"input size K = {layer.input_size} of {layer.name} is not a multiple of the activation "
-                    f"group_size {scheme.act_group}: compressed-tensors' group quantization of the input "
-                    "fails in the forward pass",
-                    layer.first_tensor,
-                    sources.COMPRESSED_TENSORS,
-                )
+            refusal = weight_refusal(
+                target, scheme.method, (0, layer.input_size), scheme.block, scheme.act_group, layer=layer.name
             )
+            if refusal is not None:
+                out.append(
+                    LoaderFinding(
+                        target, "fail", refusal.rule, refusal.message, layer.first_tensor, refusal.source
+                    )
+                )
     return out
 
 

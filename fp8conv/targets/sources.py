@@ -48,3 +48,7 @@ VLLM_FP8_CONFIG = (
     "vllm-project/vllm vllm/model_executor/layers/quantization/fp8.py "
     "@0071b24bf8fe8c3d1bc3516d0ff8477f07964aaf (Fp8Config.from_config, Fp8Config.get_quant_method)"
 )
+SGLANG_FP8_KERNEL = (
+    "sgl-project/sglang python/sglang/srt/layers/quantization/fp8_kernel.py "
+    "(per_token_group_quant_fp8: x.shape[-1] % group_size == 0)"
+)
