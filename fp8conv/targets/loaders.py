@@ -7,8 +7,9 @@ findings (data). The rules are the loaders' own checks, with their messages wher
   only with dynamic activations and a two-number `weight_block_size`);
 - the scale name a loader reads (`weight_scale_inv` for native block FP8, `weight_scale` for
   compressed-tensors and per-tensor FP8) and the scale grid shape `[ceil(rows/bn), ceil(cols/bk)]`;
-- ragged tiles for transformers and compressed-tensors' activation group (K % group_size == 0, else the
-  forward fails): the per-weight rules of `weights.weight_refusal`, the one function the planners ask too;
+- ragged tiles for transformers, and the activation group (K % group_size == 0, else the forward fails:
+  compressed-tensors' readers, and vLLM's and SGLang's block FP8 with group = block_k): the per-weight
+  rules of `weights.weight_refusal`, the one function the planners ask too;
 - every shard of a fused layer (q/k/v, gate/up) in the same precision (vLLM `is_layer_skipped`);
 - embeddings and lm_head are never FP8 layers in vLLM/SGLang (no scale parameter to load into);
 - shard metadata `{"format": "pt"}`: transformers 5.24 loads shards without it.
@@ -219,12 +220,11 @@ def _plan_rules(target: str, scheme: Scheme, plan: ModelPlan, tensors) -> list[L
                         sources.VLLM_QUANT_UTILS,
                     )
                 )
-        # K against the activation group, per fused layer (its parts share K). Reported for the
-        # compressed-tensors layout's own readers; the planners also keep vLLM's and SGLang's
-        # per-token-group rule (quant_method fp8, group = block_k), which this check leaves out.
+        # K against the activation group, per fused layer (its parts share K): every reader of the
+        # compressed-tensors layout, and vLLM's and SGLang's per-token-group quantization of the input
+        # under quant_method fp8 (group = block_k), as the planners apply it.
         if (
-            target in ("compressed-tensors", "transformers")
-            and scheme.method == "compressed-tensors"
+            (scheme.method == "compressed-tensors" or target in ("vllm", "sglang"))
             and True in dtypes
             and layer.role != Role.VOCAB
         ):
