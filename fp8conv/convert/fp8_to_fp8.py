@@ -376,10 +376,10 @@ def _row_sums(t: torch.Tensor) -> torch.Tensor:
     return t[:, 0].clone()
 
 
-def _sq_rows(a: torch.Tensor, b: torch.Tensor | None, buf: _Buffers) -> torch.Tensor:
-    """Per row, the float64 sum of (a - b)**2 (or a**2): a and b widened to float64 exactly, the
-    difference and square taken in float64, as the whole-tensor figure always took them."""
-    t = buf.get("t", torch.float64, tuple(a.shape))
+def _sq_rows(a: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """Per row, the float64 sum of (a - b)**2, or a**2 (a float32 or float64, b float64): a widened to
+    float64 exactly into t, the difference and the square taken in float64, as the figure always took
+    them."""
     t.copy_(a)
     if b is not None:
         t.sub_(b)
@@ -428,7 +428,8 @@ def _requantize(ckpt, cp, qw: QuantizedWeight, w: Writer, opts) -> dict[str, tor
             buf = local.buf = _Buffers(device)
         r1 = min(m, r0 + step)
         qb, sb = q_all[e, r0:r1], s_all[e, r0 // bm : math.ceil(r1 / bm)]
-        ref = tile_mul(_decode(qb, buf, "ref"), sb, src_tile, out=buf.get("ref", torch.float32, qb.shape))
+        ref = _decode(qb, buf, "ref")
+        tile_mul(ref, sb, src_tile, out=ref)
         if opts.scale_fmt == "ue8m0":
             q2 = q_out[e, r0:r1]
             s2 = requant_ue8m0_band(ref, tile, q2, buf.get("work", torch.float32, tuple(qb.shape)))
@@ -441,13 +442,17 @@ def _requantize(ckpt, cp, qw: QuantizedWeight, w: Writer, opts) -> dict[str, tor
             q_out[e, r0:r1] = q2
         got = _decode(q2, buf, "got")
         tile_mul(got, s2, tile, out=got)
-        sums = [_sq_rows(got, ref, buf), _sq_rows(ref, None, buf)]
+        # float64 copies made once (a mixed float32 / float64 operation would allocate its own)
+        r64, t = (buf.get(tag, torch.float64, tuple(qb.shape)) for tag in ("r64", "t"))
+        r64.copy_(ref)
+        err = _sq_rows(got, r64, t)
+        against_reference = []
         if orig is not None:
-            o = buf.get("o", torch.float64, tuple(qb.shape))
-            o.copy_(orig[e, r0:r1])
-            sums += [_sq_rows(got, o, buf), _sq_rows(ref, o, buf), _sq_rows(o, None, buf)]
+            o64 = buf.get("o64", torch.float64, tuple(qb.shape))
+            o64.copy_(orig[e, r0:r1])
+            against_reference = [_sq_rows(got, o64, t), _sq_rows(r64, o64, t), _sq_rows(o64, None, o64)]
         s_out[e, r0 // tile[0] : math.ceil(r1 / tile[0])] = s2
-        return torch.stack(sums)
+        return torch.stack([err, _sq_rows(r64, None, r64), *against_reference])
 
     # On the CPU the bands run on the cores at once (torch's ops release the GIL; the conversion runs
     # them single-threaded). The row sums come back to the host once per weight.
