@@ -363,7 +363,8 @@ def _row_sums(t: torch.Tensor) -> torch.Tensor:
     """Each row of t [rows, cols] (float64, overwritten) summed by folding halves: column j + column
     j + h, then again, down to one column (an odd width first adds its last column into the first).
     A fixed sequence of IEEE float64 additions, so the same bits on the CPU and on a GPU, whatever the
-    band or thread; for non-negative terms within ceil(log2 cols) * 2**-53 of the exact sum."""
+    band or thread. For non-negative terms within L * 2**-53 of the exact sum, L <= 2 floor(log2 cols)
+    the additions on the longest path (a fold, and one more at an odd width)."""
     w = t.shape[1]
     if w == 0:
         return torch.zeros(t.shape[0], dtype=t.dtype, device=t.device)

@@ -66,8 +66,8 @@ def requant_ue8m0(
 
 def _tile_regions(rows: int, cols: int, block: tuple[int, int]):
     """The whole tiles of a [rows, cols] matrix and its ragged right, bottom and corner edges, as
-    (row slice, column slice, tile-row slice, tile-column slice, dims): `dims` tells which of
-    [tile rows, bm, tile cols, bn] the region's view keeps (a ragged side is one tile)."""
+    (row slice, column slice, tile-row slice, tile-column slice, whole): `whole` says, for rows and for
+    columns, whether the region is whole tiles (else it is one ragged tile's extent)."""
     bm, bn = block
     rf, cf = rows // bm, cols // bn
     rs = [(slice(0, rf * bm), slice(0, rf), True)] if rf else []
