@@ -3,8 +3,9 @@
 The straightforward band (what convert computed until the band rewrite): `q.float() * expand_scales`,
 `requant_ue8m0` from the codes (a second dequantization) or channel_quant / mx_quant, the new codes
 `.float()` times their expanded scales, and the loss as `(g64 - r64).pow(2).sum()` over float64 copies.
-The band `_requantize` runs now: codes decoded once by table, scales multiplied tile by tile, the UE8M0
-cast of the float band, float64 terms summed per row (fp8conv/convert/fp8_to_fp8.py). Prints ms per
+The band `_requantize` runs now (fp8conv/convert/fp8_to_fp8.py `_requant_band`): codes decoded once by
+table, scales multiplied tile by tile, the UE8M0 cast of the float band (the per-channel and MXFP8
+quantizers in row pieces on the CPU), float64 terms summed per row. Prints ms per
 band, ns per element and the ratio (min over --repeats, the two alternated), and checks that both
 give the same codes and scales and loss sums within 1e-15.
 Usage: python bench/bench_requant.py [--device cpu|cuda] [--rows 256] [--cols 7168] [--repeats 7]
@@ -22,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fp8conv.convert.fp8_to_fp8 import _Buffers, _decode, _sq_rows  # noqa: E402
+from fp8conv.convert.fp8_to_fp8 import QUANT_PIECE_ELEMS, _Buffers, _requant_band  # noqa: E402
 from fp8conv.kernels import channel_quant, mx_quant, scale_to_float32  # noqa: E402
 from fp8conv.kernels.reference import expand_scales  # noqa: E402
-from fp8conv.targets.requant import requant_ue8m0, requant_ue8m0_band, tile_mul  # noqa: E402
+from fp8conv.targets.requant import requant_ue8m0  # noqa: E402
 
 BLOCK = (128, 128)
 
@@ -46,23 +47,11 @@ def plain(kind, q, s):
 
 
 def banded(kind, q, s, buf, q_out):
-    m, n = q.shape
-    ref = _decode(q, buf, "ref")
-    tile_mul(ref, s, BLOCK, out=ref)
-    if kind == "ue8m0":
-        q2, tile = q_out, BLOCK
-        s2 = requant_ue8m0_band(ref, BLOCK, q2, buf.get("work", torch.float32, (m, n)))
-    elif kind == "fp8-channel":
-        q2, s2, tile = *channel_quant(ref), (1, n)
-    else:
-        q2, ex = mx_quant(ref)
-        s2, tile = scale_to_float32(ex), (1, 32)
-    got = _decode(q2, buf, "got")
-    tile_mul(got, s2, tile, out=got)
-    r64, t = (buf.get(tag, torch.float64, (m, n)) for tag in ("r64", "t"))
-    r64.copy_(ref)
-    err, ref_sq = _sq_rows(got, r64, t), _sq_rows(r64, None, r64)
-    return q2, s2, math.fsum(err.tolist()), math.fsum(ref_sq.tolist())
+    rule = {"ue8m0": "ue8m0", "fp8-channel": "fp8-channel", "mxfp8": "ceil"}[kind]
+    pieces = q.shape[0] if q.is_cuda else max(1, QUANT_PIECE_ELEMS // q.shape[1])
+    s2, sums = _requant_band(q, s, BLOCK, rule, q_out, None, buf, pieces)
+    err, ref_sq = sums.tolist()
+    return q_out, s2, math.fsum(err), math.fsum(ref_sq)
 
 
 def main() -> None:

@@ -314,6 +314,10 @@ def _scale_compute(ckpt, qw: QuantizedWeight, sname, sshape, w: Writer, fn) -> T
 # ~60 bytes of work per element, about 1 GB at 16 Mi).
 BAND_ELEMS = 2 << 20
 GPU_BAND_ELEMS = 16 << 20
+# Elements per call of channel_quant / mx_quant on the CPU: their fresh temporaries for a whole 2 Mi
+# band fault their pages in every time (per-channel 14.6 ms per 256 x 7168 band whole, 4.8-6.5 in
+# pieces of 16-64 rows; MXFP8 17.2 against 6.6-11.3; bench/NOTES.md).
+QUANT_PIECE_ELEMS = 1 << 18
 _CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 _E4M3_TABLE: dict[torch.device, torch.Tensor] = {}
 
@@ -387,6 +391,47 @@ def _sq_rows(a: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor) -> torch.
     return _row_sums(t.mul_(t))
 
 
+def _new_tile(kind: str, src_tile: tuple[int, int], n: int) -> tuple[int, int]:
+    """The tile of the new scales: the source's for UE8M0, a row for per-channel, 1 x 32 for MXFP8."""
+    return src_tile if kind == "ue8m0" else (1, n) if kind == "fp8-channel" else (1, MX_GROUP)
+
+
+def _requant_band(q, s, src_tile, kind, q2, orig, buf: _Buffers, quant_rows: int):
+    """One band: codes q [rows, cols] with scales s [R, C] per src_tile -> new codes written into q2,
+    returns (new float32 scales, float64 row sums [2, rows] of err**2 and ref**2, or [5, rows] with the
+    reference band `orig`: also (new - orig)**2, (source - orig)**2, orig**2). `kind` is "ue8m0",
+    "fp8-channel", or the MXFP8 exponent rule ("ceil" / "ct")."""
+    from fp8conv.targets.requant import requant_ue8m0_band, tile_mul
+
+    rows, cols = q.shape
+    tile = _new_tile(kind, src_tile, cols)
+    ref = _decode(q, buf, "ref")
+    tile_mul(ref, s, src_tile, out=ref)
+    if kind == "ue8m0":
+        s2 = requant_ue8m0_band(ref, tile, q2, buf.get("work", torch.float32, (rows, cols)))
+    else:
+        s2 = torch.empty(rows, math.ceil(cols / tile[1]), dtype=torch.float32, device=q.device)
+        for c0 in range(0, rows, quant_rows):  # rows are independent: any split gives the same bytes
+            c1 = min(rows, c0 + quant_rows)
+            if kind == "fp8-channel":
+                q2[c0:c1], s2[c0:c1] = channel_quant(ref[c0:c1])
+            else:
+                q2[c0:c1], ex = mx_quant(ref[c0:c1], kind)
+                s2[c0:c1] = scale_to_float32(ex)
+    got = _decode(q2, buf, "got")
+    tile_mul(got, s2, tile, out=got)
+    # float64 copies made once (a mixed float32 / float64 operation would allocate its own)
+    r64, t = (buf.get(tag, torch.float64, (rows, cols)) for tag in ("r64", "t"))
+    r64.copy_(ref)
+    err = _sq_rows(got, r64, t)
+    against_reference = []
+    if orig is not None:
+        o64 = buf.get("o64", torch.float64, (rows, cols))
+        o64.copy_(orig)
+        against_reference = [_sq_rows(got, o64, t), _sq_rows(r64, o64, t), _sq_rows(o64, None, o64)]
+    return s2, torch.stack([err, _sq_rows(r64, None, r64), *against_reference])
+
+
 def _requantize(ckpt, cp, qw: QuantizedWeight, w: Writer, opts) -> dict[str, torch.Tensor]:
     """One weight quantized again, band by band (whole tile rows of about BAND_ELEMS elements, each expert
     on its own), on the conversion's device: new codes and float32 scales, the loss against the source
@@ -394,8 +439,6 @@ def _requantize(ckpt, cp, qw: QuantizedWeight, w: Writer, opts) -> dict[str, tor
     and the row sums added exactly (math.fsum), so the figures depend neither on the band size, the
     thread schedule nor the device; the codes and scales are the same bytes on every device (float32
     products, one rounding each; amax; bit operations; torch's RNE cast)."""
-    from fp8conv.targets.requant import requant_ue8m0_band, tile_mul
-
     device, workers, band_elems = _placement(opts.device)
     shape = tuple(qw.shape)
     m, n = shape[-2:]
@@ -404,12 +447,8 @@ def _requantize(ckpt, cp, qw: QuantizedWeight, w: Writer, opts) -> dict[str, tor
     s_all = scale_to_float32(_read(ckpt, qw.scale)).reshape(qw.layout.view).expand(grid)
     s_all = s_all.reshape(-1, *grid[-2:]).contiguous().to(device)
     src_tile = qw.layout.tile
-    if opts.scale_fmt == "ue8m0":
-        tile = src_tile
-    elif w.scheme == "fp8-channel":
-        tile = (1, n)
-    else:
-        tile = (1, MX_GROUP)
+    kind = "ue8m0" if opts.scale_fmt == "ue8m0" else w.scheme if w.scheme == "fp8-channel" else w.mx_rule
+    tile = _new_tile(kind, src_tile, n)
     experts = q_all.shape[0]
     q_out = torch.empty((experts, m, n), dtype=torch.float8_e4m3fn, device=device)
     s_out = torch.empty(
@@ -420,6 +459,8 @@ def _requantize(ckpt, cp, qw: QuantizedWeight, w: Writer, opts) -> dict[str, tor
         orig = _read(cp.reference, cp.reference.info(qw.name)).reshape(experts, m, n).to(device)
     bm = src_tile[0]
     step = max(bm, (band_elems // max(n, 1)) // bm * bm)
+    # channel_quant / mx_quant allocate their temporaries: on the CPU in row pieces that stay in cache
+    quant_rows = step if device.type == "cuda" else max(1, QUANT_PIECE_ELEMS // max(n, 1))
     local = threading.local()
 
     def band(e: int, r0: int) -> torch.Tensor:
@@ -428,32 +469,13 @@ def _requantize(ckpt, cp, qw: QuantizedWeight, w: Writer, opts) -> dict[str, tor
         if buf is None:
             buf = local.buf = _Buffers(device)
         r1 = min(m, r0 + step)
-        qb, sb = q_all[e, r0:r1], s_all[e, r0 // bm : math.ceil(r1 / bm)]
-        ref = _decode(qb, buf, "ref")
-        tile_mul(ref, sb, src_tile, out=ref)
-        if opts.scale_fmt == "ue8m0":
-            q2 = q_out[e, r0:r1]
-            s2 = requant_ue8m0_band(ref, tile, q2, buf.get("work", torch.float32, tuple(qb.shape)))
-        else:
-            if w.scheme == "fp8-channel":
-                q2, s2 = channel_quant(ref)
-            else:
-                q2, ex = mx_quant(ref, w.mx_rule)
-                s2 = scale_to_float32(ex)
-            q_out[e, r0:r1] = q2
-        got = _decode(q2, buf, "got")
-        tile_mul(got, s2, tile, out=got)
-        # float64 copies made once (a mixed float32 / float64 operation would allocate its own)
-        r64, t = (buf.get(tag, torch.float64, tuple(qb.shape)) for tag in ("r64", "t"))
-        r64.copy_(ref)
-        err = _sq_rows(got, r64, t)
-        against_reference = []
-        if orig is not None:
-            o64 = buf.get("o64", torch.float64, tuple(qb.shape))
-            o64.copy_(orig[e, r0:r1])
-            against_reference = [_sq_rows(got, o64, t), _sq_rows(r64, o64, t), _sq_rows(o64, None, o64)]
+        reference = None if orig is None else orig[e, r0:r1]
+        sb = s_all[e, r0 // bm : math.ceil(r1 / bm)]
+        s2, sums = _requant_band(
+            q_all[e, r0:r1], sb, src_tile, kind, q_out[e, r0:r1], reference, buf, quant_rows
+        )
         s_out[e, r0 // tile[0] : math.ceil(r1 / tile[0])] = s2
-        return torch.stack([err, _sq_rows(r64, None, r64), *against_reference])
+        return sums
 
     # On the CPU the bands run on the cores at once (torch's ops release the GIL; the conversion runs
     # them single-threaded). The row sums come back to the host once per weight.
