@@ -11,9 +11,13 @@ Builds a synthetic DeepSeek-V3-shaped FP8 checkpoint (real layer shapes, random 
   quantize    fp8conv quantize of that bf16 output
   reference   DeepSeek's fp8_cast_bf16.py, when --reference-script PATH is given (GPU only), as it
               is and followed by `sync` (fp8conv fsyncs its output, the script does not)
+  floor-c     read the FP8 input and write an FP8-sized file with `cat` (+ fsync)
+  convert     fp8conv convert (--device): a relayout (codes copied), then the lossy requants: UE8M0
+              scales, per-channel and MXFP8 scales (band by band, loss measured against the source)
 and prints one table: seconds, ratio to the I/O floor, peak RSS over the largest tensor; then, for
 each fp8conv run, the seconds per stage from its --json summary (summed over threads).
-Usage: python bench/bench_convert.py [--gb 1.0] [--device cpu|cuda] [--dir bench-out] [--keep]
+Usage: python bench/bench_convert.py [--gb 1.0] [--device cpu|cuda] [--only all|convert] [--dir bench-out]
+[--keep]
 """
 
 from __future__ import annotations
@@ -195,6 +199,7 @@ def main() -> None:
     ap.add_argument("--dir", default=str(ROOT / "bench-out"))
     ap.add_argument("--reference-script", default=None, help="DeepSeek's fp8_cast_bf16.py")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--only", choices=("all", "convert"), default="all", help="convert: only FP8 -> FP8 rows")
     args = ap.parse_args()
     work = Path(args.dir)
     if work.exists():
@@ -213,97 +218,106 @@ def main() -> None:
     # warm the page cache equally for the floor and the tool
     subprocess.run(["bash", "-c", f"cat {work}/fp8/*.safetensors > /dev/null"])
     stages: list[tuple[str, dict[str, float]]] = []  # (row, stage_seconds) per fp8conv run
-    fl, _, _ = timed(floor_cmd(work / "fp8", out_bf16, work / "floor.bin"))
+    if args.only == "all":
+        fl, _, _ = timed(floor_cmd(work / "fp8", out_bf16, work / "floor.bin"))
 
-    def dequantize(dst: Path, env: dict[str, str] | None = None) -> tuple[float, float, dict]:
-        cmd = [*fp8, "dequantize", str(work / "fp8"), str(dst), "--quiet", "--json", "-"]
-        dt, rss, stdout = timed([*cmd, "--device", args.device], env)
-        return dt, rss, stage_seconds(stdout)
+        def dequantize(dst: Path, env: dict[str, str] | None = None) -> tuple[float, float, dict]:
+            cmd = [*fp8, "dequantize", str(work / "fp8"), str(dst), "--quiet", "--json", "-"]
+            dt, rss, stdout = timed([*cmd, "--device", args.device], env)
+            return dt, rss, stage_seconds(stdout)
 
-    dq, dq_rss, dq_st = dequantize(work / "bf16")
-    out_bf16 = shard_bytes(work / "bf16")
-    rows.append(("I/O floor: FP8 in, bf16-sized out (cat)", fl, None, None))
-    # what neither tool can beat: the disk's write speed, and starting Python with torch
-    ceil = write_ceiling(work / "ceiling.bin", out_bf16)
-    rows.append(("  disk write ceiling, bf16-sized (4 writers)", ceil, ceil / fl, None))
-    start, _, _ = timed([sys.executable, "-c", "import torch"])
-    rows.append(("  start-up: python -c 'import torch'", start, None, None))
-    what = f"fp8conv dequantize ({args.device})"
-    rows.append((what, dq, dq / fl, dq_rss))
-    stages.append((what, dq_st))
-    # A/B of the early-writeback hint in the same run, on the same disk
-    nowb, nowb_rss, nowb_st = dequantize(work / "bf16-nowb", {"FP8CONV_WRITEBACK": "0"})
-    shutil.rmtree(work / "bf16-nowb", ignore_errors=True)
-    what = f"  same, FP8CONV_WRITEBACK=0 ({args.device})"
-    rows.append((what, nowb, nowb / fl, nowb_rss))
-    stages.append((what, nowb_st))
-    if args.reference_script:
-        ref_cmd = [
-            sys.executable,
-            args.reference_script,
-            "--input-fp8-hf-path",
-            str(work / "fp8"),
-            "--output-bf16-hf-path",
-            str(work / "ref"),
-        ]
-        ref, ref_rss, _ = timed(ref_cmd)
-        shutil.rmtree(work / "ref", ignore_errors=True)
-        # fp8conv's time includes the fsync of every file it writes; the script leaves its output in
-        # the page cache, so this row charges it the same durability
-        ref_s, ref_s_rss, _ = timed(["bash", "-c", f"{shlex.join(ref_cmd)} && sync"])
-        shutil.rmtree(work / "ref", ignore_errors=True)
-        rows.append(("DeepSeek fp8_cast_bf16.py (GPU)", ref, ref / fl, ref_rss))
-        rows.append(("  speed-up of fp8conv over it", ref / dq, None, None))
-        rows.append(("DeepSeek fp8_cast_bf16.py + sync", ref_s, ref_s / fl, ref_s_rss))
-        rows.append(("  speed-up of fp8conv over it (+ sync)", ref_s / dq, None, None))
-    out_q = in_fp8
-    flq, _, _ = timed(floor_cmd(work / "bf16", out_q, work / "floor.bin"))
-    q, q_rss, q_out = timed(
-        [*fp8, "quantize", str(work / "bf16"), str(work / "q"), "--quiet", "--json", "-"]
-        + ["--device", args.device]
-    )
-    rows.append(("I/O floor: bf16 in, FP8-sized out (cat)", flq, None, None))
-    what = f"fp8conv quantize ({args.device})"
-    rows.append((what, q, q / flq, q_rss))
-    stages.append((what, stage_seconds(q_out)))
-    # the other schemes, against the same floor (the same bytes in, about the same out)
-    for label, extra in (
-        (
-            "--scheme fp8-channel --format compressed-tensors",
-            ["--scheme", "fp8-channel", "--format", "compressed-tensors"],
-        ),
-        ("--scheme mxfp8", ["--scheme", "mxfp8"]),
-    ):
-        dst = work / "q-scheme"
-        sec, rss, so = timed(
-            [
-                *fp8,
-                "quantize",
-                str(work / "bf16"),
-                str(dst),
-                "--quiet",
-                "--json",
-                "-",
-                "--device",
-                args.device,
+        dq, dq_rss, dq_st = dequantize(work / "bf16")
+        out_bf16 = shard_bytes(work / "bf16")
+        rows.append(("I/O floor: FP8 in, bf16-sized out (cat)", fl, None, None))
+        # what neither tool can beat: the disk's write speed, and starting Python with torch
+        ceil = write_ceiling(work / "ceiling.bin", out_bf16)
+        rows.append(("  disk write ceiling, bf16-sized (4 writers)", ceil, ceil / fl, None))
+        start, _, _ = timed([sys.executable, "-c", "import torch"])
+        rows.append(("  start-up: python -c 'import torch'", start, None, None))
+        what = f"fp8conv dequantize ({args.device})"
+        rows.append((what, dq, dq / fl, dq_rss))
+        stages.append((what, dq_st))
+        # A/B of the early-writeback hint in the same run, on the same disk
+        nowb, nowb_rss, nowb_st = dequantize(work / "bf16-nowb", {"FP8CONV_WRITEBACK": "0"})
+        shutil.rmtree(work / "bf16-nowb", ignore_errors=True)
+        what = f"  same, FP8CONV_WRITEBACK=0 ({args.device})"
+        rows.append((what, nowb, nowb / fl, nowb_rss))
+        stages.append((what, nowb_st))
+        if args.reference_script:
+            ref_cmd = [
+                sys.executable,
+                args.reference_script,
+                "--input-fp8-hf-path",
+                str(work / "fp8"),
+                "--output-bf16-hf-path",
+                str(work / "ref"),
             ]
-            + extra
+            ref, ref_rss, _ = timed(ref_cmd)
+            shutil.rmtree(work / "ref", ignore_errors=True)
+            # fp8conv's time includes the fsync of every file it writes; the script leaves its output in
+            # the page cache, so this row charges it the same durability
+            ref_s, ref_s_rss, _ = timed(["bash", "-c", f"{shlex.join(ref_cmd)} && sync"])
+            shutil.rmtree(work / "ref", ignore_errors=True)
+            rows.append(("DeepSeek fp8_cast_bf16.py (GPU)", ref, ref / fl, ref_rss))
+            rows.append(("  speed-up of fp8conv over it", ref / dq, None, None))
+            rows.append(("DeepSeek fp8_cast_bf16.py + sync", ref_s, ref_s / fl, ref_s_rss))
+            rows.append(("  speed-up of fp8conv over it (+ sync)", ref_s / dq, None, None))
+        out_q = in_fp8
+        flq, _, _ = timed(floor_cmd(work / "bf16", out_q, work / "floor.bin"))
+        q, q_rss, q_out = timed(
+            [*fp8, "quantize", str(work / "bf16"), str(work / "q"), "--quiet", "--json", "-"]
+            + ["--device", args.device]
         )
-        shutil.rmtree(dst, ignore_errors=True)
-        what = f"  quantize {label} ({args.device})"
-        rows.append((what, sec, sec / flq, rss))
-        stages.append((what, stage_seconds(so)))
-    # FP8 -> FP8 (convert runs on the CPU): FP8 in, FP8 out
+        rows.append(("I/O floor: bf16 in, FP8-sized out (cat)", flq, None, None))
+        what = f"fp8conv quantize ({args.device})"
+        rows.append((what, q, q / flq, q_rss))
+        stages.append((what, stage_seconds(q_out)))
+        # the other schemes, against the same floor (the same bytes in, about the same out)
+        for label, extra in (
+            (
+                "--scheme fp8-channel --format compressed-tensors",
+                ["--scheme", "fp8-channel", "--format", "compressed-tensors"],
+            ),
+            ("--scheme mxfp8", ["--scheme", "mxfp8"]),
+        ):
+            dst = work / "q-scheme"
+            sec, rss, so = timed(
+                [
+                    *fp8,
+                    "quantize",
+                    str(work / "bf16"),
+                    str(dst),
+                    "--quiet",
+                    "--json",
+                    "-",
+                    "--device",
+                    args.device,
+                ]
+                + extra
+            )
+            shutil.rmtree(dst, ignore_errors=True)
+            what = f"  quantize {label} ({args.device})"
+            rows.append((what, sec, sec / flq, rss))
+            stages.append((what, stage_seconds(so)))
+    # FP8 -> FP8: FP8 in, FP8 out
     flc, _, _ = timed(floor_cmd(work / "fp8", in_fp8, work / "floor.bin"))
     rows.append(("I/O floor: FP8 in, FP8-sized out (cat)", flc, None, None))
     for label, extra in (
         ("--format compressed-tensors (relayout)", ["--format", "compressed-tensors"]),
         ("--scale-fmt ue8m0 (requant)", ["--scale-fmt", "ue8m0"]),
+        (
+            "--scheme fp8-channel --format compressed-tensors (requant)",
+            ["--scheme", "fp8-channel", "--format", "compressed-tensors"],
+        ),
+        ("--scheme mxfp8 (requant)", ["--scheme", "mxfp8"]),
     ):
         dst = work / "converted"
-        sec, rss, so = timed([*fp8, "convert", str(work / "fp8"), str(dst), "--quiet", "--json", "-"] + extra)
+        sec, rss, so = timed(
+            [*fp8, "convert", str(work / "fp8"), str(dst), "--quiet", "--json", "-", "--device", args.device]
+            + extra
+        )
         shutil.rmtree(dst, ignore_errors=True)
-        what = f"fp8conv convert {label} (cpu)"
+        what = f"fp8conv convert {label} ({args.device})"
         rows.append((what, sec, sec / flc, rss))
         stages.append((what, stage_seconds(so)))
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core CPU"

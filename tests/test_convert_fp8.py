@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from fp8conv.checkpoint.safetensors_io import load_file
+from fp8conv.checkpoint.safetensors_io import load_file, save_file
 from fp8conv.cli import app
 from fp8conv.kernels.reference import weight_dequant_torch
 from tests.conftest import model_bytes, tree_digest
@@ -313,3 +314,138 @@ def test_default_dst_says_what_changed(sample, tmp_path):
     cli("convert", src, "--format", "compressed-tensors", "-q")
     assert (src.parent / f"{src.name}-ue8m0" / "model.safetensors.index.json").is_file()
     assert (src.parent / f"{src.name}-ct" / "model.safetensors.index.json").is_file()
+
+
+def synthetic_e4m3(root: Path) -> Path:
+    """e4m3 weights with float block scales over many magnitudes: ragged edge tiles, stacked experts, a
+    single row, a tensor of several CPU bands, an all-zero tile (DeepGEMM's amax floor) and subnormal
+    scales."""
+    root.mkdir()
+    g = torch.Generator().manual_seed(1)
+    t = {}
+    for i, shape in enumerate([(576, 7168), (7000, 1000), (1, 130), (129, 257), (4, 300, 260), (256, 384)]):
+        b = torch.randint(0, 256, shape, generator=g, dtype=torch.int32).to(torch.uint8)
+        b[(b & 0x7F) == 0x7F] = 0x11
+        grid = (*shape[:-2], math.ceil(shape[-2] / 128), math.ceil(shape[-1] / 128))
+        s = torch.rand(grid, generator=g) * 10.0 ** (i - 3)
+        if i == 3:
+            b[:128, :128] = 0  # an all-zero tile
+        if i == 5:
+            s = s * 2.0**-130  # float32 subnormal scales
+        t[f"model.layers.{i}.mlp.down_proj.weight"] = b.view(torch.float8_e4m3fn)
+        t[f"model.layers.{i}.mlp.down_proj.weight_scale_inv"] = s
+    t["model.norm.weight"] = torch.ones(16, dtype=torch.bfloat16)
+    save_file(t, root / "model.safetensors", {"format": "pt"})
+    return root
+
+
+REQUANTS = [
+    ["--scale-fmt", "ue8m0"],
+    ["--scheme", "fp8-channel", "--format", "compressed-tensors"],
+    ["--scheme", "mxfp8"],
+]
+
+
+@pytest.mark.parametrize(
+    "source, extra",
+    [
+        ("deepseek-tiny-fp8", REQUANTS[0]),
+        ("llama-tiny-fp8", REQUANTS[1]),
+        ("llama-tiny-fp8", REQUANTS[2]),
+        ("synthetic", REQUANTS[0]),
+        ("llama-tiny-bf16 quantized", [*REQUANTS[0], "--reference"]),
+        ("llama-tiny-bf16 quantized", [*REQUANTS[2], "--reference"]),
+    ],
+)
+def test_requant_figures_do_not_depend_on_bands_threads_or_placement(
+    sample, tmp_path, monkeypatch, source, extra
+):
+    """The bytes and every loss figure, to the bit, whatever the band size, the thread count, and with
+    the GPU's schedule (bands in turn, 16 Mi elements, one copy back) run on the CPU: each row's squares
+    are summed in one fixed order and the rows added exactly."""
+    from fp8conv.convert import fp8_to_fp8
+
+    if source == "synthetic":
+        src = synthetic_e4m3(tmp_path / "syn")
+    elif source.endswith("quantized"):
+        cli("quantize", sample("llama-tiny-bf16"), tmp_path / "src", "-q")
+        src, extra = tmp_path / "src", [*extra, sample("llama-tiny-bf16")]
+    else:
+        src = sample(source)
+    cpu = torch.device("cpu")
+    runs = {
+        "default": None,
+        "4096-element bands, 2 threads": lambda spec: (cpu, 2, 4096),
+        "the GPU's schedule": lambda spec: (cpu, 1, fp8_to_fp8.GPU_BAND_ELEMS),
+    }
+    reports = {}
+    for what, placement in runs.items():
+        if placement is not None:
+            monkeypatch.setattr(fp8_to_fp8, "_placement", placement)
+        out = tmp_path / what.replace(" ", "-").replace(",", "").replace("'", "")
+        cli("convert", src, out, *extra, "-q", "--json", out.with_suffix(".json"))
+        reports[what] = json.loads(out.with_suffix(".json").read_text())["tensors"]
+        for shard in (tmp_path / "default").glob("*.safetensors"):
+            assert model_bytes(shard) == model_bytes(out / shard.name), (what, shard.name)
+    assert any(not t["lossless"] for t in reports["default"])
+    if "--reference" in extra:
+        assert all(t["sqnr_vs_reference_db"] is not None for t in reports["default"])
+    for what, rows in reports.items():
+        assert rows == reports["default"], what
+
+
+def test_band_arithmetic_is_the_straightforward_one():
+    """The band's pieces against the plain formulas, bit for bit: the code table against torch's cast
+    (all 256 codes), the tile-by-tile product against expand_scales, the UE8M0 band against DeepGEMM's
+    cast (ragged tiles, an all-zero tile, a NaN code, subnormal scales)."""
+    from fp8conv.convert.fp8_to_fp8 import _Buffers, _decode
+    from fp8conv.kernels.reference import expand_scales
+    from fp8conv.targets.requant import requant_ue8m0, requant_ue8m0_band, tile_mul
+
+    buf = _Buffers(torch.device("cpu"))
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).reshape(2, 128)
+    assert torch.equal(_decode(every, buf, "x").view(torch.int32), every.float().view(torch.int32))
+    g = torch.Generator().manual_seed(2)
+    for shape, block, scale in [
+        ((300, 257), (128, 128), 1e-3),
+        ((128, 256), (128, 128), 2.0**-140),
+        ((1, 130), (128, 128), 10.0),
+        ((64, 96), (1, 32), 1.0),
+        ((7, 33), (1, 33), 1e-2),
+    ]:
+        b = torch.randint(0, 256, shape, generator=g, dtype=torch.int32).to(torch.uint8)
+        b[(b & 0x7F) == 0x7F] = 0x11
+        b[: block[0], : block[1]] = 0
+        if shape == (300, 257):
+            b[200, 200] = 0x7F
+        q = b.view(torch.float8_e4m3fn)
+        s = torch.rand(math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]), generator=g) * scale
+        want = q.float() * expand_scales(s, shape, block)
+        w = tile_mul(_decode(q, buf, "w"), s, block, out=torch.empty(shape))
+        assert torch.equal(w.view(torch.int32), want.view(torch.int32)), shape
+        codes = torch.empty(shape, dtype=torch.float8_e4m3fn)
+        sf = requant_ue8m0_band(w, block, codes, torch.empty(shape))
+        q2, s2 = requant_ue8m0(q, s, block)
+        assert torch.equal(codes.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(sf, s2), shape
+        if block == (128, 128):
+            wq, wsf = deepgemm_per_block_cast_to_fp8(want)
+            assert torch.equal(codes.view(torch.uint8), wq.view(torch.uint8)), shape
+            assert torch.equal(sf.view(torch.int32), wsf.view(torch.int32)), shape
+
+
+@pytest.mark.parametrize("cols", [0, 1, 2, 7, 128, 1001, 7168])
+def test_row_sums_are_within_their_bound(cols):
+    """Folding halves sums each row within L * 2**-53 of the exact sum (math.fsum), L the additions on
+    the longest path: at most 2 * floor(log2 cols) (a fold, plus one for an odd width)."""
+    from fp8conv.convert.fp8_to_fp8 import _row_sums
+
+    g = torch.Generator().manual_seed(cols)
+    x = torch.randn(5, cols, generator=g) * torch.logspace(-20, 20, 5)[:, None]
+    t = x.double() ** 2  # squares of float32 values: exact in float64, as the loss's terms
+    rows = [math.fsum(r) for r in t.tolist()]
+    got = _row_sums(t.clone()).tolist()
+    bound = 2 * math.floor(math.log2(cols)) * 2.0**-53 * 1.01 if cols > 1 else 0.0
+    for exact, s in zip(rows, got, strict=True):
+        assert abs(s - exact) <= bound * exact, (cols, s, exact)
+    ints = torch.randint(0, 1 << 20, (3, cols), generator=g).double()  # exact sums: no rounding at all
+    assert _row_sums(ints.clone()).tolist() == [math.fsum(r) for r in ints.tolist()]

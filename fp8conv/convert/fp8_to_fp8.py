@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ from fp8conv.errors import InvalidCheckpoint, UsageError
 from fp8conv.formats import Element, Granularity, QuantizedWeight, detect, strip_config, strip_params
 from fp8conv.formats.scheme import MX_GROUP
 from fp8conv.formats.writers import SCHEME_OF_GRANULARITY, Writer, format_of, writer
-from fp8conv.kernels import channel_quant, mx_quant, scale_to_float32
+from fp8conv.kernels import channel_quant, mx_quant, resolve_device, scale_to_float32
 from fp8conv.kernels.reference import expand_scales
 
 SCALE_FMTS = ("keep", "float", "ue8m0")
@@ -399,83 +400,195 @@ def _scale_compute(ckpt, qw: QuantizedWeight, sname, sshape, w: Writer, fn) -> T
 # Elements of one band of a requantized weight: its float32 and float64 work is a few times this, whatever
 # the tensor's size (a whole 7168 x 18432 weight at once took 18x its bf16 size in memory). 2 Mi ran
 # faster than 8 Mi with a band per core (bench_convert.py, 2 cores: 11.0 s against 15.8 s, peak RSS
-# 1.08 against 1.95 GB).
+# 1.08 against 1.95 GB). On a GPU the bands run one after another, larger (fewer launches per element;
+# ~60 bytes of work per element, about 1 GB at 16 Mi).
 BAND_ELEMS = 2 << 20
+GPU_BAND_ELEMS = 16 << 20
+# Elements per call of channel_quant / mx_quant on the CPU: their fresh temporaries for a whole 2 Mi
+# band fault their pages in every time (per-channel 14.6 ms per 256 x 7168 band whole, 4.8-6.5 in
+# pieces of 16-64 rows; MXFP8 17.2 against 6.6-11.3; bench/NOTES.md).
+QUANT_PIECE_ELEMS = 1 << 18
 _CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+_E4M3_TABLE: dict[torch.device, torch.Tensor] = {}
+
+
+def _placement(spec: str) -> tuple[torch.device, int, int]:
+    """Where a weight's bands run: (device, bands at once, elements per band). The CPU runs one band
+    per core; a GPU runs them in turn (one stream), the codes and scales moved there once per weight."""
+    device, _ = resolve_device(spec)
+    if device.type == "cuda":
+        return device, 1, GPU_BAND_ELEMS
+    return device, _CORES, BAND_ELEMS
+
+
+class _Buffers:
+    """Float work buffers reused band after band (by one thread): a fresh multi-MB tensor per band costs
+    page faults on the CPU (a table lookup into new memory ran at 4.2 ns per element, 0.65 into a
+    reused buffer; bench/NOTES.md)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, tag: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.bufs.get((tag, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[(tag, dtype)] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(shape)
+
+
+def _decode(q: torch.Tensor, buf: _Buffers, tag: str) -> torch.Tensor:
+    """float32 values of e4m3 codes [rows, cols], by a 256-entry table built with torch's own cast (so
+    each value, NaN codes included, is exactly what q.float() gives); torch's float8 -> float32 cast is
+    a scalar loop on the CPU (6 ns per element here, the lookup 0.9)."""
+    table = _E4M3_TABLE.get(q.device)
+    if table is None:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+        table = _E4M3_TABLE.setdefault(q.device, codes.float().to(q.device))
+    idx = buf.get("idx", torch.int32, tuple(q.shape))
+    idx.copy_(q.view(torch.uint8))
+    out = buf.get(tag, torch.float32, tuple(q.shape))
+    torch.index_select(table, 0, idx.view(-1), out=out.view(-1))
+    return out
+
+
+def _row_sums(t: torch.Tensor) -> torch.Tensor:
+    """Each row of t [rows, cols] (float64, overwritten) summed by folding halves: column j + column
+    j + h, then again, down to one column (an odd width first adds its last column into the first).
+    A fixed sequence of IEEE float64 additions, so the same bits on the CPU and on a GPU, whatever the
+    band or thread. For non-negative terms within L * 2**-53 of the exact sum, L <= 2 floor(log2 cols)
+    the additions on the longest path (a fold, and one more at an odd width)."""
+    w = t.shape[1]
+    if w == 0:
+        return torch.zeros(t.shape[0], dtype=t.dtype, device=t.device)
+    while w > 1:
+        h = w // 2
+        if w % 2:
+            t[:, 0].add_(t[:, w - 1])
+        t[:, :h].add_(t[:, h : 2 * h])
+        w = h
+    return t[:, 0].clone()
+
+
+def _sq_rows(a: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """Per row, the float64 sum of (a - b)**2, or a**2 (a float32 or float64, b float64): a widened to
+    float64 exactly into t, the difference and the square taken in float64, as the figure always took
+    them."""
+    t.copy_(a)
+    if b is not None:
+        t.sub_(b)
+    return _row_sums(t.mul_(t))
+
+
+def _new_tile(kind: str, src_tile: tuple[int, int], n: int) -> tuple[int, int]:
+    """The tile of the new scales: the source's for UE8M0, a row for per-channel, 1 x 32 for MXFP8."""
+    return src_tile if kind == "ue8m0" else (1, n) if kind == "fp8-channel" else (1, MX_GROUP)
+
+
+def _requant_band(q, s, src_tile, kind, q2, orig, buf: _Buffers, quant_rows: int):
+    """One band: codes q [rows, cols] with scales s [R, C] per src_tile -> new codes written into q2,
+    returns (new float32 scales, float64 row sums [2, rows] of err**2 and ref**2, or [5, rows] with the
+    reference band `orig`: also (new - orig)**2, (source - orig)**2, orig**2). `kind` is "ue8m0",
+    "fp8-channel", or the MXFP8 exponent rule ("ceil" / "ct")."""
+    from fp8conv.targets.requant import requant_ue8m0_band, tile_mul
+
+    rows, cols = q.shape
+    tile = _new_tile(kind, src_tile, cols)
+    ref = _decode(q, buf, "ref")
+    tile_mul(ref, s, src_tile, out=ref)
+    if kind == "ue8m0":
+        s2 = requant_ue8m0_band(ref, tile, q2, buf.get("work", torch.float32, (rows, cols)))
+    else:
+        s2 = torch.empty(rows, math.ceil(cols / tile[1]), dtype=torch.float32, device=q.device)
+        for c0 in range(0, rows, quant_rows):  # rows are independent: any split gives the same bytes
+            c1 = min(rows, c0 + quant_rows)
+            if kind == "fp8-channel":
+                q2[c0:c1], s2[c0:c1] = channel_quant(ref[c0:c1])
+            else:
+                q2[c0:c1], ex = mx_quant(ref[c0:c1], kind)
+                s2[c0:c1] = scale_to_float32(ex)
+    got = _decode(q2, buf, "got")
+    tile_mul(got, s2, tile, out=got)
+    # float64 copies made once (a mixed float32 / float64 operation would allocate its own)
+    r64, t = (buf.get(tag, torch.float64, (rows, cols)) for tag in ("r64", "t"))
+    r64.copy_(ref)
+    err = _sq_rows(got, r64, t)
+    against_reference = []
+    if orig is not None:
+        o64 = buf.get("o64", torch.float64, (rows, cols))
+        o64.copy_(orig)
+        against_reference = [_sq_rows(got, o64, t), _sq_rows(r64, o64, t), _sq_rows(o64, None, o64)]
+    return s2, torch.stack([err, _sq_rows(r64, None, r64), *against_reference])
 
 
 def _requantize(ckpt, cp, qw: QuantizedWeight, w: Writer, opts) -> dict[str, torch.Tensor]:
     """One weight quantized again, band by band (whole tile rows of about BAND_ELEMS elements, each expert
-    on its own): new codes and float32 scales; the loss against the source (and the reference) recorded
-    from float64 sums over the bands."""
+    on its own), on the conversion's device: new codes and float32 scales, the loss against the source
+    (and the reference) from float64 sums. Each row's squares are summed in a fixed order (_row_sums)
+    and the row sums added exactly (math.fsum), so the figures depend neither on the band size, the
+    thread schedule nor the device; the codes and scales are the same bytes on every device (float32
+    products, one rounding each; amax; bit operations; torch's RNE cast)."""
+    device, workers, band_elems = _placement(opts.device)
     shape = tuple(qw.shape)
     m, n = shape[-2:]
-    q_all = _read(ckpt, qw.codes).view(torch.float8_e4m3fn).reshape(-1, m, n)
+    q_all = _read(ckpt, qw.codes).view(torch.float8_e4m3fn).reshape(-1, m, n).to(device)
     grid = qw.layout.grid
     s_all = scale_to_float32(_read(ckpt, qw.scale)).reshape(qw.layout.view).expand(grid)
-    s_all = s_all.reshape(-1, *grid[-2:])
+    s_all = s_all.reshape(-1, *grid[-2:]).contiguous().to(device)
     src_tile = qw.layout.tile
-    if opts.scale_fmt == "ue8m0":
-        tile = src_tile
-    elif w.scheme == "fp8-channel":
-        tile = (1, n)
-    else:
-        tile = (1, MX_GROUP)
+    kind = "ue8m0" if opts.scale_fmt == "ue8m0" else w.scheme if w.scheme == "fp8-channel" else w.mx_rule
+    tile = _new_tile(kind, src_tile, n)
     experts = q_all.shape[0]
-    q_out = torch.empty((experts, m, n), dtype=torch.float8_e4m3fn)
-    s_out = torch.empty((experts, math.ceil(m / tile[0]), math.ceil(n / tile[1])), dtype=torch.float32)
+    q_out = torch.empty((experts, m, n), dtype=torch.float8_e4m3fn, device=device)
+    s_out = torch.empty(
+        (experts, math.ceil(m / tile[0]), math.ceil(n / tile[1])), dtype=torch.float32, device=device
+    )
     orig = None
     if cp.reference is not None:
-        orig = _read(cp.reference, cp.reference.info(qw.name)).reshape(experts, m, n)
+        orig = _read(cp.reference, cp.reference.info(qw.name)).reshape(experts, m, n).to(device)
     bm = src_tile[0]
-    step = max(bm, (BAND_ELEMS // max(n, 1)) // bm * bm)
+    step = max(bm, (band_elems // max(n, 1)) // bm * bm)
+    # channel_quant / mx_quant allocate their temporaries: on the CPU in row pieces that stay in cache
+    quant_rows = step if device.type == "cuda" else max(1, QUANT_PIECE_ELEMS // max(n, 1))
+    local = threading.local()
 
-    def band(e: int, r0: int) -> tuple[float, float, float, float, float]:
-        """One band requantized into q_out / s_out (disjoint slices); its float64 sums."""
+    def band(e: int, r0: int) -> torch.Tensor:
+        """One band requantized into q_out / s_out (disjoint slices); its rows' float64 sums [k, rows]."""
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = _Buffers(device)
         r1 = min(m, r0 + step)
-        qb, sb = q_all[e, r0:r1], s_all[e, r0 // bm : math.ceil(r1 / bm)]
-        ref = qb.float() * expand_scales(sb, (r1 - r0, n), src_tile)
-        if opts.scale_fmt == "ue8m0":
-            from fp8conv.targets.requant import requant_ue8m0
-
-            q2, s2 = requant_ue8m0(qb, sb, src_tile)
-        elif w.scheme == "fp8-channel":
-            q2, s2 = channel_quant(ref)
-        else:
-            q2, ex = mx_quant(ref, w.mx_rule)
-            s2 = scale_to_float32(ex)
-        got = q2.float() * expand_scales(s2, (r1 - r0, n), tile)
-        g64, r64 = got.double(), ref.double()
-        sums = [float((g64 - r64).pow(2).sum()), float(r64.pow(2).sum()), 0.0, 0.0, 0.0]
-        if orig is not None:
-            o64 = orig[e, r0:r1].double()
-            sums[2:] = [
-                float((g64 - o64).pow(2).sum()),
-                float((r64 - o64).pow(2).sum()),
-                float(o64.pow(2).sum()),
-            ]
-        q_out[e, r0:r1] = q2
+        reference = None if orig is None else orig[e, r0:r1]
+        sb = s_all[e, r0 // bm : math.ceil(r1 / bm)]
+        s2, sums = _requant_band(
+            q_all[e, r0:r1], sb, src_tile, kind, q_out[e, r0:r1], reference, buf, quant_rows
+        )
         s_out[e, r0 // tile[0] : math.ceil(r1 / tile[0])] = s2
-        return tuple(sums)
+        return sums
 
-    # Bands on the cores at once (torch's ops release the GIL; the conversion runs them single-threaded),
-    # summed in band order so the loss figures do not depend on the schedule.
+    # On the CPU the bands run on the cores at once (torch's ops release the GIL; the conversion runs
+    # them single-threaded). The row sums come back to the host once per weight.
     bands = [(e, r0) for e in range(experts) for r0 in range(0, m, step)]
-    results: list[tuple[float, ...]] = [(0.0,) * 5]  # an empty weight: nothing changes
-    if bands:
-        with ThreadPoolExecutor(min(_CORES, len(bands)), thread_name_prefix="fp8conv-requant") as pool:
+    if workers > 1 and len(bands) > 1:
+        with ThreadPoolExecutor(min(workers, len(bands)), thread_name_prefix="fp8conv-requant") as pool:
             results = list(pool.map(lambda b: band(*b), bands))
-    err, ref_sq, o_err, o_src, o_sq = (math.fsum(col) for col in zip(*results, strict=True))
+    else:
+        results = [band(*b) for b in bands]
+    k = 5 if orig is not None else 2
+    rows = torch.cat(results, dim=1).cpu() if results else torch.zeros((k, 0), dtype=torch.float64)
+    err, ref_sq, *more = (math.fsum(r) for r in rows.tolist())
     change = cp.changes[qw.name]
     change.lossless = err == 0
     change.rel_error = math.sqrt(err / ref_sq) if ref_sq > 0 else 0.0
     change.sqnr_db = _db(ref_sq, err)
     if orig is not None:
+        o_err, o_src, o_sq = more
         change.sqnr_vs_reference_db = _db(o_sq, o_err)
         change.source_sqnr_vs_reference_db = _db(o_sq, o_src)
     return {
-        "codes": q_out.reshape(shape),
-        "scale": s_out.reshape(*shape[:-2], *s_out.shape[-2:]),
+        "codes": q_out.reshape(shape).cpu(),
+        "scale": s_out.reshape(*shape[:-2], *s_out.shape[-2:]).cpu(),
     }
 
 

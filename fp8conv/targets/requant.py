@@ -14,6 +14,7 @@ Expert weights always go to DeepGEMM when it runs the MoE.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,67 @@ def requant_ue8m0(
     lead = q.shape[:-2]
     r, bm, c, bn = codes.shape[-4:]
     return codes.view(*lead, r * bm, c * bn)[..., :rows, :cols].contiguous(), sf.view(*lead, r, c)
+
+
+def _tile_regions(rows: int, cols: int, block: tuple[int, int]):
+    """The whole tiles of a [rows, cols] matrix and its ragged right, bottom and corner edges, as
+    (row slice, column slice, tile-row slice, tile-column slice, whole): `whole` says, for rows and for
+    columns, whether the region is whole tiles (else it is one ragged tile's extent)."""
+    bm, bn = block
+    rf, cf = rows // bm, cols // bn
+    rs = [(slice(0, rf * bm), slice(0, rf), True)] if rf else []
+    if rows > rf * bm:
+        rs.append((slice(rf * bm, rows), slice(rf, rf + 1), False))
+    cs = [(slice(0, cf * bn), slice(0, cf), True)] if cf else []
+    if cols > cf * bn:
+        cs.append((slice(cf * bn, cols), slice(cf, cf + 1), False))
+    for r, tr, rwhole in rs:
+        for c, tc, cwhole in cs:
+            yield r, c, tr, tc, (rwhole, cwhole)
+
+
+def _tiled(x: torch.Tensor, block: tuple[int, int], whole: tuple[bool, bool]) -> torch.Tensor:
+    """A region [h, w] viewed as [R, bm, C, bn] (a ragged side: R = 1 or C = 1, its own extent)."""
+    h, w = x.shape
+    bm = block[0] if whole[0] else h
+    bn = block[1] if whole[1] else w
+    return x.view(h // bm, bm, w // bn, bn)
+
+
+def tile_mul(x: torch.Tensor, s: torch.Tensor, block: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+    """out = x * s, s [R, C] one float32 value per tile of x [rows, cols] (the first tile at (0, 0),
+    edge tiles ragged). Element by element the one rounded float32 product `expand_scales` gives,
+    without materializing the expanded scales; out may be x."""
+    for r, c, tr, tc, whole in _tile_regions(x.shape[0], x.shape[1], block):
+        torch.mul(
+            _tiled(x[r, c], block, whole), s[tr, tc][:, None, :, None], out=_tiled(out[r, c], block, whole)
+        )
+    return out
+
+
+def tile_amax(a: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """max over each tile of a [rows, cols] (non-negative values, e.g. |w|) -> [R, C]; NaN propagates.
+    The max over a tile's real elements is what DeepGEMM's zero-padded tile gives: |w| >= 0."""
+    bm, bn = block
+    rows, cols = a.shape
+    out = torch.empty(math.ceil(rows / bm), math.ceil(cols / bn), dtype=a.dtype, device=a.device)
+    for r, c, tr, tc, whole in _tile_regions(rows, cols, block):
+        out[tr, tc] = _tiled(a[r, c], block, whole).amax(dim=(1, 3))
+    return out
+
+
+def requant_ue8m0_band(
+    w: torch.Tensor, block: tuple[int, int], codes: torch.Tensor, work: torch.Tensor
+) -> torch.Tensor:
+    """`requant_ue8m0` of an already dequantized float32 band w [rows, cols] (tiles from (0, 0)):
+    writes the e4m3 codes into `codes` (same shape) and returns the power-of-two scales [R, C]. The same
+    bytes as requant_ue8m0 (and DeepGEMM): the same amax (zero padding never raises |w|'s max), clamp,
+    ceil_to_ue8m0, reciprocal and one float32 product per element before the cast; `work` is a float32
+    buffer of w's shape."""
+    amax = tile_amax(torch.abs(w, out=work), block).clamp(min=AMAX_FLOOR)
+    sf = ceil_to_ue8m0(amax / FP8_E4M3_MAX)
+    codes.copy_(tile_mul(w, 1.0 / sf, block, out=work))  # the cast: RNE to e4m3, as .to() does
+    return sf
 
 
 @dataclass(frozen=True)

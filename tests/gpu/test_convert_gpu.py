@@ -1,7 +1,9 @@
-"""Whole checkpoints converted on the GPU and on the CPU are byte-identical (run by `make test-gpu`)."""
+"""Whole checkpoints converted on the GPU and on the CPU are byte-identical, convert's loss figures equal
+(run by `make test-gpu`)."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -13,6 +15,7 @@ from typer.testing import CliRunner
 from fp8conv.checkpoint.safetensors_io import save_file
 from fp8conv.cli import app
 from tests.fixtures_formats import FAMILIES, build
+from tests.test_convert_fp8 import synthetic_e4m3
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -212,3 +215,60 @@ def test_fp4_dequant_gpu_matches_cpu(shape, out_dtype):
     gpu = fp4_dequant(blocks.cuda(), scales.cuda(), out_dtype)
     assert gpu.is_cuda and gpu.dtype == out_dtype
     assert torch.equal(gpu.cpu().view(torch.uint8), cpu.view(torch.uint8))
+
+
+# ------------------------------------------------------------------------- convert's requant on the card
+
+
+def convert_both(src: Path, tmp_path: Path, *args) -> None:
+    """`fp8conv convert` of src on the CPU and on the GPU: the same model bytes in every shard (fp8conv's
+    own job record aside), the same config and index, and the loss figures of --json equal to the bit."""
+    from tests.conftest import model_bytes
+
+    reports = {}
+    for dev in ("cpu", "cuda"):
+        out, js = tmp_path / f"conv-{dev}", tmp_path / f"conv-{dev}.json"
+        shutil.rmtree(out, ignore_errors=True)
+        convert("convert", src, out, "--device", dev, "-q", "--json", js, *args)
+        reports[dev] = json.loads(js.read_text())
+    cpu, gpu = tmp_path / "conv-cpu", tmp_path / "conv-cuda"
+    shards = sorted(p.name for p in cpu.glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in gpu.glob("*.safetensors"))
+    for name in shards:
+        assert model_bytes(cpu / name) == model_bytes(gpu / name), name
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (cpu / name).exists():
+            assert (cpu / name).read_bytes() == (gpu / name).read_bytes(), name
+    assert reports["cpu"]["lossless"] == reports["cuda"]["lossless"]
+    assert reports["cpu"]["tensors"] == reports["cuda"]["tensors"]  # every figure, to the bit
+    assert any(not t["lossless"] for t in reports["cpu"]["tensors"])
+
+
+REQUANTS = [
+    ["--scale-fmt", "ue8m0"],
+    ["--scheme", "fp8-channel", "--format", "compressed-tensors"],
+    ["--scheme", "mxfp8"],
+]
+
+
+@pytest.mark.parametrize("extra", REQUANTS)
+def test_convert_requant_cpu_and_gpu_byte_identical(tmp_path, extra):
+    sources = [SAMPLES / "llama-tiny-fp8"]
+    if extra[0] == "--scale-fmt":  # stacked experts and ragged tiles (MXFP8 and compressed-tensors refuse)
+        sources += [SAMPLES / "deepseek-tiny-fp8", synthetic_e4m3(tmp_path / "syn")]
+    for src in sources:
+        convert_both(src, tmp_path, *extra)
+
+
+@pytest.mark.parametrize("extra", [REQUANTS[0], REQUANTS[2]])
+def test_convert_requant_with_reference_cpu_and_gpu_identical(tmp_path, extra):
+    convert("quantize", SAMPLES / "llama-tiny-bf16", tmp_path / "fp8", "--device", "cpu", "-q")
+    convert_both(tmp_path / "fp8", tmp_path, *extra, "--reference", SAMPLES / "llama-tiny-bf16")
+
+
+def test_convert_requant_in_small_gpu_bands(tmp_path, monkeypatch):
+    """Many bands per weight on the card (4096 elements) against the CPU's: the same bytes and figures."""
+    from fp8conv.convert import fp8_to_fp8
+
+    monkeypatch.setattr(fp8_to_fp8, "GPU_BAND_ELEMS", 4096)
+    convert_both(synthetic_e4m3(tmp_path / "syn"), tmp_path, "--scale-fmt", "ue8m0")
