@@ -690,7 +690,7 @@ def convert(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", metavar="", help="print the plan; write nothing")
     ] = False,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
     overwrite: OverwriteOpt = False,

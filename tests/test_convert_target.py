@@ -291,3 +291,30 @@ def test_stacked_experts_kept_bf16_are_skipped_by_their_module(sample, tmp_path)
         assert ours[name].dtype == torch.bfloat16, name
         assert torch.equal(ours[name].view(torch.uint8), theirs[name].view(torch.uint8)), name
         assert name + "_scale_inv" not in ours and name[: -len("weight")] + "weight_scale_inv" not in ours
+
+
+def test_mxfp8_keeps_bf16_a_weight_whose_k_is_not_a_multiple_of_32(sample, tmp_path):
+    """`--scheme mxfp8` on the DeepSeek-style sample: down_proj [256, 300] cannot be cut into 1 x 32
+    groups, so it is written bf16 (dequantize's bytes), named in the skip list and the report, as
+    quantize leaves such a weight; the other weights become MXFP8, and the output dequantizes."""
+    src = sample("deepseek-tiny-fp8")
+    out = tmp_path / "mx"
+    cli("convert", src, out, "--scheme", "mxfp8", "-q", "--json", tmp_path / "s.json")
+    report = json.loads((tmp_path / "s.json").read_text())
+    down = "model.layers.0.mlp.down_proj.weight"
+    hows = {r["tensor"]: r["how"] for r in report["tensors"]}
+    assert hows[down] == "kept bf16: K = 300 is not a multiple of 32 (MXFP8 groups)"
+    assert all(h == "requantized" for n, h in hows.items() if n != down), hows
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.down_proj" in qc["modules_to_not_convert"]
+    cli("dequantize", src, tmp_path / "bf16", "-q")
+    ours, theirs = {}, {}
+    for p in out.glob("*.safetensors"):
+        ours.update(load_file(p))
+    for p in (tmp_path / "bf16").glob("*.safetensors"):
+        theirs.update(load_file(p))
+    assert torch.equal(ours[down].view(torch.uint8), theirs[down].view(torch.uint8))
+    assert not any(
+        k.startswith(down + "_scale") or k == down[: -len("weight")] + "weight_scale" for k in ours
+    )
+    cli("dequantize", out, tmp_path / "mx-bf16", "-q")

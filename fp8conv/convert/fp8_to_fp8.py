@@ -63,7 +63,7 @@ class ConvertOptions:
     reference: str | None = None  # the original BF16 checkpoint: lossy tensors are also measured against it
     target: str = "any"  # the loader the output must load and run in: what it cannot stays bf16
     dry_run: bool = False
-    device: str = "cpu"
+    device: str = "auto"
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -202,10 +202,11 @@ def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
         _all_power_of_two(ckpt, found) if scheme == "mxfp8" and src_scheme == "fp8-block" else False
     )
     rules = _rules(w, block if scheme == "fp8-block" else None)
-    kept, tensors, base, quant = _kept_for_target(ckpt, found, rules, opts)
+    kept, tensors, base, quant = _kept_for_target(ckpt, found, rules, opts, scheme)
     if kept and len(kept) == len(found.weights):
+        lead = f"--target {opts.target}: " if opts.target != "any" else ""
         raise InvalidCheckpoint(
-            f"--target {opts.target}: every FP8 weight would be written bf16 (first: "
+            f"{lead}every FP8 weight would be written bf16 (first: "
             f"{next(iter(kept))}: {next(iter(kept.values()))}); nothing is left to convert",
             file=ckpt.root,
             hint="fp8conv dequantize writes the whole checkpoint in bf16; or pick another --block-size",
@@ -263,9 +264,10 @@ def _rules(w: Writer, block: tuple[int, int] | None) -> tuple[str, tuple[int, in
     return w.format, block, w.act_group
 
 
-def _kept_for_target(ckpt: Checkpoint, found, rules, opts: ConvertOptions):
-    """The FP8 weights the --target loader could not load or run in the output's scheme, layout and
-    block (name -> why), and the rule inputs the plan's notes are made from."""
+def _kept_for_target(ckpt: Checkpoint, found, rules, opts: ConvertOptions, scheme: str):
+    """The FP8 weights written bf16 (name -> why): those the output scheme cannot hold (MXFP8 needs K a
+    multiple of 32, as quantize leaves such weights bf16) and those the --target loader could not load
+    or run in the output's scheme, layout and block; and the rule inputs the plan's notes are made from."""
     scales = {qw.scale.name for qw in found.weights.values()}
     # the output's tensors as the rules see them: an FP8 weight kept back is bf16, its scale gone
     tensors = {
@@ -274,6 +276,10 @@ def _kept_for_target(ckpt: Checkpoint, found, rules, opts: ConvertOptions):
         if n not in scales
     }
     base = {n: None if n in found.weights else "not FP8" for n in tensors}
+    if scheme == "mxfp8":
+        for n, qw in found.weights.items():
+            if qw.shape[-1] % MX_GROUP:
+                base[n] = f"K = {qw.shape[-1]} is not a multiple of {MX_GROUP} (MXFP8 groups)"
     quant = apply_targets(ckpt.config, tensors, base, *rules, targets_of(opts.target))
     kept = {n: why for n, why in quant.items() if n in found.weights and why is not None}
     # a stacked-experts parameter (transformers v5 `experts.gate_up_proj`) is skipped by its module,
