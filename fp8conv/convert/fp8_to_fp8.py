@@ -612,8 +612,10 @@ def _requant_jobs(
             state.update(_requantize(ckpt, cp, qw, w, opts))
         return state.pop(part)
 
-    def codes() -> bytes:
-        return result("codes").contiguous().view(torch.uint8).numpy().tobytes()
+    def codes():
+        # the codes' own memory as a buffer (the writer and the checksum take any): no copy of a
+        # weight-sized bytes object (1.27 s of a 6 s GPU convert of 2 GB went to that copy)
+        return result("codes").contiguous().view(torch.uint8).reshape(-1).numpy()
 
     def scale() -> bytes:
         return _scale_out(result("scale"), w)

@@ -50,7 +50,7 @@ class TensorJob:
     reason: str = ""  # why copied (for --dry-run and inspect)
     weight: QuantizedWeight | None = None  # dequant: the layout's account of the weight and its scale
     quantizer: str = "block"  # quant: "block", "channel", "mx-ceil" or "mx-ct" (convert/quantize_schemes.py)
-    compute: Callable[[], bytes] | None = None  # "compute": the whole tensor's bytes (fp8_to_fp8.py)
+    compute: Callable[[], object] | None = None  # "compute": the tensor's bytes, any buffer (fp8_to_fp8.py)
 
     @property
     def out_bytes(self) -> int:
