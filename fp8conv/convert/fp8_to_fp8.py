@@ -386,13 +386,18 @@ def _inherit(s: torch.Tensor, shape, old: tuple[int, int], new: tuple[int, int])
     return s[..., rows, :][..., cols].contiguous()
 
 
-def _scale_out(s: torch.Tensor, w: Writer) -> bytes:
-    """float32 scales as the writer stores them: float32, or e8m0 exponent bytes (exact: powers of two)."""
-    s = s.float().contiguous()
+def _exponent_bytes(s: torch.Tensor) -> torch.Tensor:
+    """Power-of-two float32 scales as their e8m0 bytes (exact)."""
+    return ((s.float().contiguous().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+
+
+def _scale_out(s: torch.Tensor, w: Writer):
+    """Scales as the writer stores them, as a buffer: float32, or e8m0 exponent bytes (from power-of-two
+    float32 scales, or already bytes)."""
     if w.scale_dtype == "U8":
-        e = ((s.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
-        return e.numpy().tobytes()
-    return s.view(torch.uint8).numpy().tobytes()
+        e = s if s.dtype == torch.uint8 else _exponent_bytes(s)
+        return e.contiguous().reshape(-1).numpy()
+    return s.float().contiguous().view(torch.uint8).reshape(-1).numpy()
 
 
 def _scale_compute(ckpt, qw: QuantizedWeight, sname, sshape, w: Writer, fn) -> TensorJob:
@@ -592,10 +597,10 @@ def _requantize(ckpt, cp, qw: QuantizedWeight, w: Writer, opts) -> dict[str, tor
         o_err, o_src, o_sq = more
         change.sqnr_vs_reference_db = _db(o_sq, o_err)
         change.source_sqnr_vs_reference_db = _db(o_sq, o_src)
-    return {
-        "codes": q_out.reshape(shape).cpu(),
-        "scale": s_out.reshape(*shape[:-2], *s_out.shape[-2:]).cpu(),
-    }
+    scale = s_out.reshape(*shape[:-2], *s_out.shape[-2:])
+    if w.scale_dtype == "U8":  # MXFP8's e8m0 bytes made where the scales are: a quarter of the transfer
+        scale = _exponent_bytes(scale)
+    return {"codes": q_out.reshape(shape).cpu(), "scale": scale.cpu()}
 
 
 def _requant_jobs(
