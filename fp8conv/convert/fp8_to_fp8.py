@@ -43,7 +43,7 @@ from fp8conv.checkpoint.safetensors_io import FLOAT_DTYPES, ShardReader, TensorI
 from fp8conv.convert import decode
 from fp8conv.convert.options import TARGETS
 from fp8conv.convert.plan import Plan, ShardPlan, TensorJob
-from fp8conv.convert.targeting import apply_targets, notes_for, targets_of
+from fp8conv.convert.targeting import LOADERS, apply_targets, notes_for, targets_of
 from fp8conv.errors import InvalidCheckpoint, UsageError
 from fp8conv.formats import Element, Granularity, QuantizedWeight, detect, strip_config, strip_params
 from fp8conv.formats.scheme import MX_GROUP
@@ -289,9 +289,10 @@ def _kept_for_target(ckpt: Checkpoint, found, rules, opts: ConvertOptions, schem
             module = _module_of(name)
             for other in found.weights:
                 if other not in kept and not other.endswith(".weight") and _module_of(other) == module:
-                    loader = why.split(":", 1)[0]
+                    loader = why.split(":", 1)[0]  # a loader's reason keeps its loader first (notes)
+                    lead = f"{loader}: " if loader in LOADERS else ""
                     kept[other] = quant[other] = (
-                        f"{loader}: {module} is skipped as a whole for {name}: one precision per module"
+                        f"{lead}{module} is skipped as a whole for {name}: one precision per module"
                     )
     return kept, tensors, base, quant
 
