@@ -39,6 +39,14 @@ def dequantized(fp8_8640, tmp_path_factory):
     return load_file(dst / "model.safetensors")
 
 
+def folder_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of every shard in `folder`."""
+    out: dict[str, torch.Tensor] = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(p))
+    return out
+
+
 def plan(src, *args) -> dict:
     r = cli("convert", src, src.parent / "never-written", "--dry-run", "--json", "-", *args)
     assert not (src.parent / "never-written").exists()
@@ -282,11 +290,7 @@ def test_stacked_experts_kept_bf16_are_skipped_by_their_module(sample, tmp_path)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert "model.layers.0.mlp.experts" in qc["modules_to_not_convert"]
     cli("dequantize", src, tmp_path / "bf16", "-q")
-    ours, theirs = {}, {}
-    for p in out.glob("*.safetensors"):
-        ours.update(load_file(p))
-    for p in (tmp_path / "bf16").glob("*.safetensors"):
-        theirs.update(load_file(p))
+    ours, theirs = folder_tensors(out), folder_tensors(tmp_path / "bf16")
     for name in kept:
         assert ours[name].dtype == torch.bfloat16, name
         assert torch.equal(ours[name].view(torch.uint8), theirs[name].view(torch.uint8)), name
@@ -308,11 +312,7 @@ def test_mxfp8_keeps_bf16_a_weight_whose_k_is_not_a_multiple_of_32(sample, tmp_p
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert "model.layers.0.mlp.down_proj" in qc["modules_to_not_convert"]
     cli("dequantize", src, tmp_path / "bf16", "-q")
-    ours, theirs = {}, {}
-    for p in out.glob("*.safetensors"):
-        ours.update(load_file(p))
-    for p in (tmp_path / "bf16").glob("*.safetensors"):
-        theirs.update(load_file(p))
+    ours, theirs = folder_tensors(out), folder_tensors(tmp_path / "bf16")
     assert torch.equal(ours[down].view(torch.uint8), theirs[down].view(torch.uint8))
     assert not any(
         k.startswith(down + "_scale") or k == down[: -len("weight")] + "weight_scale" for k in ours
