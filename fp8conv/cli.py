@@ -739,7 +739,7 @@ def convert(
             requant = len(lossy) - len(kept)
             said = [f"{requant} requantized (lossy, measured when written)"] if requant else []
             if kept:
-                said.append(f"{len(kept)} kept bf16 for --target {target} (measured when written)")
+                said.append(f"{len(kept)} kept bf16, each with its reason below (measured when written)")
             out.print(
                 f"convert plan ({cp.source_format} {cp.source_scheme} -> "
                 f"{cp.writer.format} {cp.writer.scheme}): "

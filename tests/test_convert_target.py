@@ -207,7 +207,7 @@ def test_sglang_dry_run_names_each_rule(fp8_8640):
     r = cli("convert", fp8_8640, fp8_8640.parent / "never-written", "--target", "sglang", "--dry-run")
     assert not (fp8_8640.parent / "never-written").exists()
     said = " ".join(r.output.split())  # the headline wraps at the console's width
-    assert "3 kept bf16 for --target sglang" in said
+    assert "3 kept bf16, each with its reason below" in said
     for name in MLP:
         assert f"{full(name)}: kept bf16: sglang:" in r.output
 
