@@ -371,7 +371,8 @@ def report_summary(summary, quiet: bool, json_target: str | None) -> None:
             f"{summary.command}: {summary.tensors_converted} tensors converted, "
             f"{summary.tensors_copied} copied, {summary.shards_written} shard(s) written, "
             f"{summary.shards_skipped} kept from an earlier run; {human(summary.bytes_in)} "
-            f"-> {human(summary.bytes_out)} in {summary.seconds:.1f}s ({human(rate)}/s) "
+            f"-> {human(summary.bytes_out)} in {summary.seconds:.{2 if summary.seconds < 10 else 1}f}s "
+            f"({human(rate)}/s) "
             f"on {summary.device}; output in {summary.dst}"
         )
         if not summary.complete:
