@@ -439,6 +439,23 @@ def test_changed_shard_is_flagged_by_its_checksum(tmp_path):
     assert run(out, "--sample", "1")[0] == 0  # a sample reads no whole shard: not judged
 
 
+@pytest.mark.skipif(not _checksums_recorded(), reason="this build's output layer records no shard checksum")
+@pytest.mark.parametrize("fmt", ["fp8", "compressed-tensors"])
+def test_whole_checkpoint_verify_reads_each_byte_once(tmp_path, fmt):
+    """The shard checksums take the CRC-32 of each tensor the data checks read as they read it: a whole
+    checkpoint's tensor bytes are read once, not once for the checks and again for the checksums (the
+    scales, a few hundred bytes here, are looked at twice: beside their weight and for their own
+    finiteness)."""
+    out = tmp_path / "out"
+    quantize(BF16, out, QuantizeOptions(device="cpu", format=fmt))
+    report = verify_checkpoint(out, VerifyOptions(device="cpu"))
+    infos = [i for p in out.glob("*.safetensors") for i in read_header(p).tensors.values()]
+    data = sum(i.nbytes for i in infos)
+    scales = sum(i.nbytes for i in infos if "_scale" in i.name)
+    assert report.ok and 0 < scales < data / 100
+    assert data <= report.totals["bytes_read"] <= data + scales, (report.totals["bytes_read"], data)
+
+
 def test_serving_report_is_part_of_the_verify_report(good):
     """--tp / --target go through verify_checkpoint: one report, one `ok`, one JSON."""
     report = verify_checkpoint(good / "fp8", VerifyOptions(device="cpu", tp=(1, 2), targets=("vllm",)))

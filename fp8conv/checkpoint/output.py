@@ -225,11 +225,18 @@ def hash_range(fd: int, offset: int, length: int, h=None):
     return h
 
 
-def confirm_shard(path: Path, prefix: bytes, size: int, spans: list[tuple[int, int]]) -> bool:
+def confirm_shard(
+    path: Path,
+    prefix: bytes,
+    size: int,
+    spans: list[tuple[int, int]],
+    known: dict[tuple[int, int], bytes] | None = None,
+) -> bool:
     """Whether `path` is exactly the shard this job writes: a regular file of `size` bytes whose
     header equals `prefix` (the expected header with the placeholder hash) up to the hash it
     records, and whose content hashes to that value. Reads the whole file (no stat shortcut: a file
-    changed with its mtime restored is caught)."""
+    changed with its mtime restored is caught), but for the spans in `known`: the CRC-32 of those
+    bytes as a reader that has just read them computed it (verify's data checks)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
@@ -246,7 +253,8 @@ def confirm_shard(path: Path, prefix: bytes, size: int, spans: list[tuple[int, i
         if head[at + field :] != prefix[at + field :]:
             return False
         recorded = head[at : at + field].decode("ascii", "replace")[len(META_HASH) + 4 : -1]
-        digests = [hash_range(fd, a, b - a).digest() for a, b in spans]
+        known = known or {}
+        digests = [known[(a, b)] if (a, b) in known else hash_range(fd, a, b - a).digest() for a, b in spans]
         return shard_digest(prefix, digests) == recorded
     except OSError:
         return False
@@ -254,10 +262,12 @@ def confirm_shard(path: Path, prefix: bytes, size: int, spans: list[tuple[int, i
         os.close(fd)
 
 
-def recorded_checksum_ok(path: Path) -> bool | None:
+def recorded_checksum_ok(path: Path, known: dict[tuple[int, int], bytes] | None = None) -> bool | None:
     """For any reader (verify): whether a shard's content still matches the checksum fp8conv
     recorded in its header when it wrote it; None when it records none (not written by fp8conv).
-    Needs no plan: the expected header is the file's own with the checksum set back to zeros."""
+    Needs no plan: the expected header is the file's own with the checksum set back to zeros.
+    `known`: CRC-32 digests of tensor spans (absolute start, end) the caller computed as it read them;
+    only the other spans are read here."""
     import struct
 
     try:
@@ -276,7 +286,7 @@ def recorded_checksum_ok(path: Path) -> bool | None:
         )
         spans = [(8 + n + a, 8 + n + b) for a, b in entries]
         size = 8 + n + (spans[-1][1] - 8 - n if spans else 0)
-        return confirm_shard(path, prefix, size, spans)
+        return confirm_shard(path, prefix, size, spans, known)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
         return False
 

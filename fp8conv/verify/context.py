@@ -53,6 +53,9 @@ class Context:
         self.reference_mode: str | None = None
         self.serving = None  # fp8conv.targets.ServingReport, when asked for
         self.bytes_read = 0
+        # per tensor of the checkpoint: the CRC-32 of its bytes as the data checks read them, front to
+        # back ([bytes covered so far, Crc32]): the shard checksum then reads only what they did not
+        self.crcs: dict[str, list] = {}
         self._readers: dict[tuple[int, str], ShardReader] = {}
         self._paths: dict[tuple[int, str], str] = {}
         self._lock = threading.Lock()
@@ -99,6 +102,8 @@ class Context:
         count: bool = True,
     ) -> torch.Tensor:
         raw = self.reader(ckpt, info.name).read_bytes(info, start, length)
+        if ckpt is self.ckpt:
+            self._crc(info, start, raw)
         if not count:  # a second read of bytes already counted (a light tensor's closer look)
             return raw
         with self._lock:
@@ -106,6 +111,27 @@ class Context:
             if self.progress is not None and ckpt is self.ckpt:
                 self.progress.advance(raw.numel())
         return raw
+
+    def _crc(self, info: TensorInfo, start: int, raw: torch.Tensor) -> None:
+        """Extend the tensor's CRC-32 with `raw` when it continues the bytes hashed so far (a tensor's
+        bands are read in order by one worker; a second look at bytes already hashed is not added)."""
+        from fp8conv.checkpoint.output import Crc32
+
+        with self._lock:
+            state = self.crcs.setdefault(info.name, [0, Crc32()])
+            if state[0] != start:
+                return
+            state[0] = start + raw.numel()
+        state[1].update(raw.numpy())
+
+    def crc_digests(self) -> dict[tuple[int, int], bytes]:
+        """(start, end) in its file -> CRC-32 digest, for every tensor whose bytes were all read."""
+        out = {}
+        for name, (done, crc) in self.crcs.items():
+            info = self.ckpt.info(name)
+            if done == info.nbytes:
+                out[(info.start, info.start + info.nbytes)] = crc.digest()
+        return out
 
     def close(self) -> None:
         for r in self._readers.values():

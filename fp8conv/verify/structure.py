@@ -366,9 +366,11 @@ def _recorded_checksum_ok():
 
 class ShardChecksums(Check):
     """Each shard fp8conv wrote still matches the content checksum recorded in its own header when it
-    was written (a byte flipped or a shard zeroed afterwards, its mtime restored or not). Reads every
-    shard whole, so it runs when the whole checkpoint is verified (no --sample, no --tensors); shards
-    with no recorded checksum (not written by fp8conv) are counted, not judged."""
+    was written (a byte flipped or a shard zeroed afterwards, its mtime restored or not). It covers
+    every shard whole, so it runs when the whole checkpoint is verified (no --sample, no --tensors):
+    after the data checks, taking the CRC-32 of each tensor they read as they read it, and reading
+    only the rest (each byte read once). Shards with no recorded checksum (not written by fp8conv) are
+    counted, not judged."""
 
     name = "checksum"
 
@@ -382,15 +384,18 @@ class ShardChecksums(Check):
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        paths = [ctx.ckpt.root / name for name in ctx.ckpt.shards]
+        names = list(ctx.ckpt.shards)
+        paths = [ctx.ckpt.root / name for name in names]
+        known = ctx.crc_digests()
         with ThreadPoolExecutor(min(4, max(1, len(paths)))) as pool:
-            results = list(pool.map(reader, paths))
-        for path, ok in zip(paths, results, strict=True):
+            results = list(pool.map(lambda p: reader(p, known), paths))
+        for name, path, ok in zip(names, paths, results, strict=True):
             if ok is None:
                 self.absent += 1
                 continue
             self.checked += 1
-            ctx.bytes_read += path.stat().st_size
+            tensors = ctx.ckpt.shards[name].tensors.values()
+            ctx.bytes_read += sum(i.nbytes for i in tensors if (i.start, i.end) not in known)
             if not ok:
                 ctx.fail(
                     self.name,
