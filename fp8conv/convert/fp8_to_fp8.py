@@ -32,7 +32,8 @@ from __future__ import annotations
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,55 @@ class TensorChange:
     source_sqnr_vs_reference_db: float | None = None
 
 
+class _Ahead:
+    """On a GPU, each requantized weight starts while the one before it in its shard is being written:
+    reading its codes, the transfers and the card's work overlap the writer (one weight ahead, on one
+    background thread). On the CPU the bands already take every core, so each weight runs when the
+    writer asks for it. Every weight is computed once, whichever way."""
+
+    def __init__(self) -> None:
+        self.compute: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}
+        self.owner: dict[str, str] = {}  # codes / scale job name -> its weight
+        self.next: dict[str, str] = {}  # weight -> the next requantized weight of its shard
+        self.pending: dict[str, Future] = {}
+        self.started: set[str] = set()
+        self.pool: ThreadPoolExecutor | None = None
+        self.lock = threading.Lock()
+
+    def link(self, shards: list[ShardPlan]) -> None:
+        for sp in shards:
+            order: list[str] = []
+            for job in sp.jobs:
+                name = self.owner.get(job.name)
+                if name is not None and name not in order:
+                    order.append(name)
+            self.next.update(zip(order, order[1:], strict=False))
+
+    def take(self, name: str) -> dict[str, torch.Tensor]:
+        with self.lock:
+            fut = self.pending.pop(name, None)
+            self.started.add(name)
+        result = fut.result() if fut is not None else self.compute[name]()
+        nxt = self.next.get(name)
+        with self.lock:
+            if self.pool is not None and nxt is not None and nxt not in self.started:
+                self.started.add(nxt)
+                self.pending[nxt] = self.pool.submit(self.compute[nxt])
+        return result
+
+    def start(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-requant-ahead")
+
+    def close(self) -> None:
+        if self.pool is None:
+            return
+        for fut in self.pending.values():
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+        self.pending.clear()
+        self.pool = None
+
+
 @dataclass
 class ConvertPlan:
     plan: Plan
@@ -106,6 +156,7 @@ class ConvertPlan:
     changes: dict[str, TensorChange] = field(default_factory=dict)  # filled as tensors are written
     reference: Checkpoint | None = None  # --reference: the original BF16 checkpoint
     kept: dict[str, QuantizedWeight] = field(default_factory=dict)  # --target: written bf16 instead
+    ahead: _Ahead = field(default_factory=_Ahead)  # the requantized weights, computed once each
 
     @property
     def notes(self) -> list[str]:
@@ -247,6 +298,7 @@ def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
     cp.plan = Plan(
         shards, config, skipped, family=found.family, drop_files=found.side_files, write_files=write_files
     )
+    cp.ahead.link(shards)
     cp.plan.notes = notes_for(
         ckpt.config,
         tensors,
@@ -613,9 +665,12 @@ def _requant_jobs(
     state: dict[str, torch.Tensor] = {}
     cp.changes[name] = TensorChange(name, "requantized", False)
 
+    cp.ahead.compute[name] = lambda: _requantize(ckpt, cp, qw, w, opts)
+    cp.ahead.owner[name] = cp.ahead.owner[sname] = name
+
     def result(part: str) -> torch.Tensor:
         if not state:
-            state.update(_requantize(ckpt, cp, qw, w, opts))
+            state.update(cp.ahead.take(name))
         return state.pop(part)
 
     def codes():
@@ -657,12 +712,22 @@ def _open_reference(path: str, found, ckpt: Checkpoint) -> Checkpoint:
     return ref
 
 
+def _ahead_wanted(opts: ConvertOptions) -> bool:
+    """Whether requantized weights run one ahead of the writer: on a GPU (see _Ahead)."""
+    return _placement(opts.device)[0].type == "cuda"
+
+
 def run_convert(ckpt: Checkpoint, cp: ConvertPlan, dst: Path, opts: ConvertOptions, progress=None):
     from fp8conv.convert import engine
 
-    summary = engine.run(
-        ckpt, cp.plan, Path(dst), "convert", opts.job_key(), opts.device, opts.overwrite, None, progress
-    )
+    if cp.ahead.compute and _ahead_wanted(opts):
+        cp.ahead.start()
+    try:
+        summary = engine.run(
+            ckpt, cp.plan, Path(dst), "convert", opts.job_key(), opts.device, opts.overwrite, None, progress
+        )
+    finally:
+        cp.ahead.close()
     summary.tensors_converted = len(cp.changes)
     summary.notes.extend(cp.notes)
     if cp.kept and summary.complete:
