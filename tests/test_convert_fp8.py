@@ -453,12 +453,10 @@ def test_row_sums_are_within_their_bound(cols):
 
 
 @pytest.mark.parametrize("extra", [REQUANTS[0], REQUANTS[2]])
-def test_weights_requantized_one_ahead_of_the_writer_give_the_same_output(
-    sample, tmp_path, monkeypatch, extra
-):
-    """On a GPU each requantized weight starts while the one before it in its shard is written (one
-    background thread); run here on the CPU with the GPU's schedule: the same bytes and loss figures as
-    the weights computed when the writer asks, and every weight computed exactly once."""
+def test_weights_requantized_ahead_of_the_writer_give_the_same_output(sample, tmp_path, monkeypatch, extra):
+    """On a GPU the requantized weights of a shard run two at a time on background threads, ahead of
+    the writer; run here on the CPU with the GPU's schedule: the same bytes and loss figures as the
+    weights computed when the writer asks, and every weight computed exactly once."""
     from fp8conv.convert import fp8_to_fp8
 
     src = sample("deepseek-tiny-fp8") if extra[0] == "--scale-fmt" else sample("llama-tiny-fp8")

@@ -98,17 +98,19 @@ class TensorChange:
 
 
 class _Ahead:
-    """On a GPU, each requantized weight starts while the one before it in its shard is being written:
-    reading its codes, the transfers and the card's work overlap the writer (one weight ahead, on one
-    background thread). On the CPU the bands already take every core, so each weight runs when the
-    writer asks for it. Every weight is computed once, whichever way."""
+    """On a GPU, the requantized weights of a shard run AHEAD at a time on as many background threads,
+    in the writer's order: one weight's read and transfers overlap another's work on the card, and
+    both overlap the writes. On the CPU the bands already take every core, so each weight runs when
+    the writer asks for it. Every weight is computed once, whichever way."""
+
+    AHEAD = 2
 
     def __init__(self) -> None:
         self.compute: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}
         self.owner: dict[str, str] = {}  # codes / scale job name -> its weight
         self.next: dict[str, str] = {}  # weight -> the next requantized weight of its shard
         self.pending: dict[str, Future] = {}
-        self.started: set[str] = set()
+        self.submitted: set[str] = set()
         self.pool: ThreadPoolExecutor | None = None
         self.lock = threading.Lock()
 
@@ -122,19 +124,22 @@ class _Ahead:
             self.next.update(zip(order, order[1:], strict=False))
 
     def take(self, name: str) -> dict[str, torch.Tensor]:
+        if self.pool is None:
+            return self.compute[name]()
         with self.lock:
-            fut = self.pending.pop(name, None)
-            self.started.add(name)
-        result = fut.result() if fut is not None else self.compute[name]()
-        nxt = self.next.get(name)
-        with self.lock:
-            if self.pool is not None and nxt is not None and nxt not in self.started:
-                self.started.add(nxt)
-                self.pending[nxt] = self.pool.submit(self.compute[nxt])
-        return result
+            wanted, nxt = [name], self.next.get(name)
+            while nxt is not None and len(wanted) < self.AHEAD:
+                wanted.append(nxt)
+                nxt = self.next.get(nxt)
+            for w in wanted:
+                if w not in self.submitted:
+                    self.submitted.add(w)
+                    self.pending[w] = self.pool.submit(self.compute[w])
+            fut = self.pending.pop(name)  # its result is the caller's alone from here (memory)
+        return fut.result()
 
     def start(self) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fp8conv-requant-ahead")
+        self.pool = ThreadPoolExecutor(self.AHEAD, thread_name_prefix="fp8conv-requant-ahead")
 
     def close(self) -> None:
         if self.pool is None:
