@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from pathlib import Path
 
 import pytest
@@ -450,36 +449,3 @@ def test_row_sums_are_within_their_bound(cols):
         assert abs(s - exact) <= bound * exact, (cols, s, exact)
     ints = torch.randint(0, 1 << 20, (3, cols), generator=g).double()  # exact sums: no rounding at all
     assert _row_sums(ints.clone()).tolist() == [math.fsum(r) for r in ints.tolist()]
-
-
-@pytest.mark.parametrize("extra", [REQUANTS[0], REQUANTS[2]])
-def test_weights_requantized_ahead_of_the_writer_give_the_same_output(sample, tmp_path, monkeypatch, extra):
-    """On a GPU the requantized weights of a shard run two at a time on background threads, ahead of
-    the writer; run here on the CPU with the GPU's schedule: the same bytes and loss figures as the
-    weights computed when the writer asks, and every weight computed exactly once."""
-    from fp8conv.convert import fp8_to_fp8
-
-    src = sample("deepseek-tiny-fp8") if extra[0] == "--scale-fmt" else sample("llama-tiny-fp8")
-    cli("convert", src, tmp_path / "in-turn", *extra, "-q", "--json", tmp_path / "in-turn.json")
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(fp8_to_fp8, "_placement", lambda spec: (cpu, 1, fp8_to_fp8.GPU_BAND_ELEMS))
-    monkeypatch.setattr(fp8_to_fp8, "_ahead_wanted", lambda opts: True)
-    calls: list[str] = []
-    real = fp8_to_fp8._requantize
-
-    threads: list[str] = []
-
-    def counted(ckpt, cp, qw, w, opts):
-        calls.append(qw.name)
-        threads.append(threading.current_thread().name)
-        return real(ckpt, cp, qw, w, opts)
-
-    monkeypatch.setattr(fp8_to_fp8, "_requantize", counted)
-    cli("convert", src, tmp_path / "ahead", *extra, "-q", "--json", tmp_path / "ahead.json")
-    ahead = json.loads((tmp_path / "ahead.json").read_text())["tensors"]
-    assert ahead == json.loads((tmp_path / "in-turn.json").read_text())["tensors"]
-    requantized = [t["tensor"] for t in ahead if t["how"] == "requantized"]
-    assert len(requantized) >= 2 and sorted(calls) == sorted(requantized)  # each once
-    assert any(t.startswith("fp8conv-requant-ahead") for t in threads), threads  # some ran ahead
-    for shard in (tmp_path / "in-turn").glob("*.safetensors"):
-        assert model_bytes(shard) == model_bytes(tmp_path / "ahead" / shard.name), shard.name

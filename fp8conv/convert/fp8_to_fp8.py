@@ -32,8 +32,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,60 +96,6 @@ class TensorChange:
     source_sqnr_vs_reference_db: float | None = None
 
 
-class _Ahead:
-    """On a GPU, the requantized weights of a shard run AHEAD at a time on as many background threads,
-    in the writer's order: one weight's read and transfers overlap another's work on the card, and
-    both overlap the writes. On the CPU the bands already take every core, so each weight runs when
-    the writer asks for it. Every weight is computed once, whichever way."""
-
-    AHEAD = 2
-
-    def __init__(self) -> None:
-        self.compute: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}
-        self.owner: dict[str, str] = {}  # codes / scale job name -> its weight
-        self.next: dict[str, str] = {}  # weight -> the next requantized weight of its shard
-        self.pending: dict[str, Future] = {}
-        self.submitted: set[str] = set()
-        self.pool: ThreadPoolExecutor | None = None
-        self.lock = threading.Lock()
-
-    def link(self, shards: list[ShardPlan]) -> None:
-        for sp in shards:
-            order: list[str] = []
-            for job in sp.jobs:
-                name = self.owner.get(job.name)
-                if name is not None and name not in order:
-                    order.append(name)
-            self.next.update(zip(order, order[1:], strict=False))
-
-    def take(self, name: str) -> dict[str, torch.Tensor]:
-        if self.pool is None:
-            return self.compute[name]()
-        with self.lock:
-            wanted, nxt = [name], self.next.get(name)
-            while nxt is not None and len(wanted) < self.AHEAD:
-                wanted.append(nxt)
-                nxt = self.next.get(nxt)
-            for w in wanted:
-                if w not in self.submitted:
-                    self.submitted.add(w)
-                    self.pending[w] = self.pool.submit(self.compute[w])
-            fut = self.pending.pop(name)  # its result is the caller's alone from here (memory)
-        return fut.result()
-
-    def start(self) -> None:
-        self.pool = ThreadPoolExecutor(self.AHEAD, thread_name_prefix="fp8conv-requant-ahead")
-
-    def close(self) -> None:
-        if self.pool is None:
-            return
-        for fut in self.pending.values():
-            fut.cancel()
-        self.pool.shutdown(wait=True)
-        self.pending.clear()
-        self.pool = None
-
-
 @dataclass
 class ConvertPlan:
     plan: Plan
@@ -161,7 +106,6 @@ class ConvertPlan:
     changes: dict[str, TensorChange] = field(default_factory=dict)  # filled as tensors are written
     reference: Checkpoint | None = None  # --reference: the original BF16 checkpoint
     kept: dict[str, QuantizedWeight] = field(default_factory=dict)  # --target: written bf16 instead
-    ahead: _Ahead = field(default_factory=_Ahead)  # the requantized weights, computed once each
 
     @property
     def notes(self) -> list[str]:
@@ -303,7 +247,6 @@ def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
     cp.plan = Plan(
         shards, config, skipped, family=found.family, drop_files=found.side_files, write_files=write_files
     )
-    cp.ahead.link(shards)
     cp.plan.notes = notes_for(
         ckpt.config,
         tensors,
@@ -670,12 +613,9 @@ def _requant_jobs(
     state: dict[str, torch.Tensor] = {}
     cp.changes[name] = TensorChange(name, "requantized", False)
 
-    cp.ahead.compute[name] = lambda: _requantize(ckpt, cp, qw, w, opts)
-    cp.ahead.owner[name] = cp.ahead.owner[sname] = name
-
     def result(part: str) -> torch.Tensor:
         if not state:
-            state.update(cp.ahead.take(name))
+            state.update(_requantize(ckpt, cp, qw, w, opts))
         return state.pop(part)
 
     def codes():
@@ -717,22 +657,12 @@ def _open_reference(path: str, found, ckpt: Checkpoint) -> Checkpoint:
     return ref
 
 
-def _ahead_wanted(opts: ConvertOptions) -> bool:
-    """Whether requantized weights run one ahead of the writer: on a GPU (see _Ahead)."""
-    return _placement(opts.device)[0].type == "cuda"
-
-
 def run_convert(ckpt: Checkpoint, cp: ConvertPlan, dst: Path, opts: ConvertOptions, progress=None):
     from fp8conv.convert import engine
 
-    if cp.ahead.compute and _ahead_wanted(opts):
-        cp.ahead.start()
-    try:
-        summary = engine.run(
-            ckpt, cp.plan, Path(dst), "convert", opts.job_key(), opts.device, opts.overwrite, None, progress
-        )
-    finally:
-        cp.ahead.close()
+    summary = engine.run(
+        ckpt, cp.plan, Path(dst), "convert", opts.job_key(), opts.device, opts.overwrite, None, progress
+    )
     summary.tensors_converted = len(cp.changes)
     summary.notes.extend(cp.notes)
     if cp.kept and summary.complete:
