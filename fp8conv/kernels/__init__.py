@@ -2,8 +2,8 @@
 
 Public functions take tensors on any device: CUDA tensors go to the Triton kernels, CPU tensors to
 the torch paths (`reference.py`). The outputs of every function but fp8_gemm are byte-identical on
-both. Every function takes `out=` (buffers on the input's device to write into and
-return; for the quantizers a pair (codes, scales), either of which may be None).
+both. Every function takes `out=` (buffers on the input's device to write into and return; for the
+quantizers a pair (codes, scales), either of which may be None).
 
     weight_dequant(q, s, block_size=(128, 128), out_dtype=torch.bfloat16, out=None) -> y
     weight_quant(x, block_size=(128, 128), scale_fmt="float", out=None) -> (q, s)
@@ -21,8 +21,8 @@ Kernel families, one file each (each @triton.jit kernel directly above its launc
 (weight_dequant, weight_quant, act_quant, channel_quant, mx_quant), `gemm.py` (the Triton GEMMs and
 fp8_gemm's launcher), `gluon_gemm.py` (the Hopper GEMM), `fp4.py` (FP4 e2m1 dequantization);
 `common.py` holds what they share (launch options, the cached launch state), `checks.py` the argument
-checks. The GPU launchers
-keep per-shape launch state, so a repeated call with the same shapes costs little host time.
+checks. The GPU launchers keep per-shape launch state, so a repeated call with the same shapes costs
+little host time.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class Context:
         self.serving = None  # fp8conv.targets.ServingReport, when asked for
         self.bytes_read = 0
         # per tensor of the checkpoint: the CRC-32 of its bytes as the data checks read them, front to
-        # back ([bytes covered so far, Crc32]): the shard checksum then reads only what they did not
+        # back ([bytes covered so far, Crc32, its lock]): the shard checksum reads only what they did not
         self.crcs: dict[str, list] = {}
         self._readers: dict[tuple[int, str], ShardReader] = {}
         self._paths: dict[tuple[int, str], str] = {}
@@ -118,16 +118,19 @@ class Context:
         from fp8conv.checkpoint.output import Crc32
 
         with self._lock:
-            state = self.crcs.setdefault(info.name, [0, Crc32()])
+            state = self.crcs.get(info.name)
+            if state is None:
+                state = self.crcs[info.name] = [0, Crc32(), threading.Lock()]
+        with state[2]:  # claim and hash together: segments go in in file order, whatever the threads
             if state[0] != start:
                 return
+            state[1].update(raw.numpy())
             state[0] = start + raw.numel()
-        state[1].update(raw.numpy())
 
     def crc_digests(self) -> dict[tuple[int, int], bytes]:
         """(start, end) in its file -> CRC-32 digest, for every tensor whose bytes were all read."""
         out = {}
-        for name, (done, crc) in self.crcs.items():
+        for name, (done, crc, _) in self.crcs.items():
             info = self.ckpt.info(name)
             if done == info.nbytes:
                 out[(info.start, info.start + info.nbytes)] = crc.digest()
