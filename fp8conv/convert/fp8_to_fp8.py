@@ -339,6 +339,16 @@ def _read(ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
         return r.read_tensor(info)
 
 
+def _source_weight(ckpt: Checkpoint, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """A source weight's e4m3 codes [E, M, N] and its float32 scales broadcast to the full grid
+    [E, R, C] (E = 1 for a 2-D weight), as the requant and the kept-bf16 measurement read them."""
+    m, n = tuple(qw.shape)[-2:]
+    q = _read(ckpt, qw.codes).view(torch.float8_e4m3fn).reshape(-1, m, n)
+    grid = qw.layout.grid
+    s = scale_to_float32(_read(ckpt, qw.scale)).reshape(qw.layout.view).expand(grid)
+    return q, s.reshape(-1, *grid[-2:])
+
+
 def _weight_jobs(ckpt, cp, qw: QuantizedWeight, info, w: Writer, block, src_scheme, opts, power_of_two):
     """The codes job and the scale job of one quantized weight."""
     name, sname = qw.name, w.scale_name(qw.name)
@@ -544,10 +554,8 @@ def _requantize(ckpt, cp, qw: QuantizedWeight, w: Writer, opts) -> dict[str, tor
     device, workers, band_elems = _placement(opts.device)
     shape = tuple(qw.shape)
     m, n = shape[-2:]
-    q_all = _read(ckpt, qw.codes).view(torch.float8_e4m3fn).reshape(-1, m, n).to(device)
-    grid = qw.layout.grid
-    s_all = scale_to_float32(_read(ckpt, qw.scale)).reshape(qw.layout.view).expand(grid)
-    s_all = s_all.reshape(-1, *grid[-2:]).contiguous().to(device)
+    q_all, s_all = _source_weight(ckpt, qw)
+    q_all, s_all = q_all.to(device), s_all.contiguous().to(device)
     src_tile = qw.layout.tile
     kind = "ue8m0" if opts.scale_fmt == "ue8m0" else w.scheme if w.scheme == "fp8-channel" else w.mx_rule
     tile = _new_tile(kind, src_tile, n)
@@ -683,10 +691,7 @@ def measure_kept(ckpt: Checkpoint, cp: ConvertPlan, dst: Path) -> None:
         got_all = _read(out, out.info(qw.out_name)).reshape(-1, *qw.out_shape[-2:])
         if qw.transpose:
             got_all = got_all.transpose(-1, -2)
-        q_all = _read(ckpt, qw.codes).view(torch.float8_e4m3fn).reshape(-1, m, n)
-        grid = qw.layout.grid
-        s_all = scale_to_float32(_read(ckpt, qw.scale)).reshape(qw.layout.view).expand(grid)
-        s_all = s_all.reshape(-1, *grid[-2:])
+        q_all, s_all = _source_weight(ckpt, qw)
         orig = None
         if cp.reference is not None:
             orig = _read(cp.reference, cp.reference.info(name)).reshape(-1, m, n)
