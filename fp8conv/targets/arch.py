@@ -188,15 +188,8 @@ def _layer(plan, family, prefix, rest, tensors, config) -> list[ParallelLayer]:
     if family == "deepseek":
         qa, kva = full("self_attn.q_a_proj.weight"), full("self_attn.kv_a_proj_with_mqa.weight")
         if qa and kva:  # vLLM fuses them into one MergedReplicatedLinear (deepseek_v2.py fused_qkv_a_proj)
-            names = (qa, kva)
             out.append(
-                ParallelLayer(
-                    f"{prefix}.self_attn.fused_qkv_a_proj",
-                    Role.MERGED_REPLICATED,
-                    tuple(Part(n, shape(n)[-2]) for n in names),
-                    shape(qa)[-1],
-                    _fp8(tensors, names),
-                )
+                _fused(f"{prefix}.self_attn.fused_qkv_a_proj", Role.MERGED_REPLICATED, (qa, kva), tensors)
             )
         elif kva:
             out.append(_simple(f"{prefix}.self_attn.kv_a_proj_with_mqa", Role.REPLICATED, kva, tensors))
@@ -207,19 +200,15 @@ def _layer(plan, family, prefix, rest, tensors, config) -> list[ParallelLayer]:
     else:
         q, k, v = (full(f"self_attn.{p}_proj.weight") for p in "qkv")
         if q and k and v:
-            names = (q, k, v)
             kv_heads = plan.kv_heads
-            head = shape(k)[-2] // kv_heads
-            v_head = shape(v)[-2] // kv_heads
             out.append(
-                ParallelLayer(
+                _fused(
                     f"{prefix}.self_attn.qkv_proj",
                     Role.QKV,
-                    tuple(Part(n, shape(n)[-2]) for n in names),
-                    shape(q)[-1],
-                    _fp8(tensors, names),
+                    (q, k, v),
+                    tensors,
                     heads=(plan.attention_heads, kv_heads),
-                    head_sizes=(head, v_head),
+                    head_sizes=(shape(k)[-2] // kv_heads, shape(v)[-2] // kv_heads),
                 )
             )
     o = full("self_attn.o_proj.weight")
@@ -230,16 +219,7 @@ def _layer(plan, family, prefix, rest, tensors, config) -> list[ParallelLayer]:
     for group in _MLP_GROUPS:
         g, u, d = (full(f"{group}.{p}_proj.weight") for p in ("gate", "up", "down"))
         if g and u:
-            names = (g, u)
-            out.append(
-                ParallelLayer(
-                    f"{prefix}.{group}.gate_up_proj",
-                    Role.MERGED_COLUMN,
-                    tuple(Part(n, shape(n)[-2]) for n in names),
-                    shape(g)[-1],
-                    _fp8(tensors, names),
-                )
-            )
+            out.append(_fused(f"{prefix}.{group}.gate_up_proj", Role.MERGED_COLUMN, (g, u), tensors))
         if d:
             out.append(_simple(f"{prefix}.{group}.down_proj", Role.ROW, d, tensors))
 
@@ -294,6 +274,12 @@ def _layer(plan, family, prefix, rest, tensors, config) -> list[ParallelLayer]:
     if n:
         out.append(_simple(f"{prefix}.eh_proj", Role.REPLICATED, n, tensors))
     return out
+
+
+def _fused(name: str, role: Role, names: tuple[str, ...], tensors, **kw) -> ParallelLayer:
+    """A layer vLLM / SGLang load as one: its parts' output rows, their shared input size."""
+    parts = tuple(Part(n, tensors[n][1][-2]) for n in names)
+    return ParallelLayer(name, role, parts, tensors[names[0]][1][-1], _fp8(tensors, names), **kw)
 
 
 def _simple(name: str, role: Role, tensor: str, tensors) -> ParallelLayer:
