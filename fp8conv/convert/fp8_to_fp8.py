@@ -202,7 +202,7 @@ def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> ConvertPlan:
         _all_power_of_two(ckpt, found) if scheme == "mxfp8" and src_scheme == "fp8-block" else False
     )
     rules = _rules(w, block if scheme == "fp8-block" else None)
-    kept, tensors, base, quant = _kept_for_target(ckpt, found, rules, opts, scheme)
+    kept, tensors, base, quant = _kept_for_target(ckpt, found, rules, opts, w)
     if kept and len(kept) == len(found.weights):
         lead = f"--target {opts.target}: " if opts.target != "any" else ""
         raise InvalidCheckpoint(
@@ -264,7 +264,7 @@ def _rules(w: Writer, block: tuple[int, int] | None) -> tuple[str, tuple[int, in
     return w.format, block, w.act_group
 
 
-def _kept_for_target(ckpt: Checkpoint, found, rules, opts: ConvertOptions, scheme: str):
+def _kept_for_target(ckpt: Checkpoint, found, rules, opts: ConvertOptions, w: Writer):
     """The FP8 weights written bf16 (name -> why): those the output scheme cannot hold (MXFP8 needs K a
     multiple of 32, as quantize leaves such weights bf16) and those the --target loader could not load
     or run in the output's scheme, layout and block; and the rule inputs the plan's notes are made from."""
@@ -276,10 +276,8 @@ def _kept_for_target(ckpt: Checkpoint, found, rules, opts: ConvertOptions, schem
         if n not in scales
     }
     base = {n: None if n in found.weights else "not FP8" for n in tensors}
-    if scheme == "mxfp8":
-        for n, qw in found.weights.items():
-            if qw.shape[-1] % MX_GROUP:
-                base[n] = f"K = {qw.shape[-1]} is not a multiple of {MX_GROUP} (MXFP8 groups)"
+    for n, qw in found.weights.items():
+        base[n] = w.unfit(tuple(qw.shape))
     quant = apply_targets(ckpt.config, tensors, base, *rules, targets_of(opts.target))
     kept = {n: why for n, why in quant.items() if n in found.weights and why is not None}
     # a stacked-experts parameter (transformers v5 `experts.gate_up_proj`) is skipped by its module,

@@ -60,10 +60,11 @@ def skip_reason(info: TensorInfo, opts: QuantizeOptions, w: Writer | None = None
         return "not a .weight"
     if w.format == "compressed-tensors" and len(info.shape) == 3:
         return "stacked experts: compressed-tensors' config groups target Linear layers (2-D weights)"
+    unfit = w.unfit(tuple(info.shape))
+    if unfit:
+        return unfit
     bm, bn = w.tile(info.shape, opts.block_size)
     m, n = info.shape[-2:]
-    if w.scheme == "mxfp8" and n % bn:
-        return f"K = {n} is not a multiple of {bn} (MXFP8 groups)"
     if m < bm or n < bn:
         return f"smaller than one {bm}x{bn} tile"
     hit = first_match(name, opts.skip)

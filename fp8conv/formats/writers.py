@@ -71,6 +71,13 @@ class Writer:
             return 1, MX_GROUP
         return block
 
+    def unfit(self, shape: tuple[int, ...]) -> str | None:
+        """Why a weight [..., M, N] cannot be stored in this scheme at all (MXFP8 needs K a multiple of
+        its 32-wide groups), or None: quantize and convert leave such a weight bf16."""
+        if self.scheme == "mxfp8" and shape[-1] % MX_GROUP:
+            return f"K = {shape[-1]} is not a multiple of {MX_GROUP} (MXFP8 groups)"
+        return None
+
     def scale_shape(self, shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
         bm, bn = self.tile(shape, block)
         *lead, m, n = shape
